@@ -1,0 +1,84 @@
+"""Shared entry-point plumbing: --config/--workdir flags, one-line errors with exit code 2 instead of tracebacks."""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from minillm_jax import config as config_lib
+
+FLAGS = flags.FLAGS
+EXIT_USER_ERROR = 2
+
+
+def die(msg: str, code: int = EXIT_USER_ERROR):
+  print(f'error: {msg}', file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def define_config(default: str | None = 'configs/shakespeare_char.py'):
+  config_flags.DEFINE_config_file(
+      'config', default, 'Config file (configs/*.py), optionally file.py:variant; override fields with '
+      '--config.section.field=value, e.g. --config.optim.lr=3e-4.', lock_config=True)
+
+
+def define_workdir(required: bool = True, default: str | None = None):
+  flags.DEFINE_string('workdir', default, 'Run directory: checkpoints, metrics, tokenizer, samples '
+                      '(layout in WORKSPACE.md).', required=required and default is None)
+
+
+def config():
+  """The parsed --config, validated; exits 2 with one line when it is missing or wrong."""
+  if FLAGS['config'].value is None and not FLAGS['config'].present:
+    die('no config given: pass --config=configs/<name>.py (see configs/)')
+  path = FLAGS['config'].config_filename.split(':')[0]
+  if not os.path.isfile(path):
+    die(f'config file {path!r} not found; the presets are in configs/')
+  try:
+    cfg = FLAGS.config
+    cfg.keys()  # a broken file is an _ErrorConfig that raises on first access
+  except Exception as e:  # noqa: BLE001 - any failure to load the file is the user's to fix
+    die(f'cannot load config {path!r}: {_one_line(e)}')
+  try:
+    return config_lib.validate(cfg)
+  except config_lib.ConfigError as e:
+    die(f'config: {e}')
+
+
+def model_config_or_exit(cfg, vocab_size: int | None = None):
+  try:
+    return config_lib.model_config(cfg, vocab_size)
+  except config_lib.ConfigError as e:
+    die(f'config: {e}')
+
+
+def _parse(argv):
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    die(f'{e}\n       run with --helpfull to see all flags' if 'Unknown command line flag' in str(e) else str(e))
+  except Exception as e:  # noqa: BLE001 - config_flags raises AttributeError/KeyError/TypeError for bad overrides
+    die(f'bad config override: {_one_line(e)}')
+
+
+def _one_line(e: BaseException) -> str:
+  text = str(e.args[0]) if e.args and isinstance(e.args[0], str) else str(e)
+  text = text.replace('\\n', '; ').replace("\\'", '').strip('\'"').replace("'", '')  # config_flags nests reprs
+  return f'{type(e).__name__}: ' + ' '.join(text.split()) if text.strip() else type(e).__name__
+
+
+def run(main):
+  """absl app.run with our parser; UserError anywhere in main becomes one line and exit 2."""
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except config_lib.UserError as e:
+      die(str(e))
+    except KeyboardInterrupt:
+      die('interrupted', 130)
+
+  app.run(wrapped, flags_parser=_parse)

@@ -1,0 +1,14 @@
+import os
+import subprocess
+import sys
+
+os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_module(module: str, *args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+  """Runs `python -m module args` from the repo root, as a user would."""
+  return subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=timeout, env={**os.environ, **(env or {})})

@@ -1,0 +1,80 @@
+import pytest
+
+from conftest import run_module
+from minillm_jax.config import ConfigError, default_config, from_plain, model_config, to_plain, validate
+
+
+def cfg_with(**changes):
+  c = default_config()
+  for k, v in changes.items():
+    sec, key = k.split('__')
+    c[sec][key] = v
+  return c
+
+
+@pytest.mark.parametrize('changes,message', [
+    (dict(model__d_model=130, model__n_head=4), 'model.d_model=130 is not divisible by model.n_head=4'),
+    (dict(model__n_kv_head=3), 'model.n_kv_head=3 does not divide model.n_head=4'),
+    (dict(model__n_layer=0), 'model.n_layer=0 must be a positive integer'),
+    (dict(train__batch_size=-2), 'train.batch_size=-2 must be a positive integer'),
+    (dict(optim__lr=0.0), 'optim.lr=0.0 must be > 0'),
+    (dict(optim__warmup_steps=500, train__steps=100), 'optim.warmup_steps=500 exceeds train.steps=100'),
+    (dict(model__block_size=128, model__max_positions=64), 'model.block_size=128 exceeds model.max_positions=64'),
+    (dict(model__pos='alibi'), "model.pos='alibi' is not one of learned, rope"),
+    (dict(model__dropout=1.0), 'model.dropout=1.0 must be < 1'),
+    (dict(data__val_fraction=0.0), 'data.val_fraction=0.0 must be in (0, 1)'),
+    (dict(sample__top_p=1.5), 'sample.top_p=1.5 must be in (0, 1]'),
+])
+def test_validation_errors(changes, message):
+  with pytest.raises(ConfigError, match=message.replace('(', r'\(').replace(')', r'\)').replace('[', r'\[')):
+    validate(cfg_with(**changes))
+
+
+def test_unknown_key_and_wrong_type():
+  c = default_config()
+  with c.unlocked():
+    c.model.n_layers = 3
+  with pytest.raises(ConfigError, match='unknown config key model.n_layers; did you mean model.n_layer'):
+    validate(c)
+  c = default_config()  # a config file that rebuilt a field with the wrong type
+  with c.unlocked():
+    del c.model['norm_eps']
+    c.model.norm_eps = 'x'
+  with pytest.raises(ConfigError, match="model.norm_eps='x' has type str; it must be a float"):
+    validate(c)
+  c = default_config()
+  with c.unlocked():
+    del c.train['steps']
+  with pytest.raises(ConfigError, match='config is missing train.steps'):
+    validate(c)
+
+
+def test_plain_round_trip_and_model_config():
+  c = default_config()
+  c.model.n_kv_head = 2
+  back = from_plain(to_plain(c))
+  assert to_plain(back) == to_plain(c)
+  m = model_config(back, vocab_size=65)
+  assert (m.vocab_size, m.n_kv_head, m.d_ff, m.max_positions) == (65, 2, 512, 64)
+  with pytest.raises(ConfigError, match='model.vocab_size is unset'):
+    model_config(default_config())
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--config=configs/tiny.py', '--config.model.n_head=7'], 'error: config: model.d_model=512 is not divisible'),
+    (['--config=configs/tiny.py', '--config.model.n_layers=4'], 'Did you mean "n_layer"'),
+    (['--config=configs/tiny.py', '--config.model.n_layer=four'], "invalid literal for int() with base 10: 'four'"),
+    (['--config=configs/tiny.py', '--config.optim.lr=-1'], 'error: config: optim.lr=-1.0 must be > 0'),
+    (['--config=configs/nope.py'], "error: config file 'configs/nope.py' not found"),
+    ([], 'error: no config given'),
+])
+def test_cli_bad_config_is_one_line_exit_2(args, message):
+  r = run_module('minillm_jax.model', *args)
+  assert r.returncode == 2
+  assert message in r.stderr
+  assert 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_cli_override_applies():
+  r = run_module('minillm_jax.model', '--config=configs/tiny.py', '--config.model.n_layer=2')
+  assert r.returncode == 0 and '2 layers' in r.stdout

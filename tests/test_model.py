@@ -1,0 +1,131 @@
+import dataclasses
+import importlib.util
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import ROOT, run_module
+from minillm_jax.config import ModelConfig, model_config
+from minillm_jax.model import GPT, init_model, mm, param_counts
+
+GPT2ISH = ModelConfig(vocab_size=61, n_layer=2, n_head=4, n_kv_head=4, d_model=32, d_ff=128, block_size=16,
+                      max_positions=16, pos='learned', norm='layernorm', mlp='gelu', bias=True, tie_embeddings=True)
+LLAMAISH = dataclasses.replace(GPT2ISH, n_kv_head=2, d_ff=96, pos='rope', norm='rmsnorm', mlp='swiglu', bias=False,
+                               tie_embeddings=False)
+FAMILIES = {'gpt2': GPT2ISH, 'llama': LLAMAISH}
+
+
+def preset(name: str):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+def tokens(B=2, T=16, V=61, seed=1):
+  return jax.random.randint(jax.random.key(seed), (B, T), 0, V)
+
+
+@pytest.mark.parametrize('fam', FAMILIES)
+def test_causal(fam):
+  m = init_model(FAMILIES[fam], 0)
+  x = tokens()
+  y = x.at[:, 9].set((x[:, 9] + 1) % 61)
+  a, b = m(x), m(y)
+  np.testing.assert_array_equal(a[:, :9], b[:, :9])  # positions before the change are untouched
+  assert float(jnp.abs(a[:, 9:] - b[:, 9:]).max()) > 1e-4  # and the change does reach later positions
+
+
+@pytest.mark.parametrize('fam', FAMILIES)
+def test_kv_cache_decode_equals_full_forward(fam):
+  m = init_model(FAMILIES[fam], 0)
+  x = tokens()
+  full = m(x)
+  cache = m.init_cache(2)
+  out, cache = m.decode(x[:, :5], cache, 0)  # prefill, then one token at a time
+  outs = [out]
+  for t in range(5, 16):
+    out, cache = m.decode(x[:, t:t + 1], cache, t)
+    outs.append(out)
+  assert float(jnp.abs(jnp.concatenate(outs, 1) - full).max()) <= 1e-5
+
+
+@pytest.mark.parametrize('fam', FAMILIES)
+def test_bfloat16_forward_is_finite_and_close(fam):
+  c = FAMILIES[fam]
+  x = tokens()
+  f32 = init_model(c, 0)(x)
+  bf = init_model(dataclasses.replace(c, dtype='bfloat16'), 0)(x)
+  assert bf.dtype == jnp.float32 and bool(jnp.isfinite(bf).all())
+  assert float(jnp.abs(bf - f32).max()) < 0.05  # same weights, bf16 matmul inputs
+
+
+def test_dropout_only_with_key():
+  m = init_model(dataclasses.replace(GPT2ISH, dropout=0.5), 0)
+  x = tokens()
+  np.testing.assert_array_equal(m(x), m(x))
+  a, b = m(x, key=jax.random.key(0)), m(x, key=jax.random.key(1))
+  assert float(jnp.abs(a - b).max()) > 1e-3
+  np.testing.assert_array_equal(a, m(x, key=jax.random.key(0)))
+
+
+def test_mm_custom_vjp_matches_autodiff():
+  a = jax.random.normal(jax.random.key(0), (6, 5))
+  b = jax.random.normal(jax.random.key(1), (5, 3))
+  f = lambda a, b: (jnp.sin(mm(a, b))).sum()
+  g = lambda a, b: (jnp.sin(a @ b)).sum()
+  for x, y in zip(jax.grad(f, (0, 1))(a, b), jax.grad(g, (0, 1))(a, b)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_gpt2_style_init():
+  c = dataclasses.replace(GPT2ISH, n_layer=8, d_model=256, d_ff=1024)
+  m = init_model(c, 0)
+  assert abs(float(m.blocks[0].attn.qkv.kernel[...].std()) - 0.02) < 0.001
+  assert abs(float(m.blocks[0].mlp.proj.kernel[...].std()) - 0.02 / math.sqrt(16)) < 0.0005
+  assert float(jnp.abs(m.blocks[0].attn.qkv.bias[...]).max()) == 0.0
+  assert float(m.ln_f.scale[...].min()) == 1.0
+
+
+def test_tiny_exact_parameter_count():
+  c = model_config(preset('tiny'))
+  assert param_counts(c)['total'] == 27_073_024
+
+
+@pytest.mark.parametrize('name,target,key', [
+    ('nano', 12.5e6, 'total'), ('micro', 30.3e6, 'total'), ('small', 51.4e6, 'total'),
+    ('basic10m', 6.3e6, 'non_embedding'), ('llm200m', 251e6, 'total'), ('gpt2_124m', 124.4e6, 'total'),
+    ('shakespeare_char', 0.80e6, 'total')])
+def test_preset_sizes_within_5_percent(name, target, key):
+  cfg = preset(name)
+  n = param_counts(model_config(cfg, 65))[key]
+  assert abs(n - target) / target < 0.05, n
+
+
+def test_llama_preset_shape():
+  c = model_config(preset('llm200m'))
+  assert (c.pos, c.norm, c.mlp, c.bias, c.tie_embeddings, c.d_ff) == ('rope', 'rmsnorm', 'swiglu', False, True, 3072)
+
+
+def test_param_tree_names_are_stable():
+  # torch_compat's conversion table relies on these names
+  names = {'.'.join(map(str, k)) for k, _ in nnx.to_flat_state(nnx.state(init_model(LLAMAISH, 0), nnx.Param))}
+  assert {'wte', 'blocks.0.attn.qkv.kernel', 'blocks.1.mlp.fc.kernel', 'blocks.0.ln1.scale', 'ln_f.scale',
+          'head.kernel'} <= names
+  assert 'wpe' not in names and 'blocks.0.ln1.bias' not in names
+
+
+def test_model_cli_prints_tiny_count():
+  r = run_module('minillm_jax.model', '--config=configs/tiny.py')
+  assert r.returncode == 0, r.stderr
+  assert 'parameters      27,073,024' in r.stdout
+  assert 'FLOPs/token' in r.stdout
+
+
+def test_gpt_is_nnx_module():
+  assert issubclass(GPT, nnx.Module)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from minillm_jax import config as config_lib
@@ -74,6 +74,8 @@ def run(main):
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
   def wrapped(argv):
+    if not FLAGS['verbosity'].present:  # absl/jax/orbax INFO chatter (backend probing, every save) hides our output
+      logging.set_verbosity(logging.WARNING)
     try:
       return main(argv)
     except config_lib.UserError as e:

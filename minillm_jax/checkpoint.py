@@ -1,0 +1,181 @@
+"""The one Orbax wrapper (Orbax's API churns: every orbax call in the project lives here).
+
+A checkpoint is `<workdir>/checkpoints/<step>/` with items
+  params  model parameters (nnx.State as a pytree)          StandardSave
+  opt     optimizer state (absent for imported weights)      StandardSave
+  data    Grain iterator state (absent for imported weights) grain.checkpoint.CheckpointSave
+  meta    step, val_loss, model_config, config, tokenizer.json text, seed, tokens_seen   JsonSave
+Retention keeps the latest `keep` steps plus the best by val_loss (AnyPreservationPolicy, not best_fn +
+max_to_keep, which deletes the newest steps: STACK_NOTES §4), so the latest step never goes backwards.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from minillm_jax.config import ModelConfig, UserError
+from minillm_jax.model import GPT
+
+log = logging.getLogger(__name__)
+
+for _name in ('absl', 'orbax', 'orbax.checkpoint'):  # orbax logs every save/restore at INFO through absl
+  logging.getLogger(_name).setLevel(logging.WARNING)
+
+
+def ckpt_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+def _abstract(tree):
+  """Restore target with the shapes, dtypes and shardings of `tree` (arrays or ShapeDtypeStructs)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)), tree)
+
+
+class Checkpointer:
+  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, read_only: bool = False):
+    self.dir = ckpt_dir(workdir)
+    if read_only and not os.path.isdir(self.dir):
+      raise UserError(f'no checkpoints in {workdir!r} (expected {self.dir}); train first or check --workdir')
+    policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+        ocp.checkpoint_managers.LatestN(n=keep),
+        ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m['val_loss'], reverse=True, n=1,
+                                      keep_checkpoints_without_metrics=False)])
+    opts = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=async_save,
+                                        create=not read_only, cleanup_tmp_directories=not read_only)
+    self.mngr = ocp.CheckpointManager(self.dir, options=opts)
+
+  def steps(self) -> list[int]:
+    return sorted(self.mngr.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self.mngr.latest_step()
+
+  def items(self, step: int) -> set[str]:
+    return set(os.listdir(os.path.join(self.dir, str(step))))
+
+  def save(self, step: int, params, meta: dict, opt_state=None, data_iter=None, val_loss: float | None = None,
+           force: bool = True) -> bool:
+    """Async save; returns once device buffers are copied, so the next (donating) step may run."""
+    args = dict(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta))
+    if opt_state is not None:
+      args['opt'] = ocp.args.StandardSave(opt_state)
+    if data_iter is not None:
+      args['data'] = grain.checkpoint.CheckpointSave(data_iter)
+    metrics = {'val_loss': float(val_loss)} if val_loss is not None and np.isfinite(val_loss) else None
+    if step in self.mngr.all_steps():  # re-saving the same step (e.g. SIGTERM right after a periodic save)
+      return False
+    return self.mngr.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=force)
+
+  def restore(self, step: int, params, opt_state=None, data_iter=None) -> dict:
+    """Restores into targets shaped like `params`/`opt_state` (arrays or abstract); returns the items."""
+    args = dict(params=ocp.args.StandardRestore(_abstract(params)), meta=ocp.args.JsonRestore())
+    if opt_state is not None:
+      args['opt'] = ocp.args.StandardRestore(_abstract(opt_state))
+    if data_iter is not None:
+      args['data'] = grain.checkpoint.CheckpointRestore(data_iter)
+    r = self.mngr.restore(step, args=ocp.args.Composite(**args))
+    return {k: r[k] for k in args}
+
+  def restore_latest_good(self, params, opt_state=None, data_iter=None) -> tuple[int, dict] | None:
+    """Newest checkpoint that restores cleanly; a corrupt newer one is skipped with a warning."""
+    for step in reversed(self.steps()):
+      full = opt_state is not None and {'opt', 'data'} <= self.items(step)
+      try:
+        got = self.restore(step, params, opt_state if full else None, data_iter if full else None)
+      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back to an older one
+        warnings.warn(f'checkpoint step {step} is unreadable ({type(e).__name__}: {str(e)[:200]}); '
+                      'falling back to the previous one', stacklevel=2)
+        continue
+      got['full'] = full
+      return step, got
+    return None
+
+  def best_step(self) -> int | None:
+    best = None
+    for step in self.steps():
+      m = self.meta(step)
+      v = m.get('val_loss') if m else None
+      if v is not None and (best is None or v < best[0]):
+        best = (v, step)
+    return best[1] if best else None
+
+  def meta(self, step: int) -> dict | None:
+    try:
+      return self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    except Exception:  # noqa: BLE001 - status/plot tolerate unreadable steps
+      return None
+
+  def resolve_step(self, step: str | int) -> int:
+    steps = self.steps()
+    if not steps:
+      raise UserError(f'no finished checkpoint in {self.dir}')
+    if step == 'latest':
+      return steps[-1]
+    if step == 'best':
+      return self.best_step() or steps[-1]
+    try:
+      n = int(step)
+    except ValueError:
+      raise UserError(f'--step={step!r}: use best, latest or a step number') from None
+    if n not in steps:
+      raise UserError(f'no checkpoint for step {n} in {self.dir}; available: {steps}')
+    return n
+
+  def wait(self):
+    self.mngr.wait_until_finished()
+
+  def close(self):
+    self.mngr.wait_until_finished()
+    self.mngr.close()
+
+
+def load_for_inference(workdir: str, step: str | int = 'best') -> tuple[ModelConfig, GPT, str, dict]:
+  """(model config, model with restored params, tokenizer.json text, meta) of a run's checkpoint."""
+  ck = Checkpointer(workdir, read_only=True)
+  try:
+    n = ck.resolve_step(step)
+    meta = ck.meta(n)
+    if meta is None or 'model_config' not in meta:
+      raise UserError(f'checkpoint {n} in {workdir!r} has no readable meta item; it is corrupt')
+    mc = ModelConfig.from_dict(meta['model_config'])
+    gdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT(mc, nnx.Rngs(params=0))))
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), abstract)
+    try:
+      params = ck.restore(n, target)['params']
+    except Exception as e:  # noqa: BLE001
+      raise UserError(f'cannot restore checkpoint {n} in {workdir!r}: {type(e).__name__}: {str(e)[:200]}') from e
+  finally:
+    ck.close()
+  return mc, nnx.merge(gdef, params), meta.get('tokenizer', ''), meta
+
+
+def init_workdir(workdir: str, cfg_plain: dict | None, model_cfg: ModelConfig, model: GPT,
+                 tokenizer_json: str | None, meta: dict) -> None:
+  """Writes a weights-only step-0 checkpoint (+ config.json) so `train --workdir` continues from it."""
+  import json
+  from minillm_jax import config as config_lib
+  if os.path.isdir(ckpt_dir(workdir)) and os.listdir(ckpt_dir(workdir)):
+    raise UserError(f'{workdir!r} already has checkpoints; import into a new --workdir')
+  cfg = config_lib.default_config() if cfg_plain is None else config_lib.from_plain(cfg_plain)
+  for k, v in model_cfg.to_dict().items():
+    if k in cfg.model:
+      cfg.model[k] = v
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    json.dump(config_lib.to_plain(cfg), f, indent=1)
+  if tokenizer_json:
+    with open(os.path.join(workdir, 'tokenizer.json'), 'w') as f:
+      f.write(tokenizer_json)
+  ck = Checkpointer(workdir, async_save=False)
+  full_meta = {**meta, 'step': 0, 'model_config': model_cfg.to_dict(), 'config': config_lib.to_plain(cfg),
+               'tokenizer': tokenizer_json or ''}
+  ck.save(0, nnx.state(model, nnx.Param), full_meta)
+  ck.close()

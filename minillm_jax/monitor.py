@@ -1,0 +1,198 @@
+"""Run monitoring: progress bar, metrics.jsonl, TensorBoard events, run.json (liveness), early stopping, MFU."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from minillm_jax.config import UserError, to_plain
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def read_run(workdir: str) -> dict:
+  try:
+    with open(os.path.join(workdir, 'run.json')) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
+
+
+def run_alive(run: dict) -> bool:
+  return (run.get('status') == 'running' and run.get('host') == socket.gethostname()
+          and isinstance(run.get('pid'), int) and _pid_alive(run['pid']))
+
+
+def _write_json(path: str, obj: dict):
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
+
+
+def claim_workdir(workdir: str, cfg) -> None:
+  """One live run per workdir; writes run.json and the resolved config.json."""
+  os.makedirs(workdir, exist_ok=True)
+  run = read_run(workdir)
+  if run_alive(run) and run['pid'] != os.getpid():
+    raise UserError(f'{workdir!r} is being trained by pid {run["pid"]}; stop it first or use another --workdir')
+  _write_json(os.path.join(workdir, 'run.json'), {'pid': os.getpid(), 'host': socket.gethostname(),
+                                                  'status': 'running', 'started': time.time()})
+  _write_json(os.path.join(workdir, 'config.json'), to_plain(cfg))
+
+
+def matmul_peak_flops(dtype: str) -> float:
+  """Measured FLOP/s of a large matmul on device 0 in the compute dtype (float32 accumulation), cached."""
+  dev = jax.devices()[0]
+  cache = os.path.join(os.path.expanduser('~'), '.cache', 'minillm_jax', 'peak_flops.json')
+  key = f'{dev.platform}:{dev.device_kind}:{jax.device_count()}:{dtype}'
+  try:
+    with open(cache) as f:
+      return json.load(f)[key]
+  except (OSError, ValueError, KeyError):
+    pass
+  n = 2048 if dev.platform != 'cpu' else 1024
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+  f(a, a).block_until_ready()
+  reps, t0 = 0, time.perf_counter()
+  while time.perf_counter() - t0 < 0.3:
+    f(a, a).block_until_ready()
+    reps += 1
+  peak = 2 * n ** 3 * reps / (time.perf_counter() - t0)
+  try:
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    old = json.load(open(cache)) if os.path.exists(cache) else {}
+    _write_json(cache, {**old, key: peak})
+  except (OSError, ValueError):
+    pass
+  return peak
+
+
+class Monitor:
+  def __init__(self, workdir: str, cfg, mc, start: int, steps: int, tokens_per_step: int, flops_per_token: float,
+               meta: dict):
+    from tensorboardX import SummaryWriter
+    self.workdir, self.steps, self.tps, self.fpt = workdir, steps, tokens_per_step, flops_per_token
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self._truncate_after(start)  # rows a killed run wrote past its last checkpoint
+    self.tb = SummaryWriter(os.path.join(workdir, 'tb'), purge_step=start + 1 if start else None)
+    self.peak = cfg.train.peak_flops or matmul_peak_flops(mc.dtype)
+    self.best_val, self.best_step = meta.get('best_val_loss'), meta.get('best_step')
+    self.bad_evals, self.tokens = meta.get('bad_evals', 0), meta.get('tokens_seen', 0)
+    self.elapsed0 = meta.get('elapsed', 0.0)
+    self.prev_eval = meta.get('prev_eval')  # (train_loss, val_loss) at the previous evaluation
+    self.last_train = meta.get('last_train_loss')
+    self.pending, self.since_eval = [], []
+    self.t_run, self.t_flush, self.warm, self.step = time.time(), None, False, start
+    self.last_row = {}
+    self.bar = tqdm(total=steps, initial=start, desc='train', unit='step', dynamic_ncols=True, mininterval=0.5,
+                    disable=None)
+
+  def _truncate_after(self, step: int):
+    if not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      rows = [ln for ln in f if ln.strip() and json.loads(ln).get('step', 0) <= step]
+    with open(self.path, 'w') as f:
+      f.writelines(rows)
+
+  def _write(self, row: dict):
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(row) + '\n')
+    for k, v in row.items():
+      if k not in ('step', 'time') and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
+        self.tb.add_scalar(k, v, row['step'])
+
+  def record(self, step: int, m: dict, lr: float):
+    self.pending.append((step, m, lr))
+    self.step = step
+    self.bar.update(1)
+
+  def flush(self) -> tuple[int, float] | None:
+    """Fetches pending losses (a device sync); returns (step, value) of the first non-finite loss."""
+    if not self.pending:
+      return None
+    got = jax.device_get([m for _, m, _ in self.pending])
+    now = time.time()
+    for (step, _, _), m in zip(self.pending, got):
+      if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
+        self.pending = []
+        return step, float(m['loss']) if not np.isfinite(m['loss']) else float('nan')
+    n = len(self.pending)
+    losses = [float(m['loss']) for m in got]
+    self.tokens += n * self.tps
+    row = {'step': self.pending[-1][0], 'train_loss': float(np.mean(losses)), 'lr': self.pending[-1][2],
+           'grad_norm': float(got[-1]['grad_norm']), 'tokens_seen': self.tokens}
+    if self.t_flush is not None and self.warm:  # the first interval holds compilation: no speed for it
+      dt = now - self.t_flush
+      row['tokens_per_s'] = n * self.tps / dt
+      row['mfu'] = row['tokens_per_s'] * self.fpt / self.peak
+    self.warm = True
+    self.t_flush = now
+    row['time'] = self.elapsed0 + now - self.t_run
+    self.since_eval += losses
+    self.last_train = row['train_loss']
+    self.pending = []
+    self._write(row)
+    self.last_row = row
+    post = {'loss': f'{row["train_loss"]:.4f}', 'lr': f'{row["lr"]:.2e}'}
+    if 'tokens_per_s' in row:
+      post.update({'tok/s': f'{row["tokens_per_s"]:,.0f}', 'mfu': f'{100 * row["mfu"]:.1f}%'})
+    self.bar.set_postfix(post, refresh=False)
+    _write_json(os.path.join(self.workdir, 'run.json'), {**read_run(self.workdir), 'step': row['step'],
+                                                         'steps': self.steps, 'heartbeat': now, **row})
+    return None
+
+  def eval(self, step: int, val_loss: float, patience: int) -> bool:
+    """Records a validation loss; True when early stopping should end the run."""
+    train = float(np.mean(self.since_eval)) if self.since_eval else self.last_train
+    self.since_eval = []
+    improved = self.best_val is None or val_loss < self.best_val
+    if improved:
+      self.best_val, self.best_step, self.bad_evals = val_loss, step, 0
+    else:
+      self.bad_evals += 1
+    msg = f'step {step}: train loss {train:.4f}, val loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f})'
+    if self.prev_eval and train is not None and val_loss > self.prev_eval[1] and train < self.prev_eval[0]:
+      msg += ('\nwarning: val loss rose while train loss fell: the model may be overfitting '
+              '(more data, dropout, weight decay, or early stopping with train.patience)')
+    self.prev_eval = (train, val_loss)
+    self.bar.write(msg)
+    self._write({'step': step, 'val_loss': val_loss, 'val_ppl': math.exp(min(val_loss, 50)),
+                 'best_val_loss': self.best_val, 'time': self.elapsed0 + time.time() - self.t_run})
+    if patience and self.bad_evals >= patience:
+      self.bar.write(f'early stopping: no val improvement in {patience} evaluations (best {self.best_val:.4f} '
+                     f'at step {self.best_step})')
+      return True
+    return False
+
+  def state(self) -> dict:
+    """What a resumed run needs to continue monitoring exactly (stored in the checkpoint meta)."""
+    return {'best_val_loss': self.best_val, 'best_step': self.best_step, 'bad_evals': self.bad_evals,
+            'tokens_seen': self.tokens, 'elapsed': self.elapsed0 + time.time() - self.t_run,
+            'prev_eval': self.prev_eval, 'last_train_loss': self.last_train}
+
+  def close(self, status: str) -> dict:
+    self.bar.close()
+    self.tb.close()
+    run = {**read_run(self.workdir), 'status': status, 'ended': time.time()}
+    _write_json(os.path.join(self.workdir, 'run.json'), run)
+    return {'steps': self.step, 'best_val_loss': self.best_val if self.best_val is not None else float('nan'),
+            'best_step': self.best_step, 'last_train_loss': self.last_train,
+            'tokens_per_s': self.last_row.get('tokens_per_s')}

@@ -1,0 +1,92 @@
+"""`python -m minillm_jax.status --workdir=runs/x`: config summary, progress, losses, checkpoints, ETA, liveness."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from minillm_jax.config import UserError
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path) as f:
+    for ln in f:
+      try:
+        rows.append(json.loads(ln))
+      except ValueError:  # a line cut by a kill mid-write
+        pass
+  return rows
+
+
+def summarize(workdir: str) -> dict:
+  from minillm_jax import monitor
+  if not os.path.isdir(workdir):
+    raise UserError(f'workdir {workdir!r} does not exist')
+  cfg_path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(cfg_path):
+    raise UserError(f'{workdir!r} is not a run directory (no config.json)')
+  with open(cfg_path) as f:
+    cfg = json.load(f)
+  rows, run = read_metrics(workdir), monitor.read_run(workdir)
+  train = [r for r in rows if 'train_loss' in r]
+  val = [r for r in rows if 'val_loss' in r]
+  ckdir = os.path.join(workdir, 'checkpoints')
+  ckpts = sorted(int(d) for d in os.listdir(ckdir) if d.isdigit()) if os.path.isdir(ckdir) else []
+  step, steps = (train[-1]['step'] if train else 0), cfg['train']['steps']
+  speeds = [r['tokens_per_s'] for r in train[-20:] if r.get('tokens_per_s')]
+  tps = sum(speeds) / len(speeds) if speeds else None
+  a = cfg['optim']['accum_steps'] * cfg['train']['batch_size'] * cfg['model']['block_size']
+  alive = monitor.run_alive(run)
+  best = min(val, key=lambda r: r['val_loss']) if val else None
+  return {
+      'workdir': os.path.abspath(workdir), 'alive': alive,
+      'status': ('running' if alive else ('dead (killed or crashed)' if run.get('status') == 'running'
+                                          else run.get('status', 'unknown'))),
+      'pid': run.get('pid'), 'heartbeat_age_s': time.time() - run['heartbeat'] if 'heartbeat' in run else None,
+      'model': cfg['model'], 'data': {k: cfg['data'][k] for k in ('corpus', 'tokenizer', 'vocab_size')},
+      'step': step, 'steps': steps, 'progress': step / steps if steps else 0.0,
+      'last_train_loss': train[-1]['train_loss'] if train else None,
+      'last_val_loss': val[-1]['val_loss'] if val else None,
+      'best_val_loss': best['val_loss'] if best else None, 'best_step': best['step'] if best else None,
+      'tokens_per_s': tps, 'eta_s': (steps - step) * a / tps if tps and alive else None,
+      'checkpoints': ckpts, 'elapsed_s': train[-1]['time'] if train else None,
+  }
+
+
+def format_summary(s: dict) -> str:
+  m = s['model']
+  f = lambda v, fmt='.4f': '-' if v is None else format(v, fmt)
+  lines = [
+      f'run        {s["workdir"]}',
+      f'status     {s["status"]}' + (f' (pid {s["pid"]}, heartbeat {s["heartbeat_age_s"]:.0f}s ago)'
+                                    if s['alive'] and s['heartbeat_age_s'] is not None else ''),
+      f'model      {m["n_layer"]} layers, d_model {m["d_model"]}, {m["n_head"]} heads, block {m["block_size"]}, '
+      f'pos {m["pos"]}, norm {m["norm"]}, mlp {m["mlp"]}, dtype {m["dtype"]}',
+      f'data       {s["data"]["corpus"]}, tokenizer {s["data"]["tokenizer"]}',
+      f'progress   step {s["step"]}/{s["steps"]} ({100 * s["progress"]:.1f}%)',
+      f'loss       train {f(s["last_train_loss"])}, val {f(s["last_val_loss"])}, best val '
+      f'{f(s["best_val_loss"])} at step {s["best_step"] if s["best_step"] is not None else "-"}',
+      f'speed      {f(s["tokens_per_s"], ",.0f")} tokens/s' + (f', ETA {s["eta_s"] / 60:.1f} min'
+                                                              if s['eta_s'] is not None else ''),
+      f'checkpoints {", ".join(map(str, s["checkpoints"])) or "none"}',
+  ]
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  from absl import flags
+  s = summarize(flags.FLAGS.workdir)
+  print(json.dumps(s, indent=1) if flags.FLAGS.json else format_summary(s))
+
+
+if __name__ == '__main__':
+  from absl import flags
+  from minillm_jax import cli
+  cli.define_workdir()
+  flags.DEFINE_bool('json', False, 'Print the summary as JSON.')
+  cli.run(main)

@@ -1,0 +1,267 @@
+"""Training: `python -m minillm_jax.train --config=configs/tiny.py [--config.optim.lr=...] --workdir=runs/tiny`.
+
+Re-running the same command resumes from the workdir's latest good checkpoint (bitwise identical losses on
+the same device count). Read top to bottom: optimizer, loss and steps (pure functions), then the loop.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from minillm_jax import config as config_lib
+from minillm_jax import parallel
+from minillm_jax.config import UserError
+from minillm_jax.model import GPT, flops_per_token
+
+
+# ----------------------------------------------------------------------------------------------- optimizer
+def lr_schedule(o, steps: int) -> optax.Schedule:
+  """Linear warmup (from lr/(warmup+1), as nanoGPT, so step 0 is not a no-op) then cosine to min_lr."""
+  if o.warmup_steps == 0:
+    return optax.cosine_decay_schedule(o.lr, max(steps, 1), alpha=o.min_lr / o.lr)
+  return optax.warmup_cosine_decay_schedule(o.lr / (o.warmup_steps + 1), o.lr, o.warmup_steps,
+                                            max(steps, o.warmup_steps + 1), o.min_lr)
+
+
+def decay_mask(params, decay_embeddings: bool):
+  """Weight decay on matrices only: never norms or biases; embeddings only when asked."""
+  def rule(path, x):
+    name = jax.tree_util.keystr(path)
+    is_emb = name.startswith("['wte']") or name.startswith("['wpe']")
+    return x.ndim >= 2 and (decay_embeddings or not is_emb)
+  return jax.tree_util.tree_map_with_path(rule, params)
+
+
+def make_optimizer(o, steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  sched = lr_schedule(o, steps)
+  adamw = optax.adamw(sched, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                      mask=functools.partial(decay_mask, decay_embeddings=o.decay_embeddings))
+  tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw) if o.grad_clip > 0 else adamw
+  return tx, sched
+
+
+# ----------------------------------------------------------------------------------------------- steps
+def loss_fn(params, gdef, inputs_BxT, targets_BxT, key):
+  logits_BxTxV = nnx.merge(gdef, params)(inputs_BxT, key=key)
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT).mean()
+
+
+def train_step(state: dict, batch: dict, step, *, gdef, tx, seed: int) -> tuple[dict, dict]:
+  """One optimizer update. batch arrays are [B,T], or [A,B,T] for A accumulated micro-batches (scanned, so
+  the update equals one A*B batch). A non-finite loss or gradient leaves the state unchanged."""
+  params, key = state['params'], jax.random.fold_in(jax.random.key(seed), step)
+  grad_fn = jax.value_and_grad(loss_fn)
+  if batch['inputs'].ndim == 2:
+    loss, grads = grad_fn(params, gdef, batch['inputs'], batch['targets'], key)
+  else:
+    A = batch['inputs'].shape[0]
+
+    def micro(carry, xs):
+      i, x, y = xs
+      l, g = grad_fn(params, gdef, x, y, jax.random.fold_in(key, i))
+      return jax.tree.map(jnp.add, carry, (l, g)), None
+
+    zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (loss, grads), _ = jax.lax.scan(micro, zero, (jnp.arange(A), batch['inputs'], batch['targets']))
+    loss, grads = jax.tree.map(lambda x: x / A, (loss, grads))
+  gnorm = optax.global_norm(grads)
+  updates, opt = tx.update(grads, state['opt'], params)
+  new = {'params': optax.apply_updates(params, updates), 'opt': opt}
+  ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+  new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)  # never step into NaN weights
+  return new, {'loss': loss, 'grad_norm': gnorm}
+
+
+def eval_step(params, batch: dict, *, gdef) -> jax.Array:
+  return loss_fn(params, gdef, batch['inputs'], batch['targets'], None)
+
+
+# ----------------------------------------------------------------------------------------------- setup
+class Stop:
+  """SIGTERM/SIGINT: finish the current step, save, exit 0. A second signal exits at once."""
+
+  def __init__(self):
+    self.reason = None
+    for s in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(s, self._handle)
+
+  def _handle(self, signum, frame):
+    if self.reason is not None:
+      signal.signal(signum, signal.SIG_DFL)
+      os.kill(os.getpid(), signum)
+    self.reason = signal.Signals(signum).name
+
+
+def load_run_config(workdir: str, cfg):
+  """--config if given, else the workdir's config.json (so `train --workdir=W` resumes as it was)."""
+  path = os.path.join(workdir, 'config.json')
+  if cfg is None:
+    if not os.path.exists(path):
+      raise UserError(f'no --config given and {path} does not exist; pass --config=configs/<name>.py')
+    with open(path) as f:
+      return config_lib.from_plain(json.load(f))
+  return cfg
+
+
+def check_same_model(old: dict, new: config_lib.ModelConfig, where: str):
+  diff = [f'{k}: checkpoint {old[k]!r} vs config {v!r}' for k, v in new.to_dict().items()
+          if k in old and old[k] != v and k not in ('dropout', 'dtype')]
+  if diff:
+    raise UserError(f'{where} was trained with a different model ({"; ".join(diff)}); '
+                    'use the same model config or a new --workdir')
+
+
+def prepare_data(cfg, workdir: str, tok_json: str | None):
+  from minillm_jax import prepare
+  if tok_json:  # fine-tuning: the text must be tokenized the way the weights were trained
+    path = os.path.join(os.path.abspath(workdir), 'tokenizer.json')
+    with open(path, 'w') as f:
+      f.write(tok_json)
+    with cfg.unlocked():
+      cfg.data.tokenizer = path
+  return prepare.prepare(cfg)
+
+
+def run(cfg, workdir: str) -> dict:
+  """Trains (or resumes) the run in workdir; returns a summary dict."""
+  from minillm_jax import checkpoint, data, monitor
+  t_start = time.time()
+  cfg = load_run_config(workdir, cfg)
+  t, o = cfg.train, cfg.optim
+  monitor.claim_workdir(workdir, cfg)
+  src = None
+  if t.init_from:  # fine-tuning: another run's best weights (and its tokenizer)
+    if not os.path.isdir(t.init_from):
+      raise UserError(f'train.init_from={t.init_from!r} is not a workdir; convert other formats with '
+                      'python -m torch_compat.import_ckpt first')
+    src = checkpoint.load_for_inference(t.init_from, 'best')
+  prep = prepare_data(cfg, workdir, src[2] if src else None)
+  mc = config_lib.model_config(cfg, prep.vocab_size)
+  if prep.vocab_size > mc.vocab_size:
+    raise UserError(f'the tokenizer has {prep.vocab_size} tokens but model.vocab_size={mc.vocab_size}; '
+                    f'raise model.vocab_size or lower data.vocab_size')
+  if src:
+    check_same_model(src[0].to_dict(), mc, f'train.init_from={t.init_from!r}')
+    gdef, params = nnx.split(src[1])
+  else:
+    gdef, params = nnx.split(GPT(mc, nnx.Rngs(params=t.seed)))
+  with open(prep.tokenizer_path) as f:
+    tok_json = f.read()
+
+  mesh = parallel.make_mesh()
+  n_dev = mesh.shape[parallel.AXIS]
+  if t.batch_size % n_dev:
+    raise UserError(f'train.batch_size={t.batch_size} must be divisible by the {n_dev} devices')
+  tx, sched = make_optimizer(o, t.steps)
+  p_shard = parallel.param_shardings(mesh, params, t.fsdp)
+  params = jax.device_put(params, p_shard)
+  o_shard = parallel.opt_shardings(mesh, tx, params, p_shard)
+  state = {'params': params, 'opt': jax.jit(tx.init, out_shardings=o_shard)(params)}
+  s_shard = {'params': p_shard, 'opt': o_shard}
+  A = o.accum_steps
+  b_shard = parallel.batch_sharding(mesh, A > 1)
+  local_B = t.batch_size // jax.process_count()
+  it = data.train_iter(prep, local_B, mc.block_size, t.seed, cfg.data.num_workers, jax.process_index(),
+                       jax.process_count())
+  val = [parallel.global_batch(b, parallel.batch_sharding(mesh, False))
+         for b in data.val_batches(prep, t.batch_size, mc.block_size, t.eval_batches)]
+
+  ck = checkpoint.Checkpointer(workdir, keep=t.keep)
+  start, meta0 = 0, {}
+  got = ck.restore_latest_good(state['params'], state['opt'], it) if ck.steps() else None
+  if got is not None:
+    step0, items = got
+    check_same_model(items['meta'].get('model_config', {}), mc, f'{workdir!r}')
+    state['params'] = items['params']
+    if items['full']:
+      state['opt'], start, meta0 = items['opt'], step0, items['meta']
+      print(f'resuming from step {start} of {workdir}', flush=True)
+    else:
+      print(f'starting from the imported weights in {workdir} (step {step0}, fresh optimizer)', flush=True)
+
+  step_fn = jax.jit(functools.partial(train_step, gdef=gdef, tx=tx, seed=t.seed), donate_argnums=(0,),
+                    out_shardings=(s_shard, None))
+  eval_fn = jax.jit(functools.partial(eval_step, gdef=gdef))
+  mon = monitor.Monitor(workdir, cfg, mc, start, t.steps, tokens_per_step=A * t.batch_size * mc.block_size,
+                        flops_per_token=flops_per_token(mc)['train'], meta=meta0)
+  stop, stopped_early, status = Stop(), False, 'finished'
+
+  def evaluate() -> float:
+    return float(np.mean(jax.device_get([eval_fn(state['params'], b) for b in val])))
+
+  def save(step: int, val_loss: float | None):
+    meta = {'step': step, 'val_loss': val_loss, 'model_config': mc.to_dict(), 'config': config_lib.to_plain(cfg),
+            'tokenizer': tok_json, **mon.state()}
+    ck.save(step, state['params'], meta, state['opt'], it, val_loss)
+
+  def next_batch():
+    bs = [next(it) for _ in range(A)]
+    b = bs[0] if A == 1 else {k: np.stack([x[k] for x in bs]) for k in bs[0]}
+    return parallel.global_batch(b, b_shard)
+
+  step = start
+  while step < t.steps:
+    batch = next_batch()
+    state, m = step_fn(state, batch, jnp.int32(step))
+    step += 1
+    mon.record(step, m, float(sched(step - 1)))
+    last = step == t.steps
+    if step % t.log_every == 0 or last or stop.reason or step % t.eval_every == 0 or step % t.ckpt_every == 0:
+      bad = mon.flush()  # syncs: losses of the steps since the last flush
+      if bad is not None:
+        ck.wait()
+        raise UserError(f'loss is {bad[1]} at step {bad[0]}; the run is stopped and the last good checkpoint '
+                        f'(step {ck.latest_step()}) is kept. Lower optim.lr or raise optim.warmup_steps.')
+    val_loss = None
+    if step % t.eval_every == 0 or step % t.ckpt_every == 0 or last or stop.reason:
+      val_loss = evaluate()
+      stopped_early = mon.eval(step, val_loss, t.patience)
+    if step % t.ckpt_every == 0 or last or stop.reason or stopped_early:
+      save(step, val_loss)
+    if stop.reason:
+      status = 'interrupted'
+      break
+    if stopped_early:
+      status = 'early_stopped'
+      break
+  ck.close()
+  summary = mon.close(status)
+  if stop.reason:
+    print(f'\n{stop.reason}: saved step {step}. Resume with: python -m minillm_jax.train --workdir={workdir}',
+          flush=True)
+  else:
+    print(f'done: {summary["steps"]} steps, best val loss {summary["best_val_loss"]:.4f} at step '
+          f'{summary["best_step"]}, {time.time() - t_start:.1f}s', flush=True)
+  return {**summary, 'status': status, 'workdir': workdir}
+
+
+def main(argv):
+  del argv
+  from absl import flags
+  from minillm_jax import cli
+  F = flags.FLAGS
+  cfg = cli.config() if F['config'].present or F['config'].value is not None else None
+  summary = run(cfg, F.workdir)
+  if summary['status'] == 'finished' and F.sample:
+    from minillm_jax import sample
+    sample.print_sample(F.workdir)
+
+
+if __name__ == '__main__':
+  from absl import flags
+  from minillm_jax import cli
+  cli.define_config(default=None)
+  cli.define_workdir()
+  flags.DEFINE_bool('sample', True, 'Print a sample from the best checkpoint when training finishes.')
+  cli.run(main)

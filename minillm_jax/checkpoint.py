@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 
 import grain
@@ -83,19 +84,34 @@ class Checkpointer:
     r = self.mngr.restore(step, args=ocp.args.Composite(**args))
     return {k: r[k] for k in args}
 
-  def restore_latest_good(self, params, opt_state=None, data_iter=None) -> tuple[int, dict] | None:
-    """Newest checkpoint that restores cleanly; a corrupt newer one is skipped with a warning."""
+  def restore_latest_good(self, params, opt_state=None, data_iter=None, check_meta=None) -> tuple[int, dict] | None:
+    """Newest checkpoint that restores cleanly; a corrupt newer one is set aside with a warning.
+    `check_meta(meta)` runs first and may raise UserError (a different model is not corruption)."""
     for step in reversed(self.steps()):
+      meta = self.meta(step)
+      if meta is not None and check_meta is not None:
+        check_meta(meta)
       full = opt_state is not None and {'opt', 'data'} <= self.items(step)
       try:
+        if meta is None:
+          raise ValueError('meta item unreadable')
         got = self.restore(step, params, opt_state if full else None, data_iter if full else None)
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back to an older one
-        warnings.warn(f'checkpoint step {step} is unreadable ({type(e).__name__}: {str(e)[:200]}); '
-                      'falling back to the previous one', stacklevel=2)
+        moved = self._set_aside(step)
+        warnings.warn(f'checkpoint step {step} is unreadable ({type(e).__name__}: {str(e)[:160]}); moved it to '
+                      f'{moved} and fell back to the previous one', stacklevel=2)
         continue
       got['full'] = full
       return step, got
     return None
+
+  def _set_aside(self, step: int) -> str:
+    """Moves an unreadable step out of the manager's sight (kept, not deleted: it may be recoverable)."""
+    dst = os.path.join(os.path.dirname(self.dir), 'corrupt_checkpoints', f'{step}-{int(time.time())}')
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    os.replace(os.path.join(self.dir, str(step)), dst)
+    self.mngr.reload()
+    return dst
 
   def best_step(self) -> int | None:
     best = None

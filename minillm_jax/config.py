@@ -21,6 +21,13 @@ class ConfigError(UserError, ValueError):
   """A config value is wrong; the message names the field and how to fix it."""
 
 
+# BPE vocabulary bounds: 256 byte-level base tokens + the 6 special tokens of minillm_jax.tokenizer.SPECIALS at
+# the bottom; at the top, 2**18 keeps the embedding sane for the model sizes here (token files store uint32 above
+# 65536 tokens, so the file format is not the limit).
+BPE_MIN_VOCAB = 256 + 6
+BPE_MAX_VOCAB = 2**18
+
+
 def _none(t: type) -> FieldReference:
   return FieldReference(None, field_type=t)
 
@@ -37,11 +44,13 @@ def default_config() -> ConfigDict:
       corpus='shakespeare',             # shakespeare | python_code | mixed | local | hub
       path='',                          # files/dirs for corpus=local (comma separated)
       hub_name='', hub_split='train', text_field='text',
-      tokenizer='char',                 # char | bpe | path to tokenizer.json | dir with vocab.json+merges.txt
-      vocab_size=_none(int),            # BPE target size
-      val_fraction=0.1, code_weight=3.0, max_docs=0,
+      tokenizer='char',                 # char | bpe | path to tokenizer.json | dir with vocab.json+merges.txt | hub:<name>
+      vocab_size=_none(int),            # BPE target size; None: model.vocab_size
+      val_fraction=0.1,                 # share of characters held out, split by whole documents
+      code_weight=3.0,                  # corpus=mixed: code share of characters = w / (1 + w)
+      max_docs=0,                       # 0: all documents; N: the first N of the corpus's fixed order
       cache_dir='',                     # '' : <repo>/data/cache
-      num_workers=0))
+      num_workers=0))                   # grain worker processes; part of the resume contract (state depends on it)
   c.optim = ConfigDict(dict(
       lr=1e-3, min_lr=1e-4, warmup_steps=100, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
       grad_clip=1.0, accum_steps=1, decay_embeddings=False))
@@ -148,13 +157,28 @@ def validate(cfg: ConfigDict) -> ConfigDict:
        'lower warmup_steps or raise steps')
   need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f'optim.b1={o.b1}, optim.b2={o.b2} must be in [0, 1)')
   need(o.eps > 0, f'optim.eps={o.eps} must be > 0')
-  need(0 < cfg.data.val_fraction < 1, f'data.val_fraction={cfg.data.val_fraction} must be in (0, 1)')
-  need(cfg.data.code_weight >= 0, f'data.code_weight={cfg.data.code_weight} must be >= 0')
+  _validate_data(cfg, need)
   need(0 < cfg.sample.top_p <= 1, f'sample.top_p={cfg.sample.top_p} must be in (0, 1]')
   need(cfg.sample.repetition_penalty > 0, f'sample.repetition_penalty={cfg.sample.repetition_penalty} must be > 0')
   if t.peak_flops is not None:
     need(t.peak_flops > 0, f'train.peak_flops={t.peak_flops} must be > 0')
   return cfg
+
+
+def _validate_data(cfg: ConfigDict, need):
+  d = cfg.data
+  need(0 < d.val_fraction < 1, f'data.val_fraction={d.val_fraction} must be in (0, 1)')
+  need(d.code_weight >= 0, f'data.code_weight={d.code_weight} must be >= 0')
+  need(d.corpus != 'local' or d.path.strip(), 'data.corpus=local needs data.path=FILE[,DIR,GLOB...] '
+       '(.txt, .jsonl, .parquet)')
+  need(d.corpus != 'hub' or d.hub_name.strip(), 'data.corpus=hub needs data.hub_name, e.g. roneneldan/TinyStories')
+  need(d.text_field.strip() != '', 'data.text_field is empty; name the column that holds the text')
+  need(d.tokenizer.strip() != '', 'data.tokenizer is empty; use char, bpe, a tokenizer.json path or hub:<name>')
+  if d.tokenizer == 'bpe':
+    v = d.vocab_size or cfg.model.vocab_size
+    need(v is not None, 'data.tokenizer=bpe needs a vocabulary size: set data.vocab_size (or model.vocab_size)')
+    need(BPE_MIN_VOCAB <= v <= BPE_MAX_VOCAB, f'BPE vocab size {v} is outside [{BPE_MIN_VOCAB}, {BPE_MAX_VOCAB}] '
+         f'({BPE_MIN_VOCAB} = 256 byte tokens + special tokens); set data.vocab_size in that range')
 
 
 @dataclasses.dataclass(frozen=True)

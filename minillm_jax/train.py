@@ -47,8 +47,9 @@ def make_optimizer(o, steps: int) -> tuple[optax.GradientTransformation, optax.S
   sched = lr_schedule(o, steps)
   adamw = optax.adamw(sched, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                       mask=functools.partial(decay_mask, decay_embeddings=o.decay_embeddings))
-  tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw) if o.grad_clip > 0 else adamw
-  return tx, sched
+  # always the same chain (clip at inf when off) so the optimizer state has one structure for every config
+  clip = optax.clip_by_global_norm(o.grad_clip if o.grad_clip > 0 else float('inf'))
+  return optax.chain(clip, adamw), sched
 
 
 # ----------------------------------------------------------------------------------------------- steps
@@ -75,7 +76,7 @@ def train_step(state: dict, batch: dict, step, *, gdef, tx, seed: int) -> tuple[
     zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
     (loss, grads), _ = jax.lax.scan(micro, zero, (jnp.arange(A), batch['inputs'], batch['targets']))
     loss, grads = jax.tree.map(lambda x: x / A, (loss, grads))
-  gnorm = optax.global_norm(grads)
+  gnorm = optax.tree.norm(grads)
   updates, opt = tx.update(grads, state['opt'], params)
   new = {'params': optax.apply_updates(params, updates), 'opt': opt}
   ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
@@ -179,10 +180,10 @@ def run(cfg, workdir: str) -> dict:
 
   ck = checkpoint.Checkpointer(workdir, keep=t.keep)
   start, meta0 = 0, {}
-  got = ck.restore_latest_good(state['params'], state['opt'], it) if ck.steps() else None
+  got = ck.restore_latest_good(state['params'], state['opt'], it,
+                               lambda m: check_same_model(m.get('model_config', {}), mc, f'{workdir!r}'))
   if got is not None:
     step0, items = got
-    check_same_model(items['meta'].get('model_config', {}), mc, f'{workdir!r}')
     state['params'] = items['params']
     if items['full']:
       state['opt'], start, meta0 = items['opt'], step0, items['meta']

@@ -1,0 +1,219 @@
+"""Training loop behaviour: learning, exact resume after SIGKILL, SIGTERM, NaN, corrupt checkpoints, devices,
+accumulation, weight-decay mask, monitoring outputs."""
+import functools
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import ROOT, run_module
+from minillm_jax import train
+from minillm_jax.config import ModelConfig, default_config
+from minillm_jax.model import GPT
+
+TEXT = ''.join(f'{w} the quick brown fox {i % 7} jumps over the lazy dog number {i % 13}.\n'
+               for i, w in enumerate(['alpha', 'beta', 'gamma', 'delta', 'omega'] * 200))
+
+
+def args(tmp, workdir='run', **over) -> list[str]:
+  corpus = os.path.join(tmp, 'corpus.txt')
+  if not os.path.exists(corpus):
+    with open(corpus, 'w') as f:
+      f.write(TEXT)
+  base = {'data.corpus': 'local', 'data.path': corpus, 'data.cache_dir': os.path.join(tmp, 'cache'),
+          'model.n_layer': 1, 'model.n_head': 2, 'model.d_model': 32, 'model.block_size': 32,
+          'train.batch_size': 8, 'train.steps': 40, 'train.eval_every': 20, 'train.eval_batches': 2,
+          'train.ckpt_every': 20, 'train.log_every': 1, 'optim.warmup_steps': 5, 'optim.lr': 3e-3,
+          'train.peak_flops': 1e11, **over}
+  return ['--config=configs/shakespeare_char.py', f'--workdir={os.path.join(tmp, workdir)}', '--nosample',
+          *[f'--config.{k}={v}' for k, v in base.items()]]
+
+
+def metrics(tmp, workdir='run') -> list[dict]:
+  with open(os.path.join(tmp, workdir, 'metrics.jsonl')) as f:
+    return [json.loads(ln) for ln in f]
+
+
+def losses(tmp, workdir='run') -> dict[int, float]:
+  return {r['step']: r['train_loss'] for r in metrics(tmp, workdir) if 'train_loss' in r}
+
+
+def test_loss_decreases_and_outputs_are_written(tmp_path):
+  tmp = str(tmp_path)
+  r = run_module('minillm_jax.train', *args(tmp, **{'train.steps': 60}))
+  assert r.returncode == 0, r.stderr[-2000:]
+  ls = losses(tmp)
+  assert np.mean([ls[s] for s in range(51, 61)]) < 0.6 * np.mean([ls[s] for s in range(1, 6)])
+  rows = metrics(tmp)
+  keys = {'step', 'train_loss', 'lr', 'grad_norm', 'tokens_seen', 'tokens_per_s', 'time'}
+  assert keys <= set(rows[-2]) and {'val_loss', 'val_ppl'} <= set(rows[-1])
+  assert glob.glob(os.path.join(tmp, 'run', 'tb', 'events.out.tfevents.*'))
+  assert sorted(os.listdir(os.path.join(tmp, 'run', 'checkpoints'))) == ['20', '40', '60']
+  s = run_module('minillm_jax.status', f'--workdir={tmp}/run', '--json')
+  st = json.loads(s.stdout)
+  assert st['step'] == 60 and st['status'] == 'finished' and st['checkpoints'] == [20, 40, 60]
+  assert st['best_val_loss'] == min(r['val_loss'] for r in rows if 'val_loss' in r)
+  p = run_module('minillm_jax.plot', f'--workdir={tmp}/run', f'--workdir={tmp}/run', f'--out={tmp}/c.png')
+  assert p.returncode == 0 and os.path.getsize(f'{tmp}/c.png') > 10_000
+
+
+def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
+  tmp = str(tmp_path)
+  a = args(tmp, 'ref', **{'train.steps': 400, 'train.ckpt_every': 50, 'train.eval_every': 100})
+  assert run_module('minillm_jax.train', *a).returncode == 0
+  b = args(tmp, 'killed', **{'train.steps': 400, 'train.ckpt_every': 50, 'train.eval_every': 100})
+  p = subprocess.Popen([sys.executable, '-m', 'minillm_jax.train', *b], cwd=ROOT, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+  mpath = os.path.join(tmp, 'killed', 'metrics.jsonl')
+  deadline = time.time() + 120
+  while time.time() < deadline and p.poll() is None:
+    if os.path.exists(mpath) and os.path.getsize(mpath) and max(losses(tmp, 'killed')) >= 130:
+      break
+    time.sleep(0.02)
+  assert p.poll() is None, 'the run finished before it could be killed'
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  killed_at = max(losses(tmp, 'killed'))
+  assert 130 <= killed_at < 400
+  r = run_module('minillm_jax.train', *b)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert 'resuming from step' in r.stdout
+  ref, res = losses(tmp, 'ref'), losses(tmp, 'killed')
+  assert sorted(res) == list(range(1, 401))
+  assert [ref[s] for s in range(1, 401)] == [res[s] for s in range(1, 401)]  # bitwise
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+  tmp = str(tmp_path)
+  b = args(tmp, **{'train.steps': 100000, 'train.ckpt_every': 100000, 'train.eval_every': 100000})
+  p = subprocess.Popen([sys.executable, '-m', 'minillm_jax.train', *b], cwd=ROOT, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True)
+  mpath = os.path.join(tmp, 'run', 'metrics.jsonl')
+  while not (os.path.exists(mpath) and os.path.getsize(mpath) > 0):
+    assert p.poll() is None, p.stderr.read()
+    time.sleep(0.05)
+  p.send_signal(signal.SIGTERM)
+  out, err = p.communicate(timeout=120)
+  assert p.returncode == 0, err
+  assert 'SIGTERM: saved step' in out and 'Resume with: python -m minillm_jax.train' in out
+  steps = [int(d) for d in os.listdir(os.path.join(tmp, 'run', 'checkpoints'))]
+  assert len(steps) == 1 and steps[0] >= 1
+  r = run_module('minillm_jax.status', f'--workdir={tmp}/run', '--json')
+  assert json.loads(r.stdout)['status'] == 'interrupted'
+
+
+def test_nan_stops_without_replacing_good_checkpoint(tmp_path):
+  tmp = str(tmp_path)
+  assert run_module('minillm_jax.train', *args(tmp, **{'train.steps': 20})).returncode == 0
+  r = run_module('minillm_jax.train', *args(tmp, **{'train.steps': 60, 'optim.lr': 1e30, 'optim.min_lr': 1e30,
+                                                     'optim.grad_clip': 0.0, 'train.ckpt_every': 1}))
+  assert r.returncode == 2
+  assert 'error: loss is' in r.stderr and 'the last good checkpoint (step' in r.stderr
+  steps = sorted(int(d) for d in os.listdir(f'{tmp}/run/checkpoints'))
+  bad_step = int(r.stderr.split(' at step ')[1].split(';')[0])
+  assert 20 < max(steps) < bad_step  # saved while finite, nothing at or after the non-finite step
+  from minillm_jax import checkpoint
+  _, model, _, meta = checkpoint.load_for_inference(f'{tmp}/run', 'latest')
+  assert meta['step'] == max(steps)
+  assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(nnx.state(model)))
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path):
+  tmp = str(tmp_path)
+  assert run_module('minillm_jax.train', *args(tmp, **{'train.steps': 40})).returncode == 0
+  for f in glob.glob(f'{tmp}/run/checkpoints/40/params/**/*', recursive=True):
+    if os.path.isfile(f):
+      with open(f, 'wb') as fh:
+        fh.write(b'garbage')
+  r = run_module('minillm_jax.train', *args(tmp, **{'train.steps': 60}))
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert 'checkpoint step 40 is unreadable' in r.stderr and 'resuming from step 20' in r.stdout
+  assert os.path.isdir(glob.glob(f'{tmp}/run/corrupt_checkpoints/40-*')[0])
+  assert 60 in [int(d) for d in os.listdir(f'{tmp}/run/checkpoints')]
+
+
+@pytest.mark.parametrize('fsdp', [False, True])
+def test_one_and_eight_devices_agree(tmp_path, fsdp):
+  tmp = str(tmp_path)
+  over = {'train.steps': 10, 'train.fsdp': fsdp, 'model.d_model': 64, 'model.n_head': 4}
+  r1 = run_module('minillm_jax.train', *args(tmp, 'one', **over))
+  r8 = run_module('minillm_jax.train', *args(tmp, 'eight', **over),
+                  env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+  assert r1.returncode == 0 and r8.returncode == 0, r8.stderr[-2000:]
+  a, b = losses(tmp, 'one'), losses(tmp, 'eight')
+  np.testing.assert_allclose([a[s] for s in range(1, 11)], [b[s] for s in range(1, 11)], rtol=2e-5)
+
+
+def _tiny_state():
+  mc = ModelConfig(vocab_size=40, n_layer=1, n_head=2, n_kv_head=2, d_model=16, d_ff=64, block_size=8,
+                   max_positions=8, bias=True)
+  gdef, params = nnx.split(GPT(mc, nnx.Rngs(params=0)))
+  return mc, gdef, params
+
+
+def test_accumulation_equals_big_batch():
+  mc, gdef, params = _tiny_state()
+  tx, _ = train.make_optimizer(default_config().optim, 100)
+  step = functools.partial(train.train_step, gdef=gdef, tx=tx, seed=0)
+  x = jax.random.randint(jax.random.key(0), (12, 8), 0, 40)
+  y = jax.random.randint(jax.random.key(1), (12, 8), 0, 40)
+  big, mb = step({'params': params, 'opt': tx.init(params)}, {'inputs': x, 'targets': y}, 3)
+  acc, ma = step({'params': params, 'opt': tx.init(params)},
+                 {'inputs': x.reshape(3, 4, 8), 'targets': y.reshape(3, 4, 8)}, 3)
+  np.testing.assert_allclose(mb['loss'], ma['loss'], rtol=1e-6)
+  np.testing.assert_allclose(mb['grad_norm'], ma['grad_norm'], rtol=1e-5)
+  for u, v in zip(jax.tree.leaves(big['params']), jax.tree.leaves(acc['params'])):
+    np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7)
+
+
+def test_weight_decay_mask_excludes_norms_biases_embeddings():
+  _, _, params = _tiny_state()
+  names = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_flatten_with_path(
+      train.decay_mask(params, decay_embeddings=False))[0]}
+  decayed = sorted(k.split('.value')[0] for k, m in names.items() if m)
+  assert decayed == ["['blocks'][0]['attn']['proj']['kernel']", "['blocks'][0]['attn']['qkv']['kernel']",
+                     "['blocks'][0]['mlp']['fc']['kernel']", "['blocks'][0]['mlp']['proj']['kernel']"]
+  # behaviour: with zero gradients only the decayed tensors move
+  o = default_config().optim
+  o.weight_decay, o.warmup_steps = 0.5, 0
+  tx, _ = train.make_optimizer(o, 10)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  upd, _ = tx.update(zeros, tx.init(params), params)
+  moved = {jax.tree_util.keystr(p).split('.value')[0] for p, u in jax.tree_util.tree_flatten_with_path(upd)[0]
+           if float(jnp.abs(u).max()) > 0}
+  assert moved == set(decayed)
+
+
+def test_nonfinite_step_keeps_state():
+  mc, gdef, params = _tiny_state()
+  tx, _ = train.make_optimizer(default_config().optim, 100)
+  bad = jax.tree.map(lambda p: p.at[...].set(jnp.nan) if p.ndim == 2 and p.shape[0] == 40 else p, params)
+  state = {'params': bad, 'opt': tx.init(bad)}
+  x = jnp.zeros((2, 8), jnp.int32)
+  new, m = train.train_step(state, {'inputs': x, 'targets': x}, 0, gdef=gdef, tx=tx, seed=0)
+  assert not np.isfinite(float(m['loss']))
+  for u, v in zip(jax.tree.leaves(new), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(u, v)
+
+
+def test_bad_inputs_one_line(tmp_path):
+  tmp = str(tmp_path)
+  r = run_module('minillm_jax.train', f'--workdir={tmp}/x')
+  assert r.returncode == 2 and 'no --config given' in r.stderr
+  r = run_module('minillm_jax.train', *args(tmp, **{'train.batch_size': 0}))
+  assert r.returncode == 2 and 'train.batch_size=0 must be a positive integer' in r.stderr
+  assert run_module('minillm_jax.train', *args(tmp, **{'train.steps': 20})).returncode == 0
+  r = run_module('minillm_jax.train', *args(tmp, **{'train.steps': 40, 'model.n_layer': 2}))
+  assert r.returncode == 2 and 'different model (n_layer: checkpoint 1 vs config 2)' in r.stderr
+  r = run_module('minillm_jax.status', f'--workdir={tmp}/nope')
+  assert r.returncode == 2 and "workdir" in r.stderr and 'Traceback' not in r.stderr

@@ -86,9 +86,10 @@ def matmul_peak_flops(dtype: str) -> float:
 
 class Monitor:
   def __init__(self, workdir: str, cfg, mc, start: int, steps: int, tokens_per_step: int, flops_per_token: float,
-               meta: dict):
+               meta: dict, lr_at=lambda step: float('nan')):
     from tensorboardX import SummaryWriter
     self.workdir, self.steps, self.tps, self.fpt = workdir, steps, tokens_per_step, flops_per_token
+    self.lr_at = lr_at  # the schedule is only evaluated at flushes: calling it costs a dispatch (~2 ms)
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._truncate_after(start)  # rows a killed run wrote past its last checkpoint
     self.tb = SummaryWriter(os.path.join(workdir, 'tb'), purge_step=start + 1 if start else None)
@@ -119,8 +120,8 @@ class Monitor:
       if k not in ('step', 'time') and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
         self.tb.add_scalar(k, v, row['step'])
 
-  def record(self, step: int, m: dict, lr: float):
-    self.pending.append((step, m, lr))
+  def record(self, step: int, m: dict):
+    self.pending.append((step, m))
     self.step = step
     self.bar.update(1)
 
@@ -128,16 +129,17 @@ class Monitor:
     """Fetches pending losses (a device sync); returns (step, value) of the first non-finite loss."""
     if not self.pending:
       return None
-    got = jax.device_get([m for _, m, _ in self.pending])
+    got = jax.device_get([m for _, m in self.pending])
     now = time.time()
-    for (step, _, _), m in zip(self.pending, got):
+    for (step, _), m in zip(self.pending, got):
       if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
         self.pending = []
         return step, float(m['loss']) if not np.isfinite(m['loss']) else float('nan')
     n = len(self.pending)
     losses = [float(m['loss']) for m in got]
     self.tokens += n * self.tps
-    row = {'step': self.pending[-1][0], 'train_loss': float(np.mean(losses)), 'lr': self.pending[-1][2],
+    last = self.pending[-1][0]
+    row = {'step': last, 'train_loss': float(np.mean(losses)), 'lr': self.lr_at(last),
            'grad_norm': float(got[-1]['grad_norm']), 'tokens_seen': self.tokens}
     if self.t_flush is not None and self.warm:  # the first interval holds compilation: no speed for it
       dt = now - self.t_flush

@@ -195,7 +195,8 @@ def run(cfg, workdir: str) -> dict:
                     out_shardings=(s_shard, None))
   eval_fn = jax.jit(functools.partial(eval_step, gdef=gdef))
   mon = monitor.Monitor(workdir, cfg, mc, start, t.steps, tokens_per_step=A * t.batch_size * mc.block_size,
-                        flops_per_token=flops_per_token(mc)['train'], meta=meta0)
+                        flops_per_token=flops_per_token(mc)['train'], meta=meta0,
+                        lr_at=lambda s: float(sched(s - 1)))
   stop, stopped_early, status = Stop(), False, 'finished'
 
   def evaluate() -> float:
@@ -216,7 +217,7 @@ def run(cfg, workdir: str) -> dict:
     batch = next_batch()
     state, m = step_fn(state, batch, jnp.int32(step))
     step += 1
-    mon.record(step, m, float(sched(step - 1)))
+    mon.record(step, m)
     last = step == t.steps
     if step % t.log_every == 0 or last or stop.reason or step % t.eval_every == 0 or step % t.ckpt_every == 0:
       bad = mon.flush()  # syncs: losses of the steps since the last flush

@@ -1,0 +1,54 @@
+"""Import a torch checkpoint into a new run directory; `python -m minillm_jax.train --workdir=W` continues it.
+
+  python -m torch_compat.import_ckpt --src=model.pt --workdir=runs/imported     # native .pt
+  python -m torch_compat.import_ckpt --src=out/ckpt.pt --workdir=runs/nano      # nanoGPT (also its out_dir)
+  python -m torch_compat.import_ckpt --src=path/to/hf_dir --workdir=runs/llama  # GPT-2, Llama or GPT-NeoX dir
+
+The format is detected. Weights that our model cannot compute exactly are refused with the reason; approximate
+GELUs (e.g. the original GPT-2's gelu_new) are imported as exact GELU only with --allow_inexact.
+"""
+from __future__ import annotations
+
+import os
+
+from absl import flags
+
+from minillm_jax.config import UserError
+
+FLAGS = flags.FLAGS
+
+
+def import_ckpt(src: str, workdir: str, allow_inexact: bool = False) -> str:
+  """Writes a step-0 checkpoint of `src` into `workdir`; returns a one-line summary."""
+  from minillm_jax import checkpoint
+  from torch_compat import convert, formats
+  if not os.path.exists(src):
+    raise UserError(f'--src={src} does not exist')
+  imp = formats.load_any(src, allow_inexact=allow_inexact)
+  model = convert.load_into_flax(imp.model_config, imp.flat)
+  meta = {'imported_from': os.path.abspath(src), 'source_format': imp.fmt,
+          'source_step': imp.meta.get('step'), 'source_val_loss': imp.meta.get('val_loss')}
+  if imp.notes:
+    meta['import_notes'] = imp.notes
+  checkpoint.init_workdir(workdir, imp.cfg_plain, imp.model_config, model, imp.tokenizer_json or None,
+                          formats.plain(meta))
+  c = imp.model_config
+  tok = 'with tokenizer' if imp.tokenizer_json else 'no tokenizer (set data.tokenizer when training)'
+  notes = ''.join(f'\nnote: {n}' for n in imp.notes)
+  return (f'imported {src} ({imp.fmt}) into {workdir}: {c.n_layer} layers, d_model {c.d_model}, vocab '
+          f'{c.vocab_size}, pos {c.pos}, norm {c.norm}, mlp {c.mlp}; {tok}{notes}')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise UserError(f'unexpected arguments {argv[1:]}')
+  print(import_ckpt(FLAGS.src, FLAGS.workdir, FLAGS.allow_inexact))
+
+
+if __name__ == '__main__':
+  from minillm_jax import cli
+  cli.define_workdir()
+  flags.DEFINE_string('src', None, 'A native .pt, a nanoGPT ckpt.pt (or its out_dir) or a Hugging Face '
+                      'directory.', required=True)
+  flags.DEFINE_bool('allow_inexact', False, 'Import approximate GELUs as exact GELU (logits differ a bit).')
+  cli.run(main)

@@ -175,8 +175,7 @@ def load_for_inference(workdir: str, step: str | int = 'best') -> tuple[ModelCon
 
 def init_workdir(workdir: str, cfg_plain: dict | None, model_cfg: ModelConfig, model: GPT,
                  tokenizer_json: str | None, meta: dict) -> None:
-  """Writes a weights-only step-0 checkpoint (+ config.json) so `train --workdir` continues from it."""
-  import json
+  """Writes a weights-only step-0 checkpoint (+ config.json/.py) so `train --workdir` continues from it."""
   from minillm_jax import config as config_lib
   if os.path.isdir(ckpt_dir(workdir)) and os.listdir(ckpt_dir(workdir)):
     raise UserError(f'{workdir!r} already has checkpoints; import into a new --workdir')
@@ -185,11 +184,12 @@ def init_workdir(workdir: str, cfg_plain: dict | None, model_cfg: ModelConfig, m
     if k in cfg.model:
       cfg.model[k] = v
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    json.dump(config_lib.to_plain(cfg), f, indent=1)
-  if tokenizer_json:
-    with open(os.path.join(workdir, 'tokenizer.json'), 'w') as f:
+  if tokenizer_json:  # training must tokenize text the way these weights expect
+    tok_path = os.path.join(os.path.abspath(workdir), 'tokenizer.json')
+    with open(tok_path, 'w') as f:
       f.write(tokenizer_json)
+    cfg.data.tokenizer = tok_path
+  config_lib.write_run_config(workdir, cfg)
   ck = Checkpointer(workdir, async_save=False)
   full_meta = {**meta, 'step': 0, 'model_config': model_cfg.to_dict(), 'config': config_lib.to_plain(cfg),
                'tokenizer': tokenizer_json or ''}

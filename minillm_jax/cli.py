@@ -58,7 +58,12 @@ def _parse(argv):
   try:
     return FLAGS(argv)
   except flags.Error as e:
-    die(f'{e}\n       run with --helpfull to see all flags' if 'Unknown command line flag' in str(e) else str(e))
+    hint = ''
+    if "flag 'config." in str(e):
+      hint = ' (config overrides need --config=FILE; a run\'s own config is <workdir>/config.py)'
+    elif 'Unknown command line flag' in str(e):
+      hint = ' (run with --helpfull to see all flags)'
+    die(f'{e}{hint}')
   except Exception as e:  # noqa: BLE001 - config_flags raises AttributeError/KeyError/TypeError for bad overrides
     die(f'bad config override: {_one_line(e)}')
 

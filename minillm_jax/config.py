@@ -257,3 +257,31 @@ def from_plain(d: dict) -> ConfigDict:
   return validate(cfg)
 
 
+_RUN_CONFIG_PY = '''"""This run's config: config.json beside this file. Use it to resume with overrides:
+  python -m minillm_jax.train --config={path} --workdir={workdir} --config.train.steps=5000
+"""
+import json
+import os
+
+from minillm_jax.config import from_plain
+
+
+def get_config(variant: str = ''):
+  del variant
+  with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config.json')) as f:
+    return from_plain(json.load(f))
+'''
+
+
+def write_run_config(workdir: str, cfg: ConfigDict) -> None:
+  """<workdir>/config.json (the resolved config) and config.py (loads it: a --config file for overrides)."""
+  import json
+  import os
+  os.makedirs(workdir, exist_ok=True)
+  for name, text in (('config.json', json.dumps(to_plain(cfg), indent=1)),
+                     ('config.py', _RUN_CONFIG_PY.format(path=os.path.join(workdir, 'config.py'), workdir=workdir))):
+    tmp = os.path.join(workdir, f'.{name}.tmp{os.getpid()}')
+    with open(tmp, 'w') as f:
+      f.write(text)
+    os.replace(tmp, os.path.join(workdir, name))
+

@@ -122,10 +122,18 @@ class Attention(nnx.Module):
     if key is not None and c.dropout > 0:
       o_BxTxNxH = _attention_with_dropout(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask, c.dropout, key)
     else:
-      # jax.nn.dot_product_attention: GQA-aware, float32 logits, cuDNN flash attention on GPU
-      o_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH.astype(dt), v_BxTxKxH.astype(dt), mask=mask,
-                                               is_causal=cache is None)
+      o_BxTxNxH = attention(q_BxTxNxH, k_BxTxKxH.astype(dt), v_BxTxKxH.astype(dt), mask)
     return self.proj(o_BxTxNxH.reshape(B * T, N * H), dt), cache
+
+
+def attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask):
+  """Causal (mask None) or masked attention: jax.nn.dot_product_attention (GQA-aware, float32 logits and
+  softmax, cuDNN flash attention on GPU)."""
+  return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask, is_causal=mask is None)
+
+
+def gelu(x):
+  return jax.nn.gelu(x, approximate=False)  # exact erf GELU, as torch nn.GELU / nanoGPT
 
 
 def _attention_with_dropout(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, rate: float, key):
@@ -156,7 +164,7 @@ class MLP(nnx.Module):
       gate, up = jnp.split(h_NxF, 2, axis=-1)
       h_NxF = jax.nn.silu(gate) * up
     else:
-      h_NxF = jax.nn.gelu(h_NxF, approximate=False)  # exact erf GELU, as torch nn.GELU / nanoGPT
+      h_NxF = gelu(h_NxF)
     return self.proj(h_NxF, dt)
 
 

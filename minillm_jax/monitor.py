@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from minillm_jax.config import UserError, to_plain
+from minillm_jax.config import UserError, write_run_config
 
 
 def _pid_alive(pid: int) -> bool:
@@ -46,14 +46,14 @@ def _write_json(path: str, obj: dict):
 
 
 def claim_workdir(workdir: str, cfg) -> None:
-  """One live run per workdir; writes run.json and the resolved config.json."""
+  """One live run per workdir; writes run.json and the resolved config (config.json + config.py)."""
   os.makedirs(workdir, exist_ok=True)
   run = read_run(workdir)
   if run_alive(run) and run['pid'] != os.getpid():
     raise UserError(f'{workdir!r} is being trained by pid {run["pid"]}; stop it first or use another --workdir')
   _write_json(os.path.join(workdir, 'run.json'), {'pid': os.getpid(), 'host': socket.gethostname(),
                                                   'status': 'running', 'started': time.time()})
-  _write_json(os.path.join(workdir, 'config.json'), to_plain(cfg))
+  write_run_config(workdir, cfg)
 
 
 def matmul_peak_flops(dtype: str) -> float:

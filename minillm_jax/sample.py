@@ -1,127 +1,179 @@
-"""Jitted sampling with the model's KV cache: one prefill of the (padded) prompt, then one token per step
-inside a lax.while_loop, all in a fixed-size cache buffer, so nothing recompiles per token or prompt length.
+"""Jitted sampling with the model's KV cache, the JAX side of minillm_jax.backend (the decoding contract is in
+its docstring).
 
-When the context fills up, the newest half of it is re-prefilled and decoding continues (learned absolute
-positions cannot run past max_positions).
+Two compiled functions per (batch, context) shape and nothing per prompt length or per sampling setting:
+`_prefill` runs the shortest prompt through the cache in fixed chunks of CHUNK tokens (a while_loop over
+chunks at a traced position), `_run` samples and feeds one token per iteration of a lax.while_loop until a
+step limit, every row done, or a full cache. Sampling parameters are traced values, so chat's /temp does not
+recompile, and streaming (step limit 1) runs the very computation a full decode runs.
+
+Also here: `generate` / `print_sample` (what train.py calls) and `measure_decode` / `measure_naive` for bench.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
+import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from minillm_jax.backend import JaxBackend, SampleParams, _sp_arrays
 from minillm_jax.model import GPT
 
-
-@dataclasses.dataclass(frozen=True)
-class SampleParams:
-  temperature: float = 0.8  # 0 = greedy
-  top_k: int | None = None
-  top_p: float = 1.0
-  repetition_penalty: float = 1.0
-  repetition_window: int = 64
-
-  @classmethod
-  def from_config(cls, s) -> 'SampleParams':
-    return cls(float(s.temperature), s.top_k, float(s.top_p), float(s.repetition_penalty),
-               int(s.repetition_window))
+__all__ = ['SampleParams', 'process_logits', 'pick', 'start', 'run', 'poll', 'nll', 'generate', 'print_sample',
+           'measure_decode', 'measure_naive']
+CHUNK = 64        # prefill chunk (tokens); positions past the prompt in the last chunk are rewritten later
+MAX_STOP_IDS = 8  # stop ids are padded to this many, so their count never changes a shape
 
 
-def process_logits(logits_BxV, recent_BxW, sp: SampleParams):
-  """Repetition penalty (CTRL/HF rule: positive logits divided, negative multiplied) over the recent-token
-  window (-1 = empty slot), then temperature, top-k and top-p (nucleus) filtering."""
+def process_logits(logits_BxV, seq_BxS, pos, sp: dict):
+  """Repetition penalty (CTRL/HF rule: positive logits divided, negative multiplied) over the tokens at
+  positions [pos - window, pos) of seq, then temperature, top-k and top-p (the smallest set of tokens whose
+  probability reaches top_p). `sp` holds traced scalars (see backend._sp_arrays); top_k 0 = off."""
   x = logits_BxV.astype(jnp.float32)
-  if sp.repetition_penalty != 1.0:
-    seen_BxV = jnp.zeros(x.shape, bool).at[jnp.arange(x.shape[0])[:, None], recent_BxW].max(recent_BxW >= 0)
-    x = jnp.where(seen_BxV, jnp.where(x > 0, x / sp.repetition_penalty, x * sp.repetition_penalty), x)
-  if sp.temperature == 0:
-    return x
-  x = x / sp.temperature
-  if sp.top_k is not None and sp.top_k < x.shape[-1]:
-    kth = jax.lax.top_k(x, sp.top_k)[0][:, -1:]
-    x = jnp.where(x < kth, -jnp.inf, x)
-  if sp.top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
-    srt = jnp.sort(x, axis=-1)[:, ::-1]
-    cum = jnp.cumsum(jax.nn.softmax(srt, axis=-1), axis=-1)
-    n_keep = jnp.sum(cum - jax.nn.softmax(srt, axis=-1) < sp.top_p, axis=-1, keepdims=True)
-    thresh = jnp.take_along_axis(srt, n_keep - 1, axis=-1)
-    x = jnp.where(x < thresh, -jnp.inf, x)
-  return x
+  B, V = x.shape
+  S = seq_BxS.shape[1]
+
+  def penalize(x):
+    ar = jnp.arange(S)
+    in_win = (ar >= pos - sp['window']) & (ar < pos)
+    seen_BxV = jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], seq_BxS].max(jnp.broadcast_to(in_win, (B, S)))
+    p = sp['penalty']
+    return jnp.where(seen_BxV, jnp.where(x > 0, x / p, x * p), x)
+
+  x = jax.lax.cond(sp['penalty'] != 1.0, penalize, lambda x: x, x)
+  t = sp['temperature']
+  x = jnp.where(t > 0, x / jnp.where(t > 0, t, 1.0), x)
+  k = jnp.where((sp['top_k'] > 0) & (sp['top_k'] < V), sp['top_k'], V)
+
+  def filt(x):  # one descending sort serves both top-k and top-p
+    srt = -jnp.sort(-x, axis=-1)
+    srt = jnp.where(jnp.arange(V) < k, srt, -jnp.inf)
+    probs = jax.nn.softmax(srt, axis=-1)
+    n_keep = jnp.sum(jnp.cumsum(probs, axis=-1) - probs < sp['top_p'], axis=-1, keepdims=True)
+    thresh = jnp.take_along_axis(srt, jnp.clip(n_keep, 1, k) - 1, axis=-1)
+    return jnp.where(x < thresh, -jnp.inf, x)
+
+  return jax.lax.cond((t > 0) & ((k < V) | (sp['top_p'] < 1.0)), filt, lambda x: x, x)
 
 
-def pick(logits_BxV, recent_BxW, sp: SampleParams, key):
-  x = process_logits(logits_BxV, recent_BxW, sp)
-  if sp.temperature == 0:
-    return jnp.argmax(x, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
+def pick(logits_BxV, seq_BxS, pos, sp: dict, key):
+  x = process_logits(logits_BxV, seq_BxS, pos, sp)
+  return jnp.where(sp['temperature'] > 0, jax.random.categorical(key, x, axis=-1),
+                   jnp.argmax(x, axis=-1)).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _prefill(gdef, params, tokens_BxS, length):
+def _prefill(gdef, params, seq_BxS, n_pre):
+  """Runs positions [0, n_pre) in CHUNK-token chunks; returns the logits at n_pre - 1 and the cache."""
   model = nnx.merge(gdef, params)
-  B, S = tokens_BxS.shape
-  logits, cache = model.decode(tokens_BxS, model.init_cache(B, S), 0)
-  return jax.lax.dynamic_index_in_dim(logits, length - 1, axis=1, keepdims=False), cache
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3, 6))
-def _decode(gdef, sp: SampleParams, params, cache, logits_BxV, pos, out_BxN, n_done, n_max, recent_BxW, key):
-  """Samples from logits_BxV, feeds the token back, repeats while pos < cache size and n_done < n_max."""
-  model = nnx.merge(gdef, params)
-  S = cache[0]['k'].shape[1]
-
-  def cond(c):
-    return (c[3] < n_max) & (c[2] < S)
+  B, S = seq_BxS.shape
+  C = min(CHUNK, S)
+  cache = model.init_cache(B, S)
+  logits0 = jnp.zeros((B, model.c.vocab_size), jnp.float32)
 
   def body(c):
-    cache, logits, pos, n, out, recent, key = c
-    key, sub = jax.random.split(key)
-    tok_B = pick(logits, recent, sp, sub)
-    out = jax.lax.dynamic_update_slice_in_dim(out, tok_B[:, None], n, axis=1)
-    recent = jnp.concatenate([recent[:, 1:], tok_B[:, None]], axis=1)
-    logits, cache = model.decode(tok_B[:, None], cache, pos)
-    return cache, logits[:, 0], pos + 1, n + 1, out, recent, key
+    i, cache, last = c
+    start = jnp.minimum(i * C, S - C)  # the last chunk slides back inside the buffer; rewrites are identical
+    chunk = jax.lax.dynamic_slice_in_dim(seq_BxS, start, C, axis=1)
+    logits, cache = model.decode(chunk, cache, start)
+    j = n_pre - 1 - start
+    row = jax.lax.dynamic_index_in_dim(logits, jnp.clip(j, 0, C - 1), axis=1, keepdims=False)
+    return i + 1, cache, jnp.where((j >= 0) & (j < C), row, last)
 
-  cache, logits, pos, n, out, recent, key = jax.lax.while_loop(
-      cond, body, (cache, logits_BxV, pos, n_done, out_BxN, recent_BxW, key))
-  return cache, logits, pos, n, out, recent, key
+  _, cache, last = jax.lax.while_loop(lambda c: c[0] * C < n_pre, body, (jnp.int32(0), cache, logits0))
+  return last, cache
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def _run(gdef, params, st: dict, n_steps):
+  model = nnx.merge(gdef, params)
+  S = st['seq'].shape[1]
+  limit = st['pos'] + n_steps
+
+  def cond(st):
+    return (st['pos'] < jnp.minimum(limit, S)) & ~jnp.all(st['done'])
+
+  def body(st):
+    st = dict(st)
+    pos = st['pos']
+    key, sub = jax.random.split(st['key'])
+    sampled = pick(st['logits'], st['seq'], pos, st['sp'], sub)
+    in_prompt = pos < st['plen']
+    tok = jnp.where(in_prompt, jax.lax.dynamic_index_in_dim(st['seq'], pos, 1, keepdims=False), sampled)
+    new = ~in_prompt & ~st['done']
+    st['seq'] = jax.lax.dynamic_update_slice_in_dim(st['seq'], tok[:, None], pos, axis=1)
+    st['n'] = st['n'] + new
+    st['budget'] = st['budget'] - new
+    hit = jnp.any(tok[:, None] == st['stop'][None, :], axis=-1)
+    st['done'] = st['done'] | (new & (hit | (st['budget'] <= 0)))
+    logits, st['cache'] = model.decode(tok[:, None], st['cache'], pos)
+    st['logits'], st['pos'], st['key'] = logits[:, 0], pos + 1, key
+    return st
+
+  return jax.lax.while_loop(cond, body, st)
+
+
+def start(gdef, params, prompts: Sequence[Sequence[int]], budgets: Sequence[int], sp: dict, seed: int,
+          stop_ids: Sequence[int], context: int) -> dict:
+  """Decoding state after the prefill (see backend.Backend.prefill)."""
+  B, S = len(prompts), context
+  seq = np.zeros((B, S), np.int32)
+  for b, p in enumerate(prompts):
+    seq[b, :len(p)] = p
+  plen = np.array([len(p) for p in prompts], np.int32)
+  stop = np.full((MAX_STOP_IDS,), -1, np.int32)
+  stop_ids = list(stop_ids)[:MAX_STOP_IDS]
+  stop[:len(stop_ids)] = stop_ids
+  seq_j = jnp.asarray(seq)
+  n_pre = int(plen.min())
+  logits, cache = _prefill(gdef, params, seq_j, jnp.int32(n_pre))
+  budget = jnp.asarray(np.asarray(budgets, np.int32))
+  return {'cache': cache, 'seq': seq_j, 'plen': jnp.asarray(plen), 'pos': jnp.int32(n_pre), 'logits': logits,
+          'n': jnp.zeros((B,), jnp.int32), 'budget': budget, 'done': budget <= 0, 'stop': jnp.asarray(stop),
+          'key': jax.random.key(seed),
+          'sp': {'temperature': jnp.float32(sp['temperature']), 'top_k': jnp.int32(sp['top_k']),
+                 'top_p': jnp.float32(sp['top_p']), 'penalty': jnp.float32(sp['penalty']),
+                 'window': jnp.int32(sp['window'])}}
+
+
+def run(gdef, params, st: dict, n_steps: int) -> dict:
+  return _run(gdef, params, st, jnp.int32(min(n_steps, 2**30)))
+
+
+def poll(st: dict) -> tuple[list[list[int]], list[bool], bool]:
+  seq, plen, n = np.asarray(st['seq']), np.asarray(st['plen']), np.asarray(st['n'])
+  new = [seq[b, plen[b]:plen[b] + n[b]].tolist() for b in range(seq.shape[0])]
+  return new, np.asarray(st['done']).tolist(), int(st['pos']) >= seq.shape[1]
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _nll(gdef, params, tokens_BxT):
+  model = nnx.merge(gdef, params)
+  logp = jax.nn.log_softmax(model(tokens_BxT[:, :-1]), axis=-1)
+  return -jnp.take_along_axis(logp, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
+
+
+def nll(gdef, params, tokens_BxT) -> np.ndarray:
+  return np.asarray(_nll(gdef, params, jnp.asarray(tokens_BxT, jnp.int32)))
 
 
 def generate(model: GPT, prompt: list[int], max_new_tokens: int, sp: SampleParams, seed: int = 0,
              num_samples: int = 1) -> np.ndarray:
   """Token ids [num_samples, max_new_tokens] continuing `prompt` (cropped from the left to the context)."""
-  c = model.c
-  S = c.max_positions
-  gdef, params = nnx.split(model)
-  prompt = list(prompt)[-(S - 1):] or [0]
-  B, W = num_samples, sp.repetition_window
-  recent = np.full((B, W), -1, np.int32)
-  tail = prompt[-W:]
-  recent[:, W - len(tail):] = tail
-  out = jnp.zeros((B, max_new_tokens), jnp.int32)
-  key, n, recent = jax.random.key(seed), 0, jnp.asarray(recent)
-  prompt_BxP = np.tile(np.asarray(prompt, np.int32), (B, 1))
-  ctx_BxL = prompt_BxP
-  while True:
-    L = ctx_BxL.shape[1]
-    padded_BxS = np.zeros((B, S), np.int32)
-    padded_BxS[:, :L] = ctx_BxL
-    logits, cache = _prefill(gdef, params, jnp.asarray(padded_BxS), L)
-    cache, logits, pos, n, out, recent, key = _decode(gdef, sp, params, cache, logits, jnp.int32(L), out,
-                                                      jnp.int32(n), jnp.int32(max_new_tokens), recent, key)
-    n = int(n)
-    if n >= max_new_tokens:
-      return np.asarray(out)
-    # context full: keep the newest half (prompt tail + generated so far) and re-prefill
-    ctx_BxL = np.concatenate([prompt_BxP, np.asarray(out)[:, :n]], axis=1)[:, -(S // 2):]
+  be = JaxBackend(model)
+  ids, _ = be.crop(list(prompt) or [0])
+  out = be.complete_ids([ids] * num_samples, max_new_tokens, sp, seed)
+  return np.asarray(out, np.int32).reshape(num_samples, max_new_tokens)
 
 
 def print_sample(workdir: str, step: str | int = 'best') -> str:
   """Samples the run's checkpoint with its config's `sample` section; prints and appends to samples.txt."""
+  import os
+
   from minillm_jax import checkpoint, config as config_lib
   from minillm_jax.tokenizer import Tok
   mc, model, tok_json, meta = checkpoint.load_for_inference(workdir, step)
@@ -131,7 +183,86 @@ def print_sample(workdir: str, step: str | int = 'best') -> str:
                  seed=s.seed)[0].tolist()
   text = s.prompt + tok.decode(ids)
   print(f'--- sample (step {meta["step"]}, val loss {meta.get("val_loss")}) ---\n{text}\n---', flush=True)
-  import os
   with open(os.path.join(workdir, 'samples.txt'), 'a') as f:
     f.write(f'--- step {meta["step"]} ---\n{text}\n')
   return text
+
+
+# ---------------------------------------------------------------------------------------------- bench
+
+def _prompts(model: GPT, batch: int, prompt_len: int, seed: int) -> list[list[int]]:
+  rng = np.random.default_rng(seed)
+  return rng.integers(0, model.c.vocab_size, (batch, prompt_len)).tolist()
+
+
+def measure_decode(model: GPT, batch: int, prompt_len: int, new_tokens: int, seed: int = 0,
+                   repeats: int = 1) -> dict:
+  """KV-cache decoding speed, greedy, compile excluded (one warm-up). ttft_s: prefill plus the first sampled
+  token; tokens_per_s: batch * (new_tokens - 1) / the time of the remaining steps (best of `repeats`)."""
+  if prompt_len + new_tokens > model.c.block_size:
+    raise ValueError(f'prompt_len + new_tokens = {prompt_len + new_tokens} exceeds the context '
+                     f'{model.c.block_size}')
+  be = JaxBackend(model)
+  prompts = _prompts(model, batch, prompt_len, seed)
+  sp = _sp_arrays(SampleParams(temperature=0.0), model.c.vocab_size)
+
+  def once():
+    t0 = time.perf_counter()
+    st = start(be.gdef, be.params, prompts, [new_tokens] * batch, sp, seed, (), be.context)
+    st = run(be.gdef, be.params, st, 1)
+    jax.block_until_ready(st['seq'])
+    t1 = time.perf_counter()
+    st = run(be.gdef, be.params, st, new_tokens)
+    jax.block_until_ready(st['seq'])
+    t2 = time.perf_counter()
+    assert int(np.asarray(st['n']).min()) == new_tokens
+    return t1 - t0, t2 - t1
+
+  t0 = time.perf_counter()
+  once()
+  compile_s = time.perf_counter() - t0
+  runs = [once() for _ in range(max(1, repeats))]
+  ttft, rest = min(r[0] for r in runs), min(r[1] for r in runs)
+  return {'method': 'kv_cache', 'batch': batch, 'prompt_len': prompt_len, 'new_tokens': new_tokens,
+          'ttft_s': ttft, 'decode_s': rest, 'total_s': ttft + rest, 'first_call_s': compile_s,
+          'tokens_per_s': batch * (new_tokens - 1) / rest, 'ms_per_step': 1e3 * rest / max(1, new_tokens - 1)}
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def _naive_steps(gdef, params, buf_BxS, pos, n):
+  """The naive way: the full forward over the whole (fixed-size) buffer for every new token, greedy."""
+  model = nnx.merge(gdef, params)
+
+  def body(i, buf):
+    p = pos + i
+    logits = model(buf)
+    nxt = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, p - 1, axis=1, keepdims=False), axis=-1)
+    return jax.lax.dynamic_update_slice_in_dim(buf, nxt.astype(buf.dtype)[:, None], p, axis=1)
+
+  return jax.lax.fori_loop(0, n, body, buf_BxS)
+
+
+def measure_naive(model: GPT, batch: int, prompt_len: int, new_tokens: int, seed: int = 0,
+                  timed_tokens: int | None = None) -> dict:
+  """Re-running the full forward per token on a fixed [batch, prompt_len + new_tokens] buffer (one compile;
+  causal attention keeps the padding from changing earlier logits). Every step costs the same, so only
+  `timed_tokens` steps (default all) are timed and tokens/s extrapolates exactly; ttft_s is one step."""
+  S = prompt_len + new_tokens
+  if S > model.c.block_size:
+    raise ValueError(f'prompt_len + new_tokens = {S} exceeds the context {model.c.block_size}')
+  gdef, params = nnx.split(model)
+  n = min(timed_tokens or new_tokens, new_tokens)
+  buf = np.zeros((batch, S), np.int32)
+  buf[:, :prompt_len] = _prompts(model, batch, prompt_len, seed)
+  t0 = time.perf_counter()
+  jax.block_until_ready(_naive_steps(gdef, params, jnp.asarray(buf), jnp.int32(prompt_len), jnp.int32(1)))
+  compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  jax.block_until_ready(_naive_steps(gdef, params, jnp.asarray(buf), jnp.int32(prompt_len), jnp.int32(1)))
+  ttft = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  jax.block_until_ready(_naive_steps(gdef, params, jnp.asarray(buf), jnp.int32(prompt_len), jnp.int32(n)))
+  dt = time.perf_counter() - t0
+  return {'method': 'naive_full_forward', 'batch': batch, 'prompt_len': prompt_len, 'new_tokens': new_tokens,
+          'timed_tokens': n, 'ttft_s': ttft, 'decode_s': dt * new_tokens / n, 'first_call_s': compile_s,
+          'tokens_per_s': batch * n / dt, 'ms_per_step': 1e3 * dt / n}

@@ -115,6 +115,13 @@ def load_run_config(workdir: str, cfg):
   return cfg
 
 
+def check_same_tokenizer(meta: dict, tok_json: str, where: str):
+  from minillm_jax.tokenizer import Tok
+  if meta.get('tokenizer') and Tok.from_json_str(meta['tokenizer']).hash != Tok.from_json_str(tok_json).hash:
+    raise UserError(f'{where} was trained with another tokenizer than data.tokenizer gives now; set '
+                    f'--config.data.tokenizer=<the run\'s tokenizer.json> or use a new --workdir')
+
+
 def check_same_model(old: dict, new: config_lib.ModelConfig, where: str):
   diff = [f'{k}: checkpoint {old[k]!r} vs config {v!r}' for k, v in new.to_dict().items()
           if k in old and old[k] != v and k not in ('dropout', 'dtype')]
@@ -180,8 +187,11 @@ def run(cfg, workdir: str) -> dict:
 
   ck = checkpoint.Checkpointer(workdir, keep=t.keep)
   start, meta0 = 0, {}
-  got = ck.restore_latest_good(state['params'], state['opt'], it,
-                               lambda m: check_same_model(m.get('model_config', {}), mc, f'{workdir!r}'))
+  def check(meta):
+    check_same_model(meta.get('model_config', {}), mc, f'{workdir!r}')
+    check_same_tokenizer(meta, tok_json, f'{workdir!r}')
+
+  got = ck.restore_latest_good(state['params'], state['opt'], it, check)
   if got is not None:
     step0, items = got
     state['params'] = items['params']

@@ -217,3 +217,33 @@ def test_bad_inputs_one_line(tmp_path):
   assert r.returncode == 2 and 'different model (n_layer: checkpoint 1 vs config 2)' in r.stderr
   r = run_module('minillm_jax.status', f'--workdir={tmp}/nope')
   assert r.returncode == 2 and "workdir" in r.stderr and 'Traceback' not in r.stderr
+
+
+def test_resume_refuses_another_tokenizer(tmp_path):
+  tmp = str(tmp_path)
+  assert run_module('minillm_jax.train', *args(tmp, **{'train.steps': 20})).returncode == 0
+  other = os.path.join(tmp, 'other.txt')  # same number of distinct characters, different ones
+  table = str.maketrans('abcdefghij', 'ABCDEFGHIJ')
+  with open(other, 'w') as f:
+    f.write(TEXT.translate(table))
+  r = run_module('minillm_jax.train', *args(tmp, **{'train.steps': 40, 'data.path': other}))
+  assert r.returncode == 2 and 'was trained with another tokenizer' in r.stderr, r.stderr[-500:]
+
+
+def test_imported_weights_continue_training(tmp_path):
+  tmp = str(tmp_path)
+  assert run_module('minillm_jax.train', *args(tmp, **{'train.steps': 20})).returncode == 0
+  r = run_module('torch_compat.export', f'--workdir={tmp}/run', f'--out={tmp}/m.pt', '--format=pt')
+  assert r.returncode == 0, r.stderr
+  r = run_module('torch_compat.import_ckpt', f'--src={tmp}/m.pt', f'--workdir={tmp}/imp')
+  assert r.returncode == 0, r.stderr
+  with open(f'{tmp}/imp/config.json') as f:
+    assert json.load(f)['data']['tokenizer'] == os.path.abspath(f'{tmp}/imp/tokenizer.json')
+  over = {k.split('=')[0][len('--config.'):]: k.split('=', 1)[1] for k in args(tmp) if k.startswith('--config.')}
+  over['train.steps'] = 10
+  r = run_module('minillm_jax.train', f'--config={tmp}/imp/config.py', f'--workdir={tmp}/imp', '--nosample',
+                 *[f'--config.{k}={v}' for k, v in over.items() if k.startswith(('train.', 'data.'))])
+  assert r.returncode == 0, r.stderr[-1000:]
+  assert 'starting from the imported weights' in r.stdout
+  first = losses(tmp, 'imp')[1]
+  assert first < losses(tmp)[1] - 0.5  # starts where the exported run ended, not from scratch

@@ -1,0 +1,276 @@
+"""Terminal chat with a trained model (either backend), and the one chat template of the project.
+
+  python -m minillm_jax.chat --workdir=runs/x                # interactive: /help lists the commands
+  python -m minillm_jax.chat --ckpt=model.pt --prompt="Hi"   # one-shot: prints the reply and exits (no TTY needed)
+  echo "Hi" | python -m minillm_jax.chat --workdir=runs/x    # piped: one message (or /command) per line
+
+Instruction-tuned checkpoints (meta `instruction_tuned: true` and a tokenizer with the chat tokens) get the chat
+template below and stop at <|end|> or <|endoftext|>. Any other model gets plain continuation of a transcript
+("User: ...\\nAssistant:") and stops at the next "\\nUser:". When the conversation outgrows the context, the
+oldest exchanges are dropped first (with a notice); the system message is kept.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+from minillm_jax import generate as gen
+from minillm_jax.backend import Backend, SampleParams
+from minillm_jax.config import UserError
+
+SYSTEM, USER, ASSISTANT, END = '<|system|>', '<|user|>', '<|assistant|>', '<|end|>'
+PLAIN_STOPS = ('\nUser:', '\nAssistant:')
+HELP = """commands:
+  /help             this list
+  /clear            forget the conversation
+  /exit             quit (also Ctrl-D); Ctrl-C stops a reply
+  /temp [X]         temperature (0 = greedy)
+  /topk [N]         top-k (0 = off)
+  /topp [X]         top-p (1 = off)
+  /penalty [X]      repetition penalty (1 = off)
+  /len [N]          max tokens per reply
+  /ckpt best|latest|N   load another checkpoint of the run
+  /save [PATH]      write the conversation (.json for JSON, else text)"""
+
+
+def render_template(messages: list[dict], add_generation_prompt: bool = True) -> str:
+  """The chat template, shared with fine-tuning (train on exactly this text, loss on the assistant parts):
+
+    <|system|>{system}<|end|>                               only when there is a system message
+    <|user|>{message}<|end|><|assistant|>{reply}<|end|>     one per exchange, no newlines between markers
+    <|user|>{message}<|end|><|assistant|>                   generation prompt: the model writes reply + <|end|>
+
+  `messages`: [{'role': 'system'|'user'|'assistant', 'content': str}, ...]."""
+  tags = {'system': SYSTEM, 'user': USER, 'assistant': ASSISTANT}
+  out = []
+  for m in messages:
+    if m['role'] not in tags:
+      raise ValueError(f'unknown chat role {m["role"]!r}')
+    out.append(f'{tags[m["role"]]}{m["content"]}{END}')
+  if add_generation_prompt:
+    out.append(ASSISTANT)
+  return ''.join(out)
+
+
+def render_plain(messages: list[dict], add_generation_prompt: bool = True) -> str:
+  """Plain transcript for models without the template: 'User: ...\\nAssistant: ...\\n' per exchange."""
+  out = []
+  for m in messages:
+    if m['role'] == 'system':
+      out.append(f'{m["content"]}\n\n')
+    else:
+      out.append(f'{"User" if m["role"] == "user" else "Assistant"}: {m["content"]}\n')
+  if add_generation_prompt:
+    out.append('Assistant:')
+  return ''.join(out)
+
+
+@dataclasses.dataclass
+class Conversation:
+  templated: bool
+  system: str = ''
+  exchanges: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+  def messages(self, exchanges: list[tuple[str, str]], user: str) -> list[dict]:
+    out = [{'role': 'system', 'content': self.system}] if self.system else []
+    for u, a in exchanges:
+      out += [{'role': 'user', 'content': u}, {'role': 'assistant', 'content': a}]
+    return out + [{'role': 'user', 'content': user}]
+
+  def render(self, exchanges: list[tuple[str, str]], user: str) -> str:
+    return (render_template if self.templated else render_plain)(self.messages(exchanges, user))
+
+  def prompt_ids(self, be: Backend, user: str, max_new_tokens: int) -> tuple[list[int], int]:
+    """(ids of the prompt for the next reply, oldest exchanges dropped to fit). Room is kept for
+    min(max_new_tokens, context/2) reply tokens; a single message longer than that is cropped (warning)."""
+    room = be.context - min(max_new_tokens, be.context // 2)
+    for k in range(len(self.exchanges) + 1):
+      ids = be.tok.encode(self.render(self.exchanges[k:], user))
+      if len(ids) <= room:
+        return ids, k
+    return gen.encode_prompt(be, self.render([], user)), len(self.exchanges)
+
+  def stops(self, be: Backend) -> tuple[list[str], list[int]]:
+    if self.templated:
+      return [], [be.tok.token_to_id(END), be.tok.eot_id]
+    return list(PLAIN_STOPS), [be.tok.eot_id]
+
+
+class Chat:
+  def __init__(self, be: Backend, sp: SampleParams, max_new: int, seed: int, system: str = '',
+               loader: dict | None = None, out=None):
+    self.be, self.sp, self.max_new, self.seed, self.loader = be, sp, max_new, seed, loader or {}
+    self.conv = Conversation(be.instruction_tuned, system)
+    self.out = out or sys.stdout
+    self.style, self.turn = gen.Style(self.out), 0
+
+  def say(self, text: str, *styles: str):
+    print(self.style(text, *styles), file=self.out, flush=True)
+
+  def banner(self):
+    mode = 'chat template' if self.conv.templated else 'plain continuation (not instruction-tuned)'
+    self.say(f'{self.be.describe()}; {mode}. /help for commands, Ctrl-D to quit.', 'dim')
+
+  def reply(self, user: str, prefix: str = '') -> str:
+    ids, dropped = self.conv.prompt_ids(self.be, user, self.max_new)
+    if dropped:
+      self.say(f'(dropped the {dropped} oldest exchange{"s" if dropped > 1 else ""} to fit the context of '
+               f'{self.be.context} tokens)', 'yellow')
+      del self.conv.exchanges[:dropped]
+    stop, stop_ids = self.conv.stops(self.be)
+    pieces = gen.stream(self.be, ids, self.max_new, self.sp, self.seed + self.turn, stop, stop_ids)
+    if not self.conv.templated:  # after the transcript's "Assistant:" the reply's leading space or newline is not shown
+      pieces = _lstrip_first(pieces)
+    if prefix:
+      self.out.write(self.style(prefix, 'cyan', 'bold'))
+    text, interrupted = gen.print_stream(pieces, self.style, 'cyan')
+    print(self.style(' [interrupted]', 'yellow') if interrupted else '', file=self.out, flush=True)
+    self.conv.exchanges.append((user, text.strip()))
+    self.turn += 1
+    return text.strip()
+
+  def command(self, line: str) -> bool:
+    """Runs a /command; False means quit."""
+    name, _, arg = line.strip().partition(' ')
+    arg = arg.strip()
+    knobs = {'/temp': ('temperature', float), '/topk': ('top_k', int), '/topp': ('top_p', float),
+             '/penalty': ('repetition_penalty', float)}
+    if name in ('/exit', '/quit'):
+      return False
+    if name == '/help':
+      self.say(HELP)
+    elif name == '/clear':
+      self.conv.exchanges.clear()
+      self.say('(conversation cleared)', 'dim')
+    elif name in knobs:
+      field, conv = knobs[name]
+      if arg:
+        try:
+          self.sp = dataclasses.replace(self.sp, **{field: conv(arg)}).check()
+        except (ValueError, UserError) as e:
+          self.say(f'error: {name} {arg}: {e}', 'red')
+          return True
+      self.say(f'{field} = {getattr(self.sp, field)}', 'dim')
+    elif name == '/len':
+      if arg:
+        try:
+          n = int(arg)
+          if n < 1:
+            raise ValueError('must be >= 1')
+          self.max_new = n
+        except ValueError as e:
+          self.say(f'error: /len {arg}: {e}', 'red')
+          return True
+      self.say(f'max_new_tokens = {self.max_new}', 'dim')
+    elif name == '/ckpt':
+      self._ckpt(arg)
+    elif name == '/save':
+      self._save(arg)
+    else:
+      self.say(f'unknown command {name}; /help lists them', 'red')
+    return True
+
+  def _ckpt(self, arg: str):
+    from minillm_jax import backend
+    if not self.loader.get('workdir'):
+      self.say('error: /ckpt needs a run directory (--workdir); this model was loaded from one file', 'red')
+      return
+    step = arg or 'best'
+    if step not in ('best', 'latest'):
+      try:
+        step = int(step)
+      except ValueError:
+        self.say(f'error: /ckpt {arg}: use best, latest or a step number', 'red')
+        return
+    try:
+      be = backend.load(step=step, **self.loader)
+    except UserError as e:
+      self.say(f'error: {e}', 'red')
+      return
+    self.be, self.conv.templated = be, be.instruction_tuned
+    self.say(f'loaded {be.describe()}', 'dim')
+
+  def _save(self, arg: str):
+    path = os.path.expanduser(arg or f'chat-{time.strftime("%Y%m%d-%H%M%S")}.txt')
+    msgs = self.conv.messages(self.conv.exchanges, '')[:-1]
+    try:
+      with open(path, 'w', encoding='utf-8') as f:
+        if path.endswith('.json'):
+          json.dump({'source': self.be.source, 'step': self.be.step, 'backend': self.be.name,
+                     'sampling': dataclasses.asdict(self.sp), 'max_new_tokens': self.max_new, 'messages': msgs},
+                    f, indent=1, ensure_ascii=False)
+        else:
+          f.write(''.join(f'{m["role"]}: {m["content"]}\n\n' for m in msgs))
+    except OSError as e:
+      self.say(f'error: cannot write {path}: {e.strerror}', 'red')
+      return
+    self.say(f'saved {len(msgs)} messages to {path}', 'dim')
+
+  def loop(self, history_file: str | None = None):
+    tty = sys.stdin.isatty()
+    save = gen.setup_readline(history_file) if tty else (lambda: None)
+    if tty:
+      self.banner()
+    try:
+      while True:
+        try:
+          line = input(self.style('you> ', 'green', 'bold', prompt=True) if tty else '')
+        except KeyboardInterrupt:
+          print('\n(Ctrl-D or /exit to quit)', file=self.out, flush=True)
+          continue
+        except EOFError:
+          if tty:
+            print(file=self.out)
+          return
+        if not line.strip():
+          continue
+        if line.startswith('/'):
+          if not self.command(line):
+            return
+          continue
+        self.reply(line, 'assistant> ' if tty else '')
+    finally:
+      save()
+
+
+def _lstrip_first(pieces):
+  started = False
+  for p in pieces:
+    if not started:
+      p = p.lstrip()
+      started = bool(p)
+    if p:
+      yield p
+
+
+def main(argv):
+  from absl import flags
+  f = flags.FLAGS
+  if len(argv) > 1:
+    raise UserError(f'unexpected arguments {argv[1:]}; flags go as --name=value')
+  if f.prompt is not None and not f.prompt.strip():
+    raise UserError('--prompt is empty: give a message for the one-shot reply')
+  be = gen.backend_from_flags()
+  sp, max_new, seed = gen.sampling_from_flags(be)
+  loader = {'workdir': f.workdir or (f.ckpt if f.ckpt and os.path.isdir(os.path.join(f.ckpt, 'checkpoints')) else None),
+            'backend': f.backend, 'device': f.device}
+  chat = Chat(be, sp, max_new, seed, f.system, loader)
+  if f.prompt is not None:
+    chat.reply(f.prompt)
+    return
+  chat.loop(os.path.expanduser(f.history_file) if f.history_file else None)
+
+
+if __name__ == '__main__':
+  from absl import flags
+
+  from minillm_jax import cli
+  gen.define_model_flags()
+  gen.define_sampling_flags()
+  flags.DEFINE_string('prompt', None, 'One-shot: reply to this message, print the reply and exit.')
+  flags.DEFINE_string('system', '', 'System message (kept when old exchanges are dropped).')
+  flags.DEFINE_string('history_file', '~/.minillm_chat_history', 'Input history for line editing (\'\' = none).')
+  cli.run(main)

@@ -1,0 +1,432 @@
+"""Evaluation suites on any backend, for one checkpoint or a comparison of several.
+
+  python -m minillm_jax.evaluate --workdir=runs/x                          # all suites -> runs/x/eval.json
+  python -m minillm_jax.evaluate --workdir=runs/base --workdir=runs/new --plot=compare.png   # table + JSON + PNG
+  python -m minillm_jax.evaluate --ckpt=model.pt --backend=torch --suites=ppl --text=notes.txt
+
+Suites (--suites, comma separated):
+  ppl   perplexity and bits per byte on the run's validation split (rebuilt from its config) or --text=FILE
+  code  greedy completions scored per category: bracket_completion, keyword_completion, indentation,
+        function_completion, docstring, syntax_validity (ast.parse of every generated function) and execution
+        (generated functions against small unit tests, each in its own subprocess with a time limit, never
+        in-process); overall is the mean of the categories
+  text  samples for fixed prompts (the run's sampling settings), distinct-1/2 and repetition rate
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+from minillm_jax import generate as gen
+from minillm_jax.backend import Backend, SampleParams
+from minillm_jax.config import UserError
+
+SUITES = ('ppl', 'code', 'text')
+CODE_CATEGORIES = ('bracket_completion', 'keyword_completion', 'indentation', 'function_completion', 'docstring',
+                   'syntax_validity', 'execution')
+BRACKETS = ['print(len(items)', 'result = max(values[0], values[1]', 'data = {"a": [1, 2, 3]', 'x = f(g(1, 2)',
+            'matrix = [[1, 2], [3, 4]', 'if (a and (b or c)', 'total = sum([v * 2 for v in range(10)]',
+            'names = sorted(set(words), key=len']
+KEYWORDS = [('for i in ran', 'ge'), ('def f(x):\n    ret', 'urn'), ('while True:\n    if done:\n        bre', 'ak'),
+            ('try:\n    x = int(s)\nexc', 'ept'), ('from collections import defaultd', 'ict'),
+            ('if x is not No', 'ne'), ('        raise ValueEr', 'ror'), ('    if isinst', 'ance(')]
+INDENT = ['def area(r):\n', 'for item in items:\n', 'if x > 0:\n', 'class Point:\n', 'while n > 1:\n', 'try:\n',
+          'with open(path) as f:\n', 'class A:\n    def method(self):\n']
+DOCSTRINGS = ['def add(a, b):\n    """', 'def read_lines(path):\n    """', 'def is_prime(n):\n    """',
+              'class Stack:\n    """', 'def mean(values):\n    """', 'def clamp(x, lo, hi):\n    """']
+FUNCTIONS = ['def fibonacci(n):\n', 'def flatten(nested):\n', 'def count_words(text):\n', 'def merge(a, b):\n',
+             'def binary_search(items, target):\n', 'def unique(values):\n']
+EXEC = [  # (prompt, unit tests)
+    ('def add(a, b):\n    """Return the sum of a and b."""\n', 'assert add(2, 3) == 5\nassert add(-1, 1) == 0'),
+    ('def is_even(n):\n    """Return True if n is even."""\n', 'assert is_even(4) and not is_even(7)'),
+    ('def reverse(s):\n    """Return the string s reversed."""\n', 'assert reverse("abc") == "cba"'),
+    ('def maximum(values):\n    """Return the largest value in the list."""\n', 'assert maximum([3, 9, 2]) == 9'),
+    ('def factorial(n):\n    """Return n factorial."""\n', 'assert factorial(5) == 120\nassert factorial(0) == 1'),
+    ('def square(x):\n    """Return x squared."""\n', 'assert square(3) == 9 and square(-2) == 4'),
+]
+TEXT_PROMPTS = ('Once upon a time', 'To be or not to be', 'The meaning of life is', 'In the beginning',
+                'She opened the door and')
+_HARNESS = ('import resource as _r\n'
+            'for _k, _v in ((_r.RLIMIT_AS, 1 << 30), (_r.RLIMIT_FSIZE, 1 << 20), (_r.RLIMIT_CPU, {cpu})):\n'
+            '    try:\n        _r.setrlimit(_k, (_v, _v))\n    except (ValueError, OSError):\n        pass\n'
+            'del _r, _k, _v\n')
+
+
+# ------------------------------------------------------------------------------------------- execution
+
+def run_tests(source: str, tests: str, timeout: float = 3.0) -> dict:
+  """Runs `source` then `tests` in a fresh isolated interpreter (`python -I`, empty temp cwd, memory/CPU/file
+  limits) killed after `timeout` seconds. status: pass | fail | syntax_error | timeout."""
+  try:
+    ast.parse(source)
+  except SyntaxError as e:
+    return {'status': 'syntax_error', 'detail': f'{e.msg} (line {e.lineno})'}
+  program = _HARNESS.format(cpu=int(math.ceil(timeout)) + 1) + source + '\n\n' + tests + '\n'
+  with tempfile.TemporaryDirectory() as d:
+    p = subprocess.Popen([sys.executable, '-I', '-c', program], cwd=d, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         env={'PATH': os.environ.get('PATH', ''), 'PYTHONHASHSEED': '0'})
+    try:
+      _, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      if hasattr(os, 'killpg'):  # the whole session: the function may have started children
+        try:
+          os.killpg(p.pid, 9)
+        except ProcessLookupError:
+          pass
+      p.kill()
+      p.communicate()
+      return {'status': 'timeout', 'detail': f'killed after {timeout}s'}
+  if p.returncode == 0:
+    return {'status': 'pass', 'detail': ''}
+  last = (err.strip().splitlines() or [f'exit code {p.returncode}'])[-1]
+  return {'status': 'fail', 'detail': last[:200]}
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+def balanced(line: str) -> bool:
+  """Brackets of one line of Python close in order (string literals skipped)."""
+  pairs, stack, quote, i = {')': '(', ']': '[', '}': '{'}, [], None, 0
+  while i < len(line):
+    c = line[i]
+    if quote:
+      if c == '\\':
+        i += 1
+      elif c == quote:
+        quote = None
+    elif c in '"\'':
+      quote = c
+    elif c == '#':
+      break
+    elif c in '([{':
+      stack.append(c)
+    elif c in pairs:
+      if not stack or stack.pop() != pairs[c]:
+        return False
+    i += 1
+  return not stack
+
+
+def _indent(line: str) -> int:
+  return len(line) - len(line.lstrip(' \t'))
+
+
+def extract_function(text: str) -> str:
+  """The first top-level definition of `text`: its header line and every line up to the next line that
+  starts at column 0 (or the end)."""
+  lines = text.split('\n')
+  head = next((i for i, s in enumerate(lines) if s.lstrip().startswith(('def ', 'class '))), 0)
+  base = _indent(lines[head])
+  out = [lines[head]]
+  for s in lines[head + 1:]:
+    if s.strip() and _indent(s) <= base:
+      break
+    out.append(s)
+  return '\n'.join(out).rstrip() + '\n'
+
+
+def parses(src: str) -> bool:
+  try:
+    ast.parse(src)
+    return True
+  except (SyntaxError, ValueError):
+    return False
+
+
+def _has_body(fn_src: str) -> bool:
+  try:
+    node = ast.parse(fn_src).body[0]
+  except (SyntaxError, ValueError, IndexError):
+    return False
+  body = [b for b in getattr(node, 'body', []) if not (isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant))]
+  return any(not isinstance(b, ast.Pass) for b in body)
+
+
+def code_suite(be: Backend, max_new: int = 96, timeout: float = 3.0) -> dict:
+  """Greedy completions of the fixed code prompts, scored per category (each in [0, 1])."""
+  sp = SampleParams(temperature=0.0)
+
+  def run(prompts, n):
+    ids = [be.crop(be.tok.encode(p), 1)[0] for p in prompts]
+    return gen.complete(be, ids, n, sp)
+
+  cats, details = {}, {}
+  outs = run(BRACKETS, 24)
+  ok = [balanced((p + o).split('\n')[0]) for p, o in zip(BRACKETS, outs)]
+  cats['bracket_completion'], details['bracket_completion'] = _mean(ok), _items(BRACKETS, outs, ok)
+  prompts = [p for p, _ in KEYWORDS]
+  outs = run(prompts, 8)
+  ok = [o.startswith(k) for (_, k), o in zip(KEYWORDS, outs)]
+  cats['keyword_completion'], details['keyword_completion'] = _mean(ok), _items(prompts, outs, ok)
+  outs = run(INDENT, 32)
+  ok = []
+  for p, o in zip(INDENT, outs):
+    first = next((s for s in o.split('\n') if s.strip()), '')
+    ok.append(bool(first) and _indent(first) > _indent(p.rstrip('\n').split('\n')[-1]))
+  cats['indentation'], details['indentation'] = _mean(ok), _items(INDENT, outs, ok)
+  outs = run(DOCSTRINGS, 64)
+  ok, funcs = [], []
+  for p, o in zip(DOCSTRINGS, outs):
+    doc, closed, _ = o.partition('"""')
+    src = p + doc + '"""\n' + ' ' * (_indent(p.split('\n')[1]) if '\n' in p else 4) + 'pass\n'
+    ok.append(bool(closed) and bool(doc.strip()) and parses(src))
+  cats['docstring'], details['docstring'] = _mean(ok), _items(DOCSTRINGS, outs, ok)
+  outs = run(FUNCTIONS, max_new)
+  fns = [extract_function(p + o) for p, o in zip(FUNCTIONS, outs)]
+  ok = [parses(f) and _has_body(f) for f in fns]
+  funcs += zip(FUNCTIONS, fns)
+  cats['function_completion'], details['function_completion'] = _mean(ok), _items(FUNCTIONS, outs, ok)
+  prompts = [p for p, _ in EXEC]
+  outs = run(prompts, max_new)
+  fns = [extract_function(p + o) for p, o in zip(prompts, outs)]
+  funcs += zip(prompts, fns)
+  results = [run_tests(f, t, timeout) for f, (_, t) in zip(fns, EXEC)]
+  cats['execution'] = _mean([r['status'] == 'pass' for r in results])
+  details['execution'] = [{'prompt': p, 'function': f, **r} for p, f, r in zip(prompts, fns, results)]
+  # only code the model wrote counts: a prompt whose completion left the function empty is not valid syntax
+  valid = [parses(f) and f.strip() != p.strip() for p, f in funcs]
+  cats['syntax_validity'] = _mean(valid)
+  details['syntax_validity'] = [{'function': f, 'ok': v} for (_, f), v in zip(funcs, valid)]
+  cats = {k: cats[k] for k in CODE_CATEGORIES}
+  return {'categories': cats, 'overall': _mean(list(cats.values())), 'details': details}
+
+
+def _mean(xs) -> float:
+  return float(np.mean([float(x) for x in xs])) if len(xs) else 0.0
+
+
+def _items(prompts, outs, ok) -> list[dict]:
+  return [{'prompt': p, 'completion': o, 'ok': bool(k)} for p, o, k in zip(prompts, outs, ok)]
+
+
+# --------------------------------------------------------------------------------------------------- text
+
+def distinct_n(texts: list[str], n: int) -> float:
+  """Unique word n-grams / all word n-grams over the samples (Li et al. 2016)."""
+  grams = [tuple(w[i:i + n]) for w in (t.split() for t in texts) for i in range(len(w) - n + 1)]
+  return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repetition_rate(text: str, n: int = 4) -> float:
+  """Share of the word n-grams of a text that already occurred earlier in it (0 = no loops)."""
+  w, seen, rep = text.split(), set(), 0
+  grams = [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
+  for g in grams:
+    rep += g in seen
+    seen.add(g)
+  return rep / len(grams) if grams else 0.0
+
+
+def text_suite(be: Backend, max_new: int = 128, seed: int = 0) -> dict:
+  sp, _, _ = gen.config_sampling(be)
+  ids = [be.crop(be.tok.encode(p), 1)[0] for p in TEXT_PROMPTS]
+  outs = gen.complete(be, ids, max_new, sp, seed)
+  return {'samples': [{'prompt': p, 'text': o} for p, o in zip(TEXT_PROMPTS, outs)],
+          'distinct_1': distinct_n(outs, 1), 'distinct_2': distinct_n(outs, 2),
+          'repetition_rate': _mean([repetition_rate(o) for o in outs]),
+          'sampling': {**dataclasses.asdict(sp), 'seed': seed, 'max_new_tokens': max_new}}
+
+
+# ------------------------------------------------------------------------------------------- perplexity
+
+def val_tokens(be: Backend) -> list[int]:
+  """The run's validation split, rebuilt from its config as prepare builds it (each document + end-of-text)."""
+  from minillm_jax import config as config_lib, corpora
+  plain = be.meta.get('config')
+  if not plain:
+    raise UserError(f'{be.source} carries no run config, so its validation split is unknown; pass --text=FILE')
+  cfg = config_lib.from_plain(plain)
+  _, val, _ = corpora.split_docs(corpora.load(cfg.data).docs, cfg.data.val_fraction)
+  out = []
+  for ids in be.tok.encode_batch(val):
+    out += ids + [be.tok.eot_id]
+  return out
+
+
+def perplexity(be: Backend, tokens: list[int], max_tokens: int = 16384, batch: int = 8) -> dict:
+  """Mean NLL over windows of context + 1 tokens with stride context (every token but the first is predicted
+  once, with up to a full context before it); bits per byte divide the total NLL by the UTF-8 bytes of the
+  predicted text, which makes tokenizers comparable."""
+  T = be.context
+  tokens = list(tokens)[:max_tokens + 1]
+  if len(tokens) < 2:
+    raise UserError('perplexity needs at least 2 tokens of text')
+  wins = [tokens[i:i + T + 1] for i in range(0, len(tokens) - 1, T)]
+  total, count, nbytes = 0.0, 0, 0
+  for b in range(0, len(wins), batch):
+    group = wins[b:b + batch]
+    x = np.zeros((batch, T + 1), np.int32)  # fixed shape: one compile whatever the text length
+    for i, w in enumerate(group):
+      x[i, :len(w)] = w
+    nll = be.nll(x)
+    for i, w in enumerate(group):
+      total += float(nll[i, :len(w) - 1].sum())
+      count += len(w) - 1
+      nbytes += len(be.tok.decode(w[1:]).encode('utf-8'))
+  mean = total / count
+  return {'tokens': count, 'bytes': nbytes, 'nll': mean, 'perplexity': math.exp(min(mean, 700.0)),
+          'bits_per_byte': total / math.log(2) / max(nbytes, 1), 'window': T}
+
+
+# ------------------------------------------------------------------------------------------------ runner
+
+def evaluate(be: Backend, suites=SUITES, text_path: str | None = None, max_tokens: int = 16384,
+             max_new: int = 128, timeout: float = 3.0, seed: int = 0) -> dict:
+  out = {'name': run_name(be), 'source': be.source, 'step': be.step, 'backend': be.name, 'context': be.context,
+         'instruction_tuned': be.instruction_tuned}
+  if 'ppl' in suites:
+    if text_path:
+      try:
+        with open(text_path, 'rb') as f:
+          text = f.read().decode('utf-8', errors='replace')
+      except OSError as e:
+        raise UserError(f'cannot read --text {text_path!r}: {e.strerror}') from None
+      out['perplexity'] = {'data': text_path, **perplexity(be, be.tok.encode(text), max_tokens)}
+    else:
+      out['perplexity'] = {'data': 'val', **perplexity(be, val_tokens(be), max_tokens)}
+  if 'code' in suites:
+    out['code'] = code_suite(be, max_new, timeout)
+  if 'text' in suites:
+    out['text'] = text_suite(be, max_new, seed)
+  return out
+
+
+def run_name(be: Backend) -> str:
+  name = os.path.basename(os.path.normpath(be.source)) or be.source
+  return f'{name}@{be.step}' if be.step is not None else name
+
+
+def table(runs: list[dict]) -> str:
+  cols = [('run', lambda r: r['name'])]
+  if any('perplexity' in r for r in runs):
+    cols += [('ppl', lambda r: f'{r["perplexity"]["perplexity"]:.3f}'),
+             ('bpb', lambda r: f'{r["perplexity"]["bits_per_byte"]:.4f}')]
+  if any('code' in r for r in runs):
+    cols += [('code', lambda r: f'{r["code"]["overall"]:.3f}')]
+    cols += [(c.split('_')[0][:8], lambda r, c=c: f'{r["code"]["categories"][c]:.2f}') for c in CODE_CATEGORIES]
+  if any('text' in r for r in runs):
+    cols += [('dist-1', lambda r: f'{r["text"]["distinct_1"]:.3f}'), ('dist-2', lambda r: f'{r["text"]["distinct_2"]:.3f}'),
+             ('rep', lambda r: f'{r["text"]["repetition_rate"]:.3f}')]
+  rows = [[h for h, _ in cols]] + [[_cell(fn, r) for _, fn in cols] for r in runs]
+  w = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+  return '\n'.join('  '.join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(row)) for row in rows)
+
+
+def _cell(fn, r) -> str:
+  try:
+    return fn(r)
+  except KeyError:
+    return '-'
+
+
+def plot(runs: list[dict], path: str) -> str:
+  """PNG: perplexity per run (left) and code scores per category and overall per run (right)."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  panels = [p for p in ('perplexity', 'code') if any(p in r for r in runs)]
+  if not panels:
+    raise UserError('nothing to plot: run the ppl or code suite')
+  fig, axes = plt.subplots(1, len(panels), figsize=(6 + 4 * (len(panels) - 1), 4.5), squeeze=False)
+  names = [r['name'] for r in runs]
+  colors = plt.cm.tab10(np.arange(len(runs)) % 10)
+  for ax, p in zip(axes[0], panels):
+    if p == 'perplexity':
+      vals = [r.get('perplexity', {}).get('perplexity', np.nan) for r in runs]
+      bars = ax.bar(range(len(runs)), vals, color=colors)
+      ax.bar_label(bars, fmt='%.2f')
+      ax.set_xticks(range(len(runs)), names, rotation=15, ha='right')
+      ax.set_ylabel('perplexity (lower is better)')
+      ax.set_title('perplexity')
+    else:
+      cats = list(CODE_CATEGORIES) + ['overall']
+      width = 0.8 / len(runs)
+      for i, r in enumerate(runs):
+        c = r.get('code')
+        vals = [c['categories'][k] for k in CODE_CATEGORIES] + [c['overall']] if c else [np.nan] * len(cats)
+        ax.bar(np.arange(len(cats)) + (i - (len(runs) - 1) / 2) * width, vals, width, label=r['name'],
+               color=colors[i])
+      ax.set_xticks(range(len(cats)), cats, rotation=35, ha='right', fontsize=8)
+      ax.set_ylim(0, 1.05)
+      ax.set_ylabel('score (higher is better)')
+      ax.set_title('code suite')
+      ax.legend(fontsize=8)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def main(argv):
+  from absl import flags
+
+  from minillm_jax import backend
+  f = flags.FLAGS
+  if len(argv) > 1:
+    raise UserError(f'unexpected arguments {argv[1:]}; flags go as --name=value')
+  suites = [s.strip() for s in f.suites.split(',') if s.strip()]
+  bad = [s for s in suites if s not in SUITES]
+  if bad or not suites:
+    raise UserError(f'--suites={f.suites!r}: use a comma list of {", ".join(SUITES)}')
+  sources = [('workdir', w) for w in f.workdir] + [('ckpt', c) for c in f.ckpt]
+  if not sources:
+    raise UserError('nothing to evaluate: pass --workdir=RUN_DIR and/or --ckpt=PATH (repeat to compare)')
+  for name, v, ok in (('max_eval_tokens', f.max_eval_tokens, f.max_eval_tokens >= 1),
+                      ('max_new_tokens', f.max_new_tokens, f.max_new_tokens >= 1),
+                      ('exec_timeout', f.exec_timeout, f.exec_timeout > 0)):
+    if not ok:
+      raise UserError(f'--{name}={v} must be positive')
+  step = f.step if f.step in ('best', 'latest') else _int_step(f.step)
+  runs = []
+  for kind, path in sources:
+    be = backend.load(**{kind: path}, step=step if kind == 'workdir' else 'best', backend=f.backend,
+                      device=f.device)
+    print(f'evaluating {be.describe()} ...', file=sys.stderr, flush=True)
+    runs.append(evaluate(be, suites, f.text, f.max_eval_tokens, f.max_new_tokens, f.exec_timeout, f.seed))
+    del be
+  out = f.out or (os.path.join(f.workdir[0], 'eval.json') if f.workdir else 'eval.json')
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, 'w', encoding='utf-8') as fh:
+    json.dump({'suites': suites, 'runs': runs}, fh, indent=1, ensure_ascii=False)
+  print(table(runs))
+  print(f'wrote {out}')
+  png = f.plot or (os.path.splitext(out)[0] + '.png' if len(runs) > 1 and set(suites) & {'ppl', 'code'} else '')
+  if png:
+    print(f'wrote {plot(runs, png)}')
+
+
+def _int_step(s: str) -> int:
+  try:
+    return int(s)
+  except ValueError:
+    raise UserError(f'--step={s!r}: use best, latest or a step number') from None
+
+
+if __name__ == '__main__':
+  from absl import flags
+
+  from minillm_jax import cli
+  flags.DEFINE_multi_string('workdir', [], 'Run directory to evaluate (repeat to compare several).')
+  flags.DEFINE_multi_string('ckpt', [], '.pt file, nanoGPT ckpt.pt or HF directory (repeatable).')
+  flags.DEFINE_string('step', 'best', 'Checkpoint of each run directory: best, latest or a step number.')
+  flags.DEFINE_string('backend', 'auto', 'auto (jax for run directories, torch for torch files), jax or torch.')
+  flags.DEFINE_string('device', None, 'torch device; default MPS > CUDA > CPU.')
+  flags.DEFINE_string('suites', ','.join(SUITES), 'Comma list of ppl, code, text.')
+  flags.DEFINE_string('text', None, 'Perplexity on this UTF-8 file instead of the validation split.')
+  flags.DEFINE_integer('max_eval_tokens', 16384, 'Tokens scored for perplexity (from the start of the text).')
+  flags.DEFINE_integer('max_new_tokens', 128, 'Tokens per generated function / text sample.')
+  flags.DEFINE_float('exec_timeout', 3.0, 'Seconds each generated function may run in its subprocess.')
+  flags.DEFINE_integer('seed', 0, 'Seed of the text samples.')
+  flags.DEFINE_string('out', None, 'JSON path (default: <first workdir>/eval.json, else ./eval.json).')
+  flags.DEFINE_string('plot', None, 'PNG comparing the runs (default next to the JSON when comparing).')
+  cli.run(main)

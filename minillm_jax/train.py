@@ -60,7 +60,7 @@ def loss_fn(params, gdef, inputs_BxT, targets_BxT, key):
 
 def train_step(state: dict, batch: dict, step, *, gdef, tx, seed: int) -> tuple[dict, dict]:
   """One optimizer update. batch arrays are [B,T], or [A,B,T] for A accumulated micro-batches (scanned, so
-  the update equals one A*B batch). A non-finite loss or gradient leaves the state unchanged."""
+  the update equals one A*B batch). A non-finite loss or gradient leaves the weights finite."""
   params, key = state['params'], jax.random.fold_in(jax.random.key(seed), step)
   grad_fn = jax.value_and_grad(loss_fn)
   if batch['inputs'].ndim == 2:
@@ -77,11 +77,12 @@ def train_step(state: dict, batch: dict, step, *, gdef, tx, seed: int) -> tuple[
     (loss, grads), _ = jax.lax.scan(micro, zero, (jnp.arange(A), batch['inputs'], batch['targets']))
     loss, grads = jax.tree.map(lambda x: x / A, (loss, grads))
   gnorm = optax.tree.norm(grads)
-  updates, opt = tx.update(grads, state['opt'], params)
-  new = {'params': optax.apply_updates(params, updates), 'opt': opt}
+  # A non-finite loss/gradient becomes a zero gradient, so the weights never turn NaN (the loop then stops
+  # the run). Masking the gradient, not selecting old vs new state, lets XLA update the donated state in place.
   ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-  new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)  # never step into NaN weights
-  return new, {'loss': loss, 'grad_norm': gnorm}
+  grads = jax.tree.map(lambda g: jnp.where(ok, g, 0.0), grads)
+  updates, opt = tx.update(grads, state['opt'], params)
+  return {'params': optax.apply_updates(params, updates), 'opt': opt}, {'loss': loss, 'grad_norm': gnorm}
 
 
 def eval_step(params, batch: dict, *, gdef) -> jax.Array:

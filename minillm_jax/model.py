@@ -127,13 +127,45 @@ class Attention(nnx.Module):
 
 
 def attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask):
-  """Causal (mask None) or masked attention: jax.nn.dot_product_attention (GQA-aware, float32 logits and
-  softmax, cuDNN flash attention on GPU)."""
+  """Causal (mask None) or masked attention, float32 logits and softmax. Accelerators use
+  jax.nn.dot_product_attention (GQA-aware; implementation='cudnn' can be plugged in there for flash attention).
+  On CPU, `_attention_cpu` lays heads out as batched 2-D matmuls, which XLA:CPU runs without the per-group
+  transposes and copies of the generic path (measured: see BENCHMARKS.md)."""
+  if jax.default_backend() == 'cpu':
+    return _attention_cpu(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask)
   return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask, is_causal=mask is None)
 
 
+def _attention_cpu(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask):
+  B, T, N, H = q_BxTxNxH.shape
+  S, K = k_BxSxKxH.shape[1], k_BxSxKxH.shape[2]
+  G = N // K  # query heads per kv head: the G*T query rows of a kv head form one matmul
+  q = q_BxTxNxH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B * K, G * T, H)
+  kT = k_BxSxKxH.transpose(0, 2, 3, 1).reshape(B * K, H, S)
+  v = v_BxSxKxH.transpose(0, 2, 1, 3).reshape(B * K, S, H)
+  bmm = lambda a, b: jax.lax.dot_general(a, b, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+  s = (bmm(q, kT) * (1.0 / math.sqrt(H))).reshape(B, K, G, T, S)
+  if mask is None:
+    mask = jnp.tril(jnp.ones((T, S), bool))
+  s = jnp.where(mask.reshape(mask.shape[0], 1, 1, T, S) if mask.ndim == 4 else mask, s, jnp.finfo(jnp.float32).min)
+  p = jax.nn.softmax(s, axis=-1).astype(v.dtype).reshape(B * K, G * T, S)
+  o = bmm(p, v).reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4)
+  return o.reshape(B, T, N, H).astype(q_BxTxNxH.dtype)
+
+
+@jax.custom_jvp
 def gelu(x):
-  return jax.nn.gelu(x, approximate=False)  # exact erf GELU, as torch nn.GELU / nanoGPT
+  """Exact (erf) GELU, as torch nn.GELU and nanoGPT. Written with erf and an explicit derivative: jax.nn.gelu's
+  erfc form costs XLA:CPU an exp per element in both passes."""
+  return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
+@gelu.defjvp
+def _gelu_jvp(primals, tangents):
+  x, = primals
+  cdf = 0.5 * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+  pdf = jnp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+  return x * cdf, (cdf + x * pdf) * tangents[0]
 
 
 def _attention_with_dropout(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, rate: float, key):

@@ -10,6 +10,7 @@ from ml_collections import config_flags
 from minillm_jax import config as config_lib
 
 FLAGS = flags.FLAGS
+flags.disclaim_key_flags()  # --config/--workdir defined here belong to the entry point (shown in its --help)
 EXIT_USER_ERROR = 2
 
 

@@ -298,6 +298,8 @@ def load(workdir: str | None = None, ckpt: str | None = None, step: str | int = 
     raise UserError(f'--backend={backend!r}: use auto, jax or torch')
   if device and backend == 'jax':
     raise UserError('--device selects the torch device; use it with --backend=torch (or a torch checkpoint)')
+  if device and backend == 'auto':  # asking for a torch device is asking for the torch backend
+    backend = 'torch'
   path = os.path.expanduser(workdir or ckpt)
   if not os.path.exists(path):
     raise UserError(f'{path!r} does not exist')

@@ -11,9 +11,11 @@ oldest exchanges are dropped first (with a notice); the system message is kept.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 
@@ -101,8 +103,9 @@ class Conversation:
 
 class Chat:
   def __init__(self, be: Backend, sp: SampleParams, max_new: int, seed: int, system: str = '',
-               loader: dict | None = None, out=None):
+               loader: dict | None = None, out=None, stop: list[str] | None = None):
     self.be, self.sp, self.max_new, self.seed, self.loader = be, sp, max_new, seed, loader or {}
+    self.extra_stops = list(stop or [])
     self.conv = Conversation(be.instruction_tuned, system)
     self.out = out or sys.stdout
     self.style, self.turn = gen.Style(self.out), 0
@@ -121,6 +124,7 @@ class Chat:
                f'{self.be.context} tokens)', 'yellow')
       del self.conv.exchanges[:dropped]
     stop, stop_ids = self.conv.stops(self.be)
+    stop += self.extra_stops
     pieces = gen.stream(self.be, ids, self.max_new, self.sp, self.seed + self.turn, stop, stop_ids)
     if not self.conv.templated:  # after the transcript's "Assistant:" the reply's leading space or newline is not shown
       pieces = _lstrip_first(pieces)
@@ -246,6 +250,22 @@ def _lstrip_first(pieces):
       yield p
 
 
+@contextlib.contextmanager
+def _sigint_to_main_thread(on: bool):
+  """Blocks SIGINT while JAX/torch start their worker threads, which inherit the mask: Ctrl-C then always
+  reaches the main thread, the only one whose wait in readline's select() it can interrupt."""
+  if not on or not hasattr(signal, 'pthread_sigmask'):
+    yield
+    return
+  # Ctrl-C is this program's "stop the reply", also when started with SIGINT ignored (a shell's `cmd &`)
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+  signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+  try:
+    yield
+  finally:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a Ctrl-C pressed meanwhile arrives now
+
+
 def main(argv):
   from absl import flags
   f = flags.FLAGS
@@ -253,11 +273,15 @@ def main(argv):
     raise UserError(f'unexpected arguments {argv[1:]}; flags go as --name=value')
   if f.prompt is not None and not f.prompt.strip():
     raise UserError('--prompt is empty: give a message for the one-shot reply')
-  be = gen.backend_from_flags()
+  interactive = f.prompt is None and sys.stdin.isatty()
+  with _sigint_to_main_thread(interactive):
+    be = gen.backend_from_flags()
+    if interactive:  # compile now, while the threads XLA starts for it inherit the blocked SIGINT
+      be.complete_ids([[be.tok.eot_id]], 1, SampleParams(temperature=0.0))
   sp, max_new, seed = gen.sampling_from_flags(be)
   loader = {'workdir': f.workdir or (f.ckpt if f.ckpt and os.path.isdir(os.path.join(f.ckpt, 'checkpoints')) else None),
             'backend': f.backend, 'device': f.device}
-  chat = Chat(be, sp, max_new, seed, f.system, loader)
+  chat = Chat(be, sp, max_new, seed, f.system, loader, stop=gen.stop_strings())
   if f.prompt is not None:
     chat.reply(f.prompt)
     return

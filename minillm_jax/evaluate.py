@@ -69,7 +69,7 @@ def run_tests(source: str, tests: str, timeout: float = 3.0) -> dict:
     ast.parse(source)
   except SyntaxError as e:
     return {'status': 'syntax_error', 'detail': f'{e.msg} (line {e.lineno})'}
-  program = _HARNESS.format(cpu=int(math.ceil(timeout)) + 1) + source + '\n\n' + tests + '\n'
+  program = _HARNESS.format(cpu=math.ceil(timeout) + 1) + source + '\n\n' + tests + '\n'
   with tempfile.TemporaryDirectory() as d:
     p = subprocess.Popen([sys.executable, '-I', '-c', program], cwd=d, stdin=subprocess.DEVNULL,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -109,9 +109,8 @@ def balanced(line: str) -> bool:
       break
     elif c in '([{':
       stack.append(c)
-    elif c in pairs:
-      if not stack or stack.pop() != pairs[c]:
-        return False
+    elif c in pairs and (not stack or stack.pop() != pairs[c]):
+      return False
     i += 1
   return not stack
 
@@ -240,7 +239,8 @@ def text_suite(be: Backend, max_new: int = 128, seed: int = 0) -> dict:
 
 def val_tokens(be: Backend) -> list[int]:
   """The run's validation split, rebuilt from its config as prepare builds it (each document + end-of-text)."""
-  from minillm_jax import config as config_lib, corpora
+  from minillm_jax import config as config_lib
+  from minillm_jax import corpora
   plain = be.meta.get('config')
   if not plain:
     raise UserError(f'{be.source} carries no run config, so its validation split is unknown; pass --text=FILE')
@@ -290,6 +290,7 @@ def evaluate(be: Backend, suites=SUITES, text_path: str | None = None, max_token
           text = f.read().decode('utf-8', errors='replace')
       except OSError as e:
         raise UserError(f'cannot read --text {text_path!r}: {e.strerror}') from None
+      text = text[:64 * (max_tokens + 1)]  # more characters than any tokenizer packs into max_tokens tokens
       out['perplexity'] = {'data': text_path, **perplexity(be, be.tok.encode(text), max_tokens)}
     else:
       out['perplexity'] = {'data': 'val', **perplexity(be, val_tokens(be), max_tokens)}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterator, Sequence
+from typing import ClassVar
 
 from minillm_jax.backend import Backend, SampleParams
 from minillm_jax.config import UserError
@@ -105,7 +106,7 @@ def default_stop_ids(be: Backend) -> list[int]:
 
 class Style:
   """ANSI colours only when the stream is a terminal and NO_COLOR is unset (https://no-color.org)."""
-  CODES = {'bold': '1', 'dim': '2', 'red': '31', 'green': '32', 'yellow': '33', 'blue': '34', 'cyan': '36'}
+  CODES: ClassVar[dict[str, str]] = {'bold': '1', 'dim': '2', 'red': '31', 'green': '32', 'yellow': '33', 'blue': '34', 'cyan': '36'}
 
   def __init__(self, stream=None):
     stream = stream or sys.stdout
@@ -206,7 +207,7 @@ def sampling_from_flags(be: Backend) -> tuple[SampleParams, int, int]:
   from absl import flags
   f = flags.FLAGS
   sp, max_new, seed = config_sampling(be)
-  pick = lambda flag, cur: cur if getattr(f, flag) is None else getattr(f, flag)  # noqa: E731
+  pick = lambda flag, cur: cur if getattr(f, flag) is None else getattr(f, flag)
   sp = SampleParams(float(pick('temperature', sp.temperature)), pick('top_k', sp.top_k), float(pick('top_p', sp.top_p)),
                     float(pick('repetition_penalty', sp.repetition_penalty)),
                     int(pick('repetition_window', sp.repetition_window))).check()
@@ -251,6 +252,7 @@ def main(argv):
     return
   if f.interactive:
     save = setup_readline(os.path.expanduser('~/.minillm_generate_history'))
+    n = 0
     try:
       while True:
         try:
@@ -261,8 +263,9 @@ def main(argv):
         except EOFError:
           print()
           return
-        if prompt.strip():
-          _one(be, prompt, sp, max_new, seed, stop, style)
+        if prompt.strip():  # a new seed per prompt: the same prompt twice gives two samples
+          _one(be, prompt, sp, max_new, seed + n, stop, style)
+          n += 1
     finally:
       save()
   prompt = f.prompt

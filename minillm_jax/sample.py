@@ -23,8 +23,8 @@ from flax import nnx
 from minillm_jax.backend import JaxBackend, SampleParams, _sp_arrays
 from minillm_jax.model import GPT
 
-__all__ = ['SampleParams', 'process_logits', 'pick', 'start', 'run', 'poll', 'nll', 'generate', 'print_sample',
-           'measure_decode', 'measure_naive']
+__all__ = ['SampleParams', 'generate', 'measure_decode', 'measure_naive', 'nll', 'pick', 'poll', 'print_sample',
+           'process_logits', 'run', 'start']
 CHUNK = 64        # prefill chunk (tokens); positions past the prompt in the last chunk are rewritten later
 MAX_STOP_IDS = 8  # stop ids are padded to this many, so their count never changes a shape
 
@@ -174,9 +174,10 @@ def print_sample(workdir: str, step: str | int = 'best') -> str:
   """Samples the run's checkpoint with its config's `sample` section; prints and appends to samples.txt."""
   import os
 
-  from minillm_jax import checkpoint, config as config_lib
+  from minillm_jax import checkpoint
+  from minillm_jax import config as config_lib
   from minillm_jax.tokenizer import Tok
-  mc, model, tok_json, meta = checkpoint.load_for_inference(workdir, step)
+  _, model, tok_json, meta = checkpoint.load_for_inference(workdir, step)
   tok = Tok.from_json_str(tok_json)
   s = config_lib.from_plain(meta['config']).sample
   ids = generate(model, tok.encode(s.prompt) or [tok.eot_id or 0], s.max_new_tokens, SampleParams.from_config(s),

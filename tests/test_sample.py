@@ -1,8 +1,8 @@
 """Sampling: KV-cache greedy == full forward, no recompiles, filters, stops, streaming, crop, torch == JAX,
 the bench hooks and the generate CLI. Tiny random models, CPU."""
 import dataclasses
-import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,6 +10,7 @@ import torch
 from conftest import run_module
 
 from minillm_jax import checkpoint, sample
+from minillm_jax import config as config_lib
 from minillm_jax import generate as gen
 from minillm_jax import tokenizer as toklib
 from minillm_jax.backend import JaxBackend, SampleParams, TorchBackend, torch_process_logits
@@ -18,7 +19,8 @@ from torch_compat import convert, formats
 from torch_compat import model as tmodel
 
 TEXT = ('Once upon a time, to be or not to be: that is the question.\n'
-        'def quick_sort(collection):\n    """Sort."""\n    return [x for x in collection if x < 0]\n')
+        'def quick_sort(collection):\n    """Sort."""\n    return [x for x in collection if x < 0]\n'
+        'abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 !?')
 GREEDY = SampleParams(temperature=0.0)
 
 
@@ -50,7 +52,8 @@ def make_workdir(path, instruction_tuned: bool = False, pos: str = 'learned', bl
 def make_pt(path, instruction_tuned: bool = False, seed: int = 0) -> str:
   tok = char_tok()
   c = config(tok.vocab_size, 'learned', 64)
-  formats.save_pt(str(path), c, random_flat(c, seed), tok.to_json_str(), {'instruction_tuned': instruction_tuned})
+  meta = {'instruction_tuned': instruction_tuned, 'config': config_lib.to_plain(config_lib.default_config())}
+  formats.save_pt(str(path), c, random_flat(c, seed), tok.to_json_str(), meta)  # as torch_compat.export writes
   return str(path)
 
 
@@ -73,11 +76,15 @@ def test_greedy_cache_equals_full_forward_argmax(pair):
   jb, _ = pair
   ps = prompts(jb.vocab)  # different lengths in one batch
   out = jb.complete_ids(ps, 14, GREEDY)
+  # the full forward without a cache, over a fixed-size buffer (one compile; causal, so the zero tail after
+  # the sequence does not change the logits read at its end)
+  forward = jax.jit(lambda x: jb.model(x))
   for p, o in zip(ps, out):
-    seq = list(p)
-    for _ in range(14):
-      seq.append(int(jnp.argmax(jb.model(jnp.asarray([seq]))[0, -1])))
-    assert o == seq[len(p):]
+    buf = np.zeros((1, jb.context), np.int32)
+    buf[0, :len(p)] = p
+    for t in range(len(p), len(p) + 14):
+      buf[0, t] = int(jnp.argmax(forward(jnp.asarray(buf))[0, t - 1]))
+    assert o == buf[0, len(p):len(p) + 14].tolist()
 
 
 def test_nothing_recompiles_per_prompt_length_or_setting(pair):
@@ -96,6 +103,20 @@ def test_torch_backend_greedy_equals_jax(pair):
     a = jb.complete_ids(ps, 70, sp)  # 70 > context: both slide the window the same way
     assert a == tb.complete_ids(ps, 70, sp)
     assert [len(x) for x in a] == [70] * 3
+
+
+def test_load_runs_hf_directories_and_pt_files_on_either_backend(tmp_path):
+  from minillm_jax import backend
+  from torch_compat import hf
+  tok = char_tok()
+  c = config(tok.vocab_size, 'learned', 64)
+  flat = random_flat(c)
+  hf.save_hf(str(tmp_path / 'hf'), c, flat, tok.to_json_str(), {'step': 5})
+  ref = JaxBackend(convert.load_into_flax(c, flat), tok).complete_ids([[3, 4, 5]], 20, GREEDY)
+  for src, kind in ((str(tmp_path / 'hf'), 'auto'), (str(tmp_path / 'hf'), 'jax'), (make_pt(tmp_path / 'm.pt'), 'torch')):
+    be = backend.load(ckpt=src, backend=kind)
+    assert be.name == ('torch' if kind == 'auto' else kind) and be.context == 64
+    assert be.complete_ids([[3, 4, 5]], 20, GREEDY) == ref
 
 
 def test_top_k_1_equals_greedy(pair):
@@ -123,7 +144,7 @@ def _torch_filter(logits, seq, pos, **kw):
 def test_top_p_keeps_the_smallest_set_reaching_p(filt):
   logits = np.log(np.array([[0.05, 0.5, 0.15, 0.3]], np.float32))
   seq = np.zeros((1, 4), np.int64)
-  kept = lambda p: set(np.flatnonzero(np.isfinite(filt(logits, seq, 0, top_p=p))[0]).tolist())  # noqa: E731
+  kept = lambda p: set(np.flatnonzero(np.isfinite(filt(logits, seq, 0, top_p=p))[0]).tolist())
   assert kept(0.5) == {1}
   assert kept(0.8) == {1, 3}         # 0.5 + 0.3 reaches 0.8 exactly
   assert kept(0.81) == {1, 3, 2}
@@ -175,9 +196,11 @@ def test_streaming_concatenates_to_the_full_decode(pair):
   sp = SampleParams(temperature=0.9, top_k=20, top_p=0.95, repetition_penalty=1.1)
   ids = gen.encode_prompt(jb, 'Once upon')
   for be in (jb, tb):
-    pieces = list(gen.stream(be, ids, 80, sp, seed=7))
+    pieces = list(gen.stream(be, ids, 80, sp, seed=7, stop_ids=[]))
     assert len(pieces) > 5
-    assert ''.join(pieces) == gen.complete(be, [ids], 80, sp, seed=7)[0]
+    assert ''.join(pieces) == gen.complete(be, [ids], 80, sp, seed=7, stop_ids=[])[0]
+    with_eot = ''.join(gen.stream(be, ids, 80, sp, seed=7))  # stops at end-of-text, the same way
+    assert with_eot == gen.complete(be, [ids], 80, sp, seed=7)[0] and ''.join(pieces).startswith(with_eot)
 
 
 def test_long_prompt_is_cropped_from_the_left_with_a_warning(pair, capsys):

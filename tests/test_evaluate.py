@@ -1,0 +1,99 @@
+"""Evaluation: the sandboxed execution check, the scoring helpers, perplexity against a direct computation on
+both backends, and the CLI writing JSON with every category plus a comparison table and PNG."""
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+from conftest import run_module
+from test_sample import char_tok, config, make_pt, make_workdir, random_flat
+
+from minillm_jax import evaluate as ev
+from minillm_jax.backend import JaxBackend, TorchBackend
+from torch_compat import convert
+from torch_compat import model as tmodel
+
+
+def test_execution_check_times_out_an_endless_function():
+  t0 = time.time()
+  r = ev.run_tests('def f(x):\n    while True:\n        pass\n', 'assert f(1) == 1', timeout=1.0)
+  assert r['status'] == 'timeout' and time.time() - t0 < 15
+
+
+def test_execution_check_pass_fail_and_isolation(tmp_path):
+  assert ev.run_tests('def add(a, b):\n    return a + b\n', 'assert add(2, 3) == 5')['status'] == 'pass'
+  r = ev.run_tests('def add(a, b):\n    return a - b\n', 'assert add(2, 3) == 5')
+  assert r['status'] == 'fail' and 'AssertionError' in r['detail']
+  assert ev.run_tests('def add(a, b)\n    return a\n', '')['status'] == 'syntax_error'
+  # runs in a child: its side effects do not reach this process or this directory
+  marker = tmp_path / 'x'
+  assert ev.run_tests(f'import os\nos.environ["EVAL_LEAK"] = "1"\nopen({str(marker)!r}, "w").write("1")\n',
+                      '')['status'] == 'pass'
+  import os
+  assert 'EVAL_LEAK' not in os.environ
+  r = ev.run_tests('x = bytearray(4 << 30)\n', '')  # over the 1 GiB address-space limit
+  assert r['status'] == 'fail' and 'MemoryError' in r['detail']
+
+
+def test_scoring_helpers():
+  assert ev.balanced('x = f(a[1], {"k": "(("})') and not ev.balanced('x = f(a[1]') and not ev.balanced('f(]')
+  src = 'def f(x):\n    y = x\n\n    return y\nprint(f(1))\n'
+  assert ev.extract_function(src) == 'def f(x):\n    y = x\n\n    return y\n'
+  assert ev.extract_function('    def m(self):\n        return 1\n    x = 2') == '    def m(self):\n        return 1\n'
+  assert ev.distinct_n(['a b a b'], 1) == 0.5 and ev.distinct_n(['a b', 'a c'], 2) == 1.0
+  assert ev.repetition_rate('a b c d a b c d') == pytest.approx(1 / 5)
+  assert ev.repetition_rate('one two three four five') == 0.0
+
+
+def test_perplexity_matches_a_direct_computation_on_both_backends():
+  tok = char_tok()
+  c = config(tok.vocab_size, 'rope', 16)
+  flat = random_flat(c)
+  m = tmodel.GPT(c.to_dict())
+  m.load_state_dict(convert.flax_to_torch(c, flat, 'pt'))
+  jb, tb = JaxBackend(convert.load_into_flax(c, flat), tok), TorchBackend(m.eval(), tok)
+  text = 'to be or not to be: that is the question, said the quick brown fox'
+  ids = tok.encode(text)
+  r = ev.perplexity(jb, ids, batch=2)
+  want = []
+  for i in range(0, len(ids) - 1, 16):  # windows of 17 tokens, stride 16
+    w = np.asarray([ids[i:i + 17]])
+    logits = np.asarray(jb.model(w[:, :-1]))[0]
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    want += [-logp[t, w[0, t + 1]] for t in range(w.shape[1] - 1)]
+  assert r['tokens'] == len(ids) - 1 == len(want)
+  assert r['nll'] == pytest.approx(np.mean(want), rel=1e-4)
+  assert r['perplexity'] == pytest.approx(math.exp(np.mean(want)), rel=1e-4)
+  assert r['bits_per_byte'] == pytest.approx(np.sum(want) / math.log(2) / len(text[1:].encode()), rel=1e-4)
+  assert ev.perplexity(tb, ids, batch=2)['nll'] == pytest.approx(r['nll'], rel=1e-4)
+
+
+def test_cli_writes_json_with_every_category_and_compares_runs(tmp_path):
+  a = make_workdir(tmp_path / 'base', seed=0)
+  pt = make_pt(tmp_path / 'later.pt', seed=1)
+  text = tmp_path / 'notes.txt'
+  text.write_text('to be or not to be, that is the question\n' * 20)
+  out = tmp_path / 'cmp' / 'eval.json'
+  r = run_module('minillm_jax.evaluate', f'--workdir={a}', f'--ckpt={pt}', '--max_new_tokens=12',
+                 '--max_eval_tokens=300', f'--out={out}', '--exec_timeout=2', timeout=600)
+  assert r.returncode == 0, r.stderr
+  d = json.loads(out.read_text())
+  assert [x['backend'] for x in d['runs']] == ['jax', 'torch'] and d['suites'] == list(ev.SUITES)
+  for run in d['runs']:
+    assert set(run['code']['categories']) == set(ev.CODE_CATEGORIES)
+    assert all(0 <= v <= 1 for v in run['code']['categories'].values()) and 0 <= run['code']['overall'] <= 1
+    assert run['perplexity']['data'] == 'val' and run['perplexity']['perplexity'] > 1
+    assert len(run['text']['samples']) == len(ev.TEXT_PROMPTS) and 0 <= run['text']['distinct_2'] <= 1
+    assert len(run['code']['details']['execution']) == len(ev.EXEC)
+  assert 'base@0' in r.stdout and 'later.pt' in r.stdout and 'bpb' in r.stdout
+  png = out.with_suffix('.png')
+  assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  r = run_module('minillm_jax.evaluate', f'--workdir={a}', '--suites=ppl', f'--text={text}', '--backend=torch',
+                 f'--out={tmp_path}/t.json')
+  assert r.returncode == 0, r.stderr
+  assert json.loads((tmp_path / 't.json').read_text())['runs'][0]['perplexity']['data'] == str(text)
+  for args, msg in ((['--suites=ppl,bogus', f'--workdir={a}'], 'suites'), ([], 'nothing to evaluate'),
+                    ([f'--workdir={tmp_path}/none'], 'does not exist')):
+    r = run_module('minillm_jax.evaluate', *args)
+    assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

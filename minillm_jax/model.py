@@ -17,7 +17,7 @@ from flax import nnx
 from minillm_jax.config import ModelConfig
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-Cache = list  # one {'k': [B,S,K,H], 'v': [B,S,K,H]} dict per layer
+Cache = list  # one {'k': [B,K,S,H], 'v': [B,K,S,H]} dict per layer
 
 
 def _dot(a, b):
@@ -111,46 +111,44 @@ class Attention(nnx.Module):
     q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = qkv[:, :, :N], qkv[:, :, N:N + K], qkv[:, :, N + K:]
     if rope is not None:
       q_BxTxNxH, k_BxTxKxH = apply_rope(q_BxTxNxH, *rope), apply_rope(k_BxTxKxH, *rope)
+    # keys/values as [B,K,S,H]: a decode step then reads the cache without transposing it
+    k_BxKxSxH, v_BxKxSxH = k_BxTxKxH.transpose(0, 2, 1, 3), v_BxTxKxH.transpose(0, 2, 1, 3)
     if cache is None:
       mask = None
     else:  # write this chunk at [pos, pos+T) of the preallocated buffer, attend to everything written so far
-      k_BxTxKxH = jax.lax.dynamic_update_slice(cache['k'], k_BxTxKxH.astype(cache['k'].dtype), (0, pos, 0, 0))
-      v_BxTxKxH = jax.lax.dynamic_update_slice(cache['v'], v_BxTxKxH.astype(cache['v'].dtype), (0, pos, 0, 0))
-      cache = {'k': k_BxTxKxH, 'v': v_BxTxKxH}
-      S = k_BxTxKxH.shape[1]
+      k_BxKxSxH = jax.lax.dynamic_update_slice(cache['k'], k_BxKxSxH.astype(cache['k'].dtype), (0, 0, pos, 0))
+      v_BxKxSxH = jax.lax.dynamic_update_slice(cache['v'], v_BxKxSxH.astype(cache['v'].dtype), (0, 0, pos, 0))
+      cache = {'k': k_BxKxSxH, 'v': v_BxKxSxH}
+      S = k_BxKxSxH.shape[2]
       mask = (jnp.arange(S)[None, :] <= pos + jnp.arange(T)[:, None])[None, None]  # [1,1,T,S]
+    k_BxKxSxH, v_BxKxSxH = k_BxKxSxH.astype(dt), v_BxKxSxH.astype(dt)
     if key is not None and c.dropout > 0:
-      o_BxTxNxH = _attention_with_dropout(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask, c.dropout, key)
+      o_BxTxNxH = _attention_with_dropout(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask, c.dropout, key)
     else:
-      o_BxTxNxH = attention(q_BxTxNxH, k_BxTxKxH.astype(dt), v_BxTxKxH.astype(dt), mask)
+      o_BxTxNxH = attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask)
     return self.proj(o_BxTxNxH.reshape(B * T, N * H), dt), cache
 
 
-def attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask):
+def attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask):
   """Causal (mask None) or masked attention, float32 logits and softmax. Accelerators use
   jax.nn.dot_product_attention (GQA-aware; implementation='cudnn' can be plugged in there for flash attention).
-  On CPU, `_attention_cpu` lays heads out as batched 2-D matmuls, which XLA:CPU runs without the per-group
-  transposes and copies of the generic path (measured: see BENCHMARKS.md)."""
-  if jax.default_backend() == 'cpu':
-    return _attention_cpu(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask)
-  return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask, is_causal=mask is None)
-
-
-def _attention_cpu(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask):
+  On CPU the heads of a kv head form one batched 2-D matmul, which XLA:CPU runs without the per-group transposes
+  and copies of the generic path (measured in BENCHMARKS.md)."""
+  if jax.default_backend() != 'cpu':
+    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxKxSxH.transpose(0, 2, 1, 3), v_BxKxSxH.transpose(0, 2, 1, 3),
+                                        mask=mask, is_causal=mask is None)
   B, T, N, H = q_BxTxNxH.shape
-  S, K = k_BxSxKxH.shape[1], k_BxSxKxH.shape[2]
-  G = N // K  # query heads per kv head: the G*T query rows of a kv head form one matmul
-  q = q_BxTxNxH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B * K, G * T, H)
-  kT = k_BxSxKxH.transpose(0, 2, 3, 1).reshape(B * K, H, S)
-  v = v_BxSxKxH.transpose(0, 2, 1, 3).reshape(B * K, S, H)
-  bmm = lambda a, b: jax.lax.dot_general(a, b, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
-  s = (bmm(q, kT) * (1.0 / math.sqrt(H))).reshape(B, K, G, T, S)
+  K, S = k_BxKxSxH.shape[1], k_BxKxSxH.shape[2]
+  G = N // K  # query heads per kv head
+  q = q_BxTxNxH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+  s = jax.lax.dot_general(q, k_BxKxSxH, (((3,), (3,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32)
+  s = (s * (1.0 / math.sqrt(H))).reshape(B, K, G, T, S)
   if mask is None:
     mask = jnp.tril(jnp.ones((T, S), bool))
   s = jnp.where(mask.reshape(mask.shape[0], 1, 1, T, S) if mask.ndim == 4 else mask, s, jnp.finfo(jnp.float32).min)
-  p = jax.nn.softmax(s, axis=-1).astype(v.dtype).reshape(B * K, G * T, S)
-  o = bmm(p, v).reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4)
-  return o.reshape(B, T, N, H).astype(q_BxTxNxH.dtype)
+  p = jax.nn.softmax(s, axis=-1).astype(v_BxKxSxH.dtype).reshape(B, K, G * T, S)
+  o = jax.lax.dot_general(p, v_BxKxSxH, (((3,), (2,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32)
+  return o.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q_BxTxNxH.dtype)
 
 
 @jax.custom_jvp
@@ -168,18 +166,18 @@ def _gelu_jvp(primals, tangents):
   return x * cdf, (cdf + x * pdf) * tangents[0]
 
 
-def _attention_with_dropout(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, rate: float, key):
+def _attention_with_dropout(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask, rate: float, key):
   """Reference attention with dropout on the probabilities (training with model.dropout > 0 only)."""
   B, T, N, H = q_BxTxNxH.shape
-  S, K = k_BxSxKxH.shape[1], k_BxSxKxH.shape[2]
+  K, S = k_BxKxSxH.shape[1], k_BxKxSxH.shape[2]
   q = q_BxTxNxH.reshape(B, T, K, N // K, H)
-  s_BxKxGxTxS = jnp.einsum('btkgh,bskh->bkgts', q, k_BxSxKxH.astype(q.dtype),
+  s_BxKxGxTxS = jnp.einsum('btkgh,bksh->bkgts', q, k_BxKxSxH.astype(q.dtype),
                            preferred_element_type=jnp.float32) / math.sqrt(H)
   if mask is None:
     mask = jnp.tril(jnp.ones((T, S), bool))[None, None]
   s_BxKxGxTxS = jnp.where(mask[:, :, None], s_BxKxGxTxS, jnp.finfo(jnp.float32).min)
   p = dropout(jax.nn.softmax(s_BxKxGxTxS, axis=-1), rate, key).astype(q.dtype)
-  o = jnp.einsum('bkgts,bskh->btkgh', p, v_BxSxKxH.astype(q.dtype), preferred_element_type=jnp.float32)
+  o = jnp.einsum('bkgts,bksh->btkgh', p, v_BxKxSxH.astype(q.dtype), preferred_element_type=jnp.float32)
   return o.reshape(B, T, N, H).astype(q.dtype)
 
 
@@ -235,9 +233,9 @@ class GPT(nnx.Module):
 
   def init_cache(self, batch: int, length: int | None = None) -> Cache:
     c = self.c
-    shape = (batch, length or c.max_positions, c.n_kv_head, c.head_dim)
-    z = jnp.zeros(shape, DTYPES[c.dtype])
-    return [{'k': z, 'v': z} for _ in range(c.n_layer)]
+    shape = (batch, c.n_kv_head, length or c.max_positions, c.head_dim)
+    z = lambda: jnp.zeros(shape, DTYPES[c.dtype])  # distinct buffers, so a cache can be donated
+    return [{'k': z(), 'v': z()} for _ in range(c.n_layer)]
 
   def _forward(self, tokens_BxT, cache, pos, key):
     c = self.c

@@ -1,0 +1,542 @@
+"""Benchmark: the JAX train step, KV-cache decoding and the data pipeline against the torch mirror and
+`transformers`, in one process on the same config, weights and batch.
+
+  python -m minillm_jax.bench                         # configs/tiny.py and configs/shakespeare_char.py
+  python -m minillm_jax.bench --config=configs/tiny.py --config.model.block_size=256 --what=train
+  python -m minillm_jax.bench --configs=configs/tiny.py,configs/shakespeare_char.py --update_md
+  python -m minillm_jax.bench --config=configs/shakespeare_char.py --quick   # smoke run
+
+Writes <out>/bench.json (raw samples, medians, environment) and <out>/bench.md; --update_md rewrites this
+device's (CPU or GPU) section of BENCHMARKS.md. Method: every variant is built and compiled by its first call
+(compile time = first call - steady step), then the variants run in turn, A B C A B C ..., `repeats` times,
+and medians are reported. The host is shared: compare ratios within one run, not numbers across runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import datetime
+import functools
+import gc
+import importlib.util
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from flax import nnx
+
+from minillm_jax import cli, train
+from minillm_jax import config as config_lib
+from minillm_jax.model import GPT, flops_per_token, param_counts
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN_VARIANTS = ('jax_float32', 'jax_bfloat16', 'torch_eager_fp32', 'torch_compile_fp32',
+                  'torch_compile_bf16')
+DEFAULT_CONFIGS = ('configs/tiny.py', 'configs/shakespeare_char.py')
+F = flags.FLAGS
+Run = Callable[[int], object]  # run(k): k steps (or calls), synchronised at the end
+
+
+# ------------------------------------------------------------------------------------------------- plumbing
+def _med(xs) -> float:
+  return float(np.median(xs))
+
+
+def _spread(xs) -> float:
+  """(max - min) / median over the repeats: how disturbed a measurement was."""
+  return float((max(xs) - min(xs)) / np.median(xs)) if len(xs) > 1 else 0.0
+
+
+def _timed(fn, *a):
+  t0 = time.perf_counter()
+  y = fn(*a)
+  return time.perf_counter() - t0, y
+
+
+def interleave(runs: dict[str, Run], steps: dict[str, int], repeats: int,
+               probe: Callable | None = None) -> dict[str, list[float]]:
+  """Seconds per step of each run, A B C A B C ...; probe(name), a context manager, wraps each run."""
+  out = {k: [] for k in runs}
+  for _ in range(repeats):
+    for name, run in runs.items():
+      with probe(name) if probe else contextlib.nullcontext():
+        out[name].append(_timed(run, steps[name])[0] / steps[name])
+  return out
+
+
+def _status_mb(key: str) -> float:
+  with open('/proc/self/status') as f:
+    return int(next(ln for ln in f if ln.startswith(key + ':')).split()[1]) / 1024
+
+
+@contextlib.contextmanager
+def rss_peak(into: dict, key: str):
+  """into[key] = resident memory the region adds at its peak over the resident memory before it (Linux: free
+  heap returned by malloc_trim, high-water mark reset through /proc/self/clear_refs); None elsewhere. The
+  weights and optimizer state are resident before, so this is activations, gradients and temporaries."""
+  rss0 = None
+  with contextlib.suppress(OSError, AttributeError, StopIteration):
+    gc.collect()
+    time.sleep(0.2)  # XLA frees a finished step's temporaries on its own threads
+    ctypes.CDLL(None).malloc_trim(0)
+    with open('/proc/self/clear_refs', 'w') as f:
+      f.write('5')
+    rss0 = _status_mb('VmRSS')
+  yield
+  into[key] = None if rss0 is None else _status_mb('VmHWM') - rss0
+
+
+def _tdev():
+  import torch
+  return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+
+def _tsync():
+  import torch
+  if torch.cuda.is_available():
+    torch.cuda.synchronize()
+
+
+def environment() -> dict:
+  import flax
+  import torch
+  import transformers
+  txt = Path('/proc/cpuinfo').read_text() if os.path.exists('/proc/cpuinfo') else ''
+  cpu = re.search(r'(?:model name|Hardware)\s*:\s*(.*)', txt)
+  fl = set(re.search(r'(?:flags|Features)\s*:\s*(.*)', txt).group(1).split()) if 'lags' in txt else set()
+  git = lambda *a: subprocess.run(['git', *a], cwd=ROOT, capture_output=True, text=True,
+                                  check=False).stdout.strip()
+  dev = jax.devices()[0]
+  return {'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
+          'git_commit': git('rev-parse', 'HEAD'),
+          'git_modified': git('status', '--porcelain', '-uno').splitlines(),
+          'python': platform.python_version(), 'jax': jax.__version__, 'flax': flax.__version__,
+          'torch': torch.__version__, 'transformers': transformers.__version__, 'jax_platform': dev.platform,
+          'device_kind': dev.device_kind, 'device_count': jax.device_count(),
+          'cpu_model': cpu.group(1).strip() if cpu else platform.processor(),
+          'cpu_flags': sorted(fl & {'avx2', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_bf16', 'amx_tile'}),
+          'cores': len(os.sched_getaffinity(0)), 'torch_threads': torch.get_num_threads(),
+          'torch_device': str(_tdev()), 'loadavg_start': os.getloadavg()}
+
+
+def matmul_runs(n: int) -> dict[str, Run]:
+  """n^3 matmuls with float32 accumulation, JAX (dot, preferred_element_type) and torch (mm), float32 and
+  bfloat16, warmed up. Timed in the same rounds as the train steps, they give the device's peak under the
+  same load (the faster framework's, per dtype): MFU then compares like with like on a shared host."""
+  import torch
+  mm = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+  runs = {}
+  for dt in ('float32', 'bfloat16'):
+    a, t = jnp.ones((n, n), dt), torch.ones(n, n, dtype=getattr(torch, dt), device=_tdev())
+    runs[f'matmul_jax_{dt}'] = lambda k, a=a: [mm(a, a).block_until_ready() for _ in range(k)]
+    runs[f'matmul_torch_{dt}'] = lambda k, t=t: ([torch.mm(t, t) for _ in range(k)], _tsync())
+  for run in runs.values():
+    run(1)
+  return runs
+
+
+# ------------------------------------------------------------------------------------------------- train step
+def _jax_train(cfg, mc, dtype: str, params0, batch: dict) -> tuple[Run, Callable[[], dict]]:
+  """The trainer's own step (train.train_step under jax.jit, state donated) in `dtype` compute."""
+  c = dataclasses.replace(mc, dtype=dtype)
+  gdef, _ = nnx.split(nnx.eval_shape(lambda: GPT(c, nnx.Rngs(params=0))))
+  params = jax.tree.map(jnp.copy, params0)
+  tx, _ = train.make_optimizer(cfg.optim, cfg.train.steps)
+  box = {'state': {'params': params, 'opt': jax.jit(tx.init)(params)}, 'i': 0, 'dispatch': []}
+  fn = jax.jit(functools.partial(train.train_step, gdef=gdef, tx=tx, seed=cfg.train.seed),
+               donate_argnums=(0,))
+
+  def run(k: int) -> float:
+    for _ in range(k):
+      t0 = time.perf_counter()
+      box['state'], m = fn(box['state'], batch, jnp.int32(box['i']))
+      box['dispatch'].append(time.perf_counter() - t0)  # host time per step: Python, pytree, launch
+      box['i'] += 1
+    jax.block_until_ready((box['state'], m))
+    return float(m['loss'])
+
+  def extra() -> dict:  # XLA's accounting of the compiled step (a cache hit after the first call)
+    ma = fn.lower(box['state'], batch, jnp.int32(0)).compile().memory_analysis()
+    mb = (ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes
+          - ma.alias_size_in_bytes) / 2**20
+    return {'xla_step_mb': mb, 'dispatch_ms': 1e3 * _med(box['dispatch'][1:])}
+  return run, extra
+
+
+def _torch_train(cfg, mc, flat: dict, variant: str, batch_np: dict) -> Run:
+  """The torch mirror with the same weights, batch and AdamW/clipping hyper-parameters (fused AdamW, decay on
+  the tensors the JAX mask decays); torch.compile on the model as nanoGPT does; bf16 through autocast."""
+  import torch
+  import torch.nn.functional as tF
+
+  from torch_compat import convert
+  from torch_compat import model as tmodel
+  dev, o = _tdev(), cfg.optim
+  m = tmodel.GPT(mc.to_dict())
+  m.load_state_dict(convert.flax_to_torch(mc, flat, 'pt'))
+  m = m.to(dev).train()
+  emb = ('transformer.wte.', 'transformer.wpe.')
+  decay = {n for n, p in m.named_parameters()
+           if p.ndim >= 2 and (o.decay_embeddings or not n.startswith(emb))}
+  groups = [{'params': [p for n, p in m.named_parameters() if (n in decay) == d],
+             'weight_decay': o.weight_decay if d else 0.0} for d in (True, False)]
+  opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, fused=True)
+  f = torch.compile(m) if 'compile' in variant else m
+  x, y = (torch.from_numpy(batch_np[k]).long().to(dev) for k in ('inputs', 'targets'))
+  amp = functools.partial(torch.autocast, dev.type, torch.bfloat16, enabled=variant.endswith('bf16'))
+
+  def run(k: int) -> float:
+    for _ in range(k):
+      with amp():
+        loss = tF.cross_entropy(f(x).float().flatten(0, 1), y.flatten())
+      loss.backward()
+      if o.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(m.parameters(), o.grad_clip)
+      opt.step()
+      opt.zero_grad(set_to_none=True)
+    _tsync()
+    return loss.item()
+  return run
+
+
+def train_bench(cfg, mc, a: dict) -> dict:
+  from torch_compat import convert
+  B, T, gpu = a['batch_size'], mc.block_size, jax.devices()[0].platform != 'cpu'
+  toks = np.random.default_rng(0).integers(0, mc.vocab_size, (B, T + 1)).astype(np.int32)
+  batch_np = {'inputs': toks[:, :-1], 'targets': toks[:, 1:]}
+  model = GPT(mc, nnx.Rngs(params=cfg.train.seed))
+  flat, params0 = convert.flax_flat(model), nnx.state(model, nnx.Param)
+  runs, extra, first, loss0, errors, mem = {}, {}, {}, {}, {}, {}
+  for v in a['variants']:
+    print(f'  train {v}: build + compile', flush=True)
+    try:
+      if v.startswith('jax_'):
+        runs[v], extra[v] = _jax_train(cfg, mc, v[4:], params0, jax.device_put(batch_np))
+      else:
+        runs[v] = _torch_train(cfg, mc, flat, v, batch_np)
+      first[v], loss0[v] = _timed(runs[v], 1)  # compiles; the loss of the same weights and batch everywhere
+    except Exception as e:  # noqa: BLE001 - a failing torch.compile is a result to record, not a crash
+      errors[v] = f'{type(e).__name__}: {" ".join(str(e).split())[:300]}'
+      runs.pop(v, None)
+      print(f'  train {v} failed: {errors[v]}', flush=True)
+
+  @contextlib.contextmanager
+  def probe(v):  # on a GPU only torch's allocator can reset its peak
+    if gpu and v.startswith('torch'):
+      import torch
+      torch.cuda.reset_peak_memory_stats()
+      yield
+      mem[v] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+      with rss_peak(mem, v) if not gpu else contextlib.nullcontext():
+        yield
+  n = 512 if a['quick'] else (8192 if gpu else 2048)
+  runs |= matmul_runs(n)
+  # A first round of single steps measures memory and sizes the repeats (steps filling ~1 s each). It is
+  # kept as a sample when every variant runs single steps (slow steps: the probe's page faults are noise).
+  load0 = os.getloadavg()[0]
+  s = interleave(runs, dict.fromkeys(runs, 1), 1, probe)
+  steps = {v: a['steps'] or int(np.clip(round(1.0 / s[v][0]), 1, 50)) for v in runs}
+  steps |= {v: max(1, round(0.5 / s[v][0])) for v in runs if v.startswith('matmul')}
+  repeats = a['repeats'] or (5 if sum(s[v][0] * steps[v] for v in runs) < 30 else 3)
+  kept = 0 if any(k > 1 for v, k in steps.items() if not v.startswith('matmul')) else 1
+  more = interleave(runs, steps, repeats - kept)
+  s = {v: s[v][:kept] + more[v] for v in runs}
+  flop = {v[7:]: 2 * n ** 3 / _med(s.pop(v)) for v in list(s) if v.startswith('matmul')}
+  peak = {dt: max(flop[f'jax_{dt}'], flop[f'torch_{dt}']) for dt in ('float32', 'bfloat16')}
+  fpt = flops_per_token(mc)['train']
+  out = {'batch': [B, T], 'flops_per_token': fpt, 'repeats': repeats, 'steps': steps, 'errors': errors,
+         'matmul_n': n, 'matmul_flops': flop, 'peak_flops': peak, 'loadavg': [load0, os.getloadavg()[0]],
+         'memory_method': 'torch.cuda peak allocated' if gpu else 'RSS high-water delta', 'variants': {}}
+  for v, xs in s.items():
+    ms, dt = 1e3 * _med(xs), 'bfloat16' if v.endswith(('bf16', 'bfloat16')) else 'float32'
+    tps = B * T / (ms / 1e3)
+    out['variants'][v] = {
+        'samples_ms': [1e3 * x for x in xs], 'ms': ms, 'spread': _spread(xs), 'tokens_per_s': tps,
+        'steps_per_s': 1e3 / ms, 'compile_s': first[v] - ms / 1e3, 'first_call_s': first[v],
+        'loss_step0': loss0[v], 'compute_dtype': dt, 'flops_per_s': tps * fpt, 'mfu': tps * fpt / peak[dt],
+        'step_peak_mb': mem.get(v), **(extra[v]() if v in extra else {})}
+  V = out['variants']
+  out['speedup'] = {j: {t: V[t]['ms'] / V[j]['ms'] for t in V if t.startswith('torch')}
+                    for j in V if j.startswith('jax')}  # torch ms / JAX ms: > 1 means JAX is faster
+  return out
+
+
+# ------------------------------------------------------------------------------------------------- decode
+def decode_bench(cfg, mc, a: dict) -> dict:
+  """Greedy KV-cache decoding with the same random weights and prompts: sample.measure_decode (the jitted
+  JAX sampler), the torch mirror's generate and transformers' generate on the torch_compat.hf export. TTFT:
+  prefill plus the first token; decode tokens/s: batch * (new - 1) / the time of the remaining steps (torch
+  and transformers: a full call minus a 1-token call)."""
+  import torch
+  import transformers
+
+  from minillm_jax import sample
+  from torch_compat import convert, hf
+  from torch_compat import model as tmodel
+  P, N, dev = a['prompt_len'], a['new_tokens'], _tdev()
+  T = max(mc.block_size, P + N)  # room for prompt + new tokens: nobody crops or re-prefills
+  c = dataclasses.replace(mc, block_size=T, max_positions=max(T, mc.max_positions))
+  model = GPT(c, nnx.Rngs(params=cfg.train.seed))
+  flat = convert.flax_flat(model)
+  tm = tmodel.GPT(c.to_dict())
+  tm.load_state_dict(convert.flax_to_torch(c, flat, 'pt'))
+  tm = tm.to(dev).eval()
+  transformers.utils.logging.disable_progress_bar()
+  with tempfile.TemporaryDirectory() as d:
+    hf.save_hf(d, c, flat, None, {})
+    hm = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).to(dev).eval()
+  bs = [int(b) for b in a['decode_batch']]
+  # the prompts measure_decode draws (its seed 0), one row per batch entry
+  ids = {b: torch.tensor(np.random.default_rng(0).integers(0, c.vocab_size, (b, P)).tolist(), device=dev)
+         for b in bs}
+  gens = {'torch': lambda b, n: tm.generate(ids[b], n)[:, P:].cpu().numpy(),
+          'hf': lambda b, n: hm.generate(input_ids=ids[b], attention_mask=torch.ones_like(ids[b]),
+                                         do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                                         pad_token_id=0)[:, P:].cpu().numpy()}
+  jx = {}
+
+  def jax_run(k, b):
+    jx.setdefault(b, []).append(sample.measure_decode(model, b, P, N, repeats=1))  # warms up, then one timed
+
+  runs = {f'jax/{b}': functools.partial(jax_run, b=b) for b in bs}
+  runs |= {f'{o}/{b}/{n}': lambda k, g=g, b=b, n=n: g(b, n)
+           for o, g in gens.items() for b in bs for n in (N, 1)}
+  first = {k: _timed(r, 1)[0] for k, r in runs.items()}  # compiles and warms up
+  jx.clear()
+  s = interleave(runs, dict.fromkeys(runs, 1), a['decode_repeats'])
+  res = {'prompt_len': P, 'new_tokens': N, 'context': T, 'hf_class': hf.CLASSES[hf.arch_for(c)],
+         'jax_method': 'sample.measure_decode', 'samples_s': s, 'jax_raw': jx, 'impls': {}}
+  for b in bs:
+    one = {'jax': [r['ttft_s'] for r in jx[b]], **{o: s[f'{o}/{b}/1'] for o in gens}}
+    rest = {'jax': [r['decode_s'] for r in jx[b]],
+            **{o: np.subtract(s[f'{o}/{b}/{N}'], one[o]) for o in gens}}
+    for o, t1 in one.items():
+      res['impls'].setdefault(o, {})[str(b)] = {
+          'decode_tokens_per_s': b * (N - 1) / _med(rest[o]), 'ttft_ms': 1e3 * _med(t1),
+          'end_to_end_tokens_per_s': b * N / (_med(t1) + _med(rest[o])), 'spread': _spread(rest[o]),
+          'ms_per_token': 1e3 * _med(rest[o]) / max(N - 1, 1),
+          'first_call_s': first[f'jax/{b}'] if o == 'jax' else first[f'{o}/{b}/{N}']}
+  rate = lambda o, b: res['impls'][o][b]['decode_tokens_per_s']
+  res['speedup'] = {o: {str(b): rate('jax', str(b)) / rate(o, str(b)) for b in bs} for o in gens}
+  if 1 in ids:  # the common greedy prefix with JAX's tokens, batch 1
+    j = sample.generate(model, ids[1][0].tolist(), N, sample.SampleParams(temperature=0.0))[0]
+    res['greedy_agree_tokens'] = {o: int(np.argmin(np.append(j == g(1, N)[0], False)))
+                                  for o, g in gens.items()}
+  return res
+
+
+# ------------------------------------------------------------------------------------------------- data
+def data_bench(cfg, prep, mc, a: dict, train_res: dict | None) -> dict:
+  from minillm_jax import data
+  B, T = a['batch_size'], mc.block_size
+  xs = [data.measure_throughput(prep, B, T, cfg.data.num_workers, a['data_batches'])
+        for _ in range(a['decode_repeats'])]
+  out = {'batches_per_s': _med(xs), 'samples': xs, 'tokens_per_s': _med(xs) * B * T,
+         'num_workers': cfg.data.num_workers, 'corpus': prep.dir.name}
+  jx = [v['steps_per_s'] for k, v in ((train_res or {}).get('variants') or {}).items() if k.startswith('jax')]
+  if jx:  # how many times faster the pipeline delivers batches than the fastest JAX step consumes them
+    out['headroom_vs_train'] = out['batches_per_s'] / max(jx)
+  return out
+
+
+# ------------------------------------------------------------------------------------------------- driver
+def define_flags():
+  flags.DEFINE_list('configs', [], 'Config files to run after --config (without overrides).')
+  flags.DEFINE_string('out', 'bench_out', 'Directory for bench.json and bench.md.')
+  flags.DEFINE_list('what', ['train', 'decode', 'data'], 'Sections: train, decode, data.')
+  flags.DEFINE_list('variants', list(TRAIN_VARIANTS), 'Train-step variants (--quick drops torch_compile_*).')
+  flags.DEFINE_integer('repeats', 0, 'Interleaved repeats; 0: 5 when a round of train steps takes < 30 s, '
+                       'else 3 (decode and data: 3).')
+  flags.DEFINE_integer('steps', 0, 'Train steps per repeat; 0: as many as fill about 1 s (1 to 50).')
+  flags.DEFINE_integer('prompt_len', 32, 'Decode prompt length.')
+  flags.DEFINE_integer('new_tokens', 256, 'Decode: tokens generated per call.')
+  flags.DEFINE_list('decode_batch', ['1', '8'], 'Decode batch sizes.')
+  flags.DEFINE_bool('quick', False, 'Smoke run: 1 repeat of 1 step, batch <= 4 x block <= 128, 16 new '
+                    'tokens, no torch.compile unless --variants names it.')
+  flags.DEFINE_integer('torch_threads', 0, "torch intra-op threads; 0: torch's default (one per core). On "
+                       'a contended host 1 can be steadier for small ops.')
+  flags.DEFINE_bool('update_md', False, "Rewrite this device's section of --md.")
+  flags.DEFINE_string('md', str(ROOT / 'BENCHMARKS.md'), 'The markdown file --update_md rewrites.')
+
+
+def load_config_file(spec: str):
+  """A configs/*.py file (optionally file.py:variant), validated, without flag overrides."""
+  path, _, variant = spec.partition(':')
+  if not os.path.isfile(path):
+    raise config_lib.UserError(f'config file {path!r} not found; the presets are in configs/')
+  ms = importlib.util.spec_from_file_location(f'_bench_cfg_{Path(path).stem}', path)
+  mod = importlib.util.module_from_spec(ms)
+  ms.loader.exec_module(mod)
+  return config_lib.validate(mod.get_config(variant) if variant else mod.get_config())
+
+
+def run_config(name: str, overrides: list[str], cfg, a: dict) -> dict:
+  from minillm_jax import prepare
+  prep = prepare.prepare(cfg) if ('data' in a['what'] or cfg.model.vocab_size is None) else None
+  mc = config_lib.model_config(cfg, prep.vocab_size if prep else None)
+  a = {**a, 'batch_size': min(cfg.train.batch_size, 4) if a['quick'] else cfg.train.batch_size}
+  if a['quick']:
+    mc = dataclasses.replace(mc, block_size=min(mc.block_size, 128))
+  res = {'config': name, 'overrides': overrides, 'model': mc.to_dict(), 'params': param_counts(mc)['total']}
+  print(f'{name}: {res["params"]:,} parameters, batch {a["batch_size"]} x {mc.block_size}', flush=True)
+  for sec, fn in (('train', lambda: train_bench(cfg, mc, a)), ('decode', lambda: decode_bench(cfg, mc, a)),
+                  ('data', lambda: data_bench(cfg, prep, mc, a, res.get('train')))):
+    if sec in a['what']:
+      print(f'  {sec}', flush=True)
+      res[sec] = fn()
+  return res
+
+
+def main(argv):
+  del argv
+  bad = (set(F.variants) - set(TRAIN_VARIANTS)) | (set(F.what) - {'train', 'decode', 'data'})
+  if bad:
+    raise config_lib.UserError(f'unknown --variants/--what entries {sorted(bad)}: variants are '
+                               f'{", ".join(TRAIN_VARIANTS)}; sections are train, decode, data')
+  own_cache = 'TORCHINDUCTOR_CACHE_DIR' not in os.environ
+  if own_cache:  # a fresh inductor cache: torch.compile times are cold, like JAX's
+    os.environ['TORCHINDUCTOR_CACHE_DIR'] = tempfile.mkdtemp(prefix='bench_inductor_')
+  overrides = [x for x in sys.argv[1:] if x.startswith('--config.')]
+  jobs = [(F['config'].config_filename, overrides, cli.config())] if F['config'].present else []
+  jobs += [(p, [], load_config_file(p)) for p in F.configs]
+  jobs = jobs or [(p, [], load_config_file(str(ROOT / p))) for p in DEFAULT_CONFIGS]
+  rep = F.repeats or (1 if F.quick else 0)  # 0: train picks 3 or 5 from the time of one round
+  a = {'what': F.what, 'quick': F.quick, 'repeats': rep, 'steps': F.steps or int(F.quick),
+       'variants': [v for v in F.variants if not (F.quick and 'compile' in v and not F['variants'].present)],
+       'prompt_len': F.prompt_len,
+       'new_tokens': 16 if F.quick and not F['new_tokens'].present else F.new_tokens,
+       'decode_batch': F.decode_batch, 'decode_repeats': rep or 3, 'data_batches': 20 if F.quick else 200}
+  if F.torch_threads:
+    import torch
+    torch.set_num_threads(F.torch_threads)
+  env = environment()
+  print(f'bench on {env["cpu_model"] or env["device_kind"]} ({env["jax_platform"]})', flush=True)
+  try:
+    runs = [run_config(n, o, c, a) for n, o, c in jobs]
+  finally:
+    if own_cache:
+      shutil.rmtree(os.environ['TORCHINDUCTOR_CACHE_DIR'], ignore_errors=True)
+  env['loadavg_end'] = os.getloadavg()
+  res = {'env': env, 'settings': {**a, 'argv': sys.argv[1:]}, 'runs': runs}
+  out = Path(F.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / 'bench.json').write_text(json.dumps(res, indent=1))
+  md = markdown(res)
+  (out / 'bench.md').write_text(md + '\n')
+  print(md, flush=True)
+  if F.update_md:
+    update_md(Path(F.md), 'gpu' if env['jax_platform'] != 'cpu' else 'cpu', md)
+    print(f'updated {F.md}', flush=True)
+
+
+# ------------------------------------------------------------------------------------------------- markdown
+def _table(head: list[str], rows: list[list]) -> list[str]:
+  return ['', '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)] + [
+      '| ' + ' | '.join(map(str, r)) + ' |' for r in rows]
+
+
+def _train_md(t: dict) -> list[str]:
+  st = sorted({k for v, k in t['steps'].items() if not v.startswith('matmul')}) or [0]
+  g = lambda k: f'{t["matmul_flops"][k] / 1e9:,.0f}'
+  worst = max((d['spread'] for d in t['variants'].values()), default=0)
+  L = ['', (f'Train step, batch {t["batch"][0]} x {t["batch"][1]} tokens, {t["flops_per_token"] / 1e6:.1f} '
+            f'MFLOP/token; median of {t["repeats"]} interleaved repeats of {st[0]}-{st[-1]} steps; load '
+            f'average {t["loadavg"][0]:.1f} -> {t["loadavg"][1]:.1f}, largest spread {100 * worst:.0f}%. '
+            f'Matmul peak timed in the same rounds ({t["matmul_n"]}^3, GFLOP/s): float32 JAX '
+            f'{g("jax_float32")}, torch {g("torch_float32")}; bfloat16 JAX {g("jax_bfloat16")}, torch '
+            f'{g("torch_bfloat16")}; MFU is against the faster one for the compute dtype. Step peak MB: '
+            f'{t["memory_method"]}.')]
+  rows = []
+  for v, d in t['variants'].items():
+    pm = '-' if d['step_peak_mb'] is None else f'{d["step_peak_mb"]:,.0f}'
+    pm += f' (XLA {d["xla_step_mb"]:,.0f})' if 'xla_step_mb' in d else ''
+    rows.append([v, f'{d["ms"]:,.1f}', f'{100 * d["spread"]:.0f}%', f'{d["tokens_per_s"]:,.0f}',
+                 '-' if 'eager' in v else f'{d["compile_s"]:.1f}', f'{d["flops_per_s"] / 1e9:,.1f}',
+                 f'{100 * d["mfu"]:.1f}%', pm,
+                 f'{d["loss_step0"]:.4f}'])
+  rows += [[v, f'failed: {err}'] + [''] * 7 for v, err in t['errors'].items()]
+  L += _table(['variant', 'ms/step', 'spread', 'tokens/s', 'compile s', 'GFLOP/s', 'MFU', 'step peak MB',
+               'loss at step 0'], rows)
+  disp = ', '.join(f'{v} {d["dispatch_ms"]:.2f} ms' for v, d in t['variants'].items() if 'dispatch_ms' in d)
+  L += ['', f'Host time to dispatch a JAX step (Python, pytree flattening, launch): {disp}.'] if disp else []
+  tv = [v for v in t['variants'] if v.startswith('torch')]
+  if t['speedup'] and tv:
+    L += _table(['JAX speedup = torch ms / JAX ms', *tv],
+                [[j, *(f'{s[v]:.2f}x' for v in tv)] for j, s in t['speedup'].items()])
+  return L
+
+
+def _decode_md(d: dict) -> list[str]:
+  bs, ag = list(d['impls']['jax']), d.get('greedy_agree_tokens', {})
+  names = {'jax': 'JAX sample.measure_decode', 'torch': 'torch mirror generate',
+           'hf': f'transformers {d["hf_class"]}'}
+  same = ', '.join(f'{names[o]} {n} of {d["new_tokens"]}' for o, n in ag.items()) or '-'
+  worst = max(v[b]['spread'] for v in d['impls'].values() for b in bs)
+  L = ['', (f'Decode, greedy, prompt {d["prompt_len"]} + {d["new_tokens"]} new tokens, KV cache of '
+            f'{d["context"]}; median of {len(next(iter(d["samples_s"].values())))} interleaved repeats, '
+            f'largest spread {100 * worst:.0f}%. tokens/s: batch x (new - 1) / the decode time after the '
+            'first token; TTFT: prefill + first token; e2e: batch x new / total time. Greedy tokens equal to '
+            f'JAX\'s at batch 1: {same}.')]
+  rows = [[names[k], *(x for b in bs for x in (
+      f'{v[b]["decode_tokens_per_s"]:,.1f}', f'{v[b]["ttft_ms"]:,.1f}', f'{v[b]["ms_per_token"]:,.2f}',
+      f'{v[b]["end_to_end_tokens_per_s"]:,.1f}'))] for k, v in d['impls'].items()]
+  rows += [[f'JAX speedup vs {names[o]}', *(x for b in bs for x in (f'{s[b]:.2f}x', '', '', ''))]
+           for o, s in d['speedup'].items()]
+  head = [x for b in bs for x in (f'B={b} tokens/s', 'TTFT ms', 'ms/token', 'e2e tokens/s')]
+  return L + _table(['decode', *head], rows)
+
+
+def markdown(res: dict) -> str:
+  e = res['env']
+  mods = f' + uncommitted {", ".join(m.split()[-1] for m in e["git_modified"])}' if e['git_modified'] else ''
+  cmd = ' '.join(['python -m minillm_jax.bench', *res['settings']['argv']])
+  L = [(f'Measured {e["date"]} on **{e["cpu_model"] or e["device_kind"]}** (jax platform '
+        f'{e["jax_platform"]}, {e["cores"]} cores, {" ".join(e["cpu_flags"]) or "-"}); commit '
+        f'`{e["git_commit"][:10]}`{mods}; jax {e["jax"]}, torch {e["torch"]} ({e["torch_threads"]} threads, '
+        f'{e["torch_device"]}), transformers {e["transformers"]}. Load average '
+        f'{e["loadavg_start"][0]:.1f} at the start, {e["loadavg_end"][0]:.1f} at the end. `{cmd}`')]
+  for r in res['runs']:
+    m = r['model']
+    L += ['', (f'### {Path(r["config"]).stem}: {r["params"] / 1e6:.2f}M parameters, {m["n_layer"]} '
+               f'layers, d_model {m["d_model"]}, vocab {m["vocab_size"]} '
+               f'(`{" ".join([r["config"], *r["overrides"]])}`)')]
+    L += _train_md(r['train']) if 'train' in r else []
+    L += _decode_md(r['decode']) if 'decode' in r else []
+    if 'data' in r:
+      d = r['data']
+      hr = (f', {d["headroom_vs_train"]:,.0f}x the rate the fastest JAX train step consumes'
+            if 'headroom_vs_train' in d else '')
+      L += ['', (f'Data pipeline ({d["corpus"]}, {d["num_workers"]} workers): {d["batches_per_s"]:,.1f} '
+                 f'batches/s ({d["tokens_per_s"]:,.0f} tokens/s){hr}.')]
+  return '\n'.join(L)
+
+
+def update_md(path: Path, section: str, body: str) -> None:
+  """Replaces the text between this section's markers (appends the section when missing), keeping the rest."""
+  start, end = f'<!-- bench:{section}:start -->', f'<!-- bench:{section}:end -->'
+  text = path.read_text() if path.exists() else '# Benchmarks\n'
+  if start in text and end in text:
+    text = text[:text.index(start) + len(start)] + f'\n{body}\n' + text[text.index(end):]
+  else:
+    text = text.rstrip('\n') + f'\n\n## {section.upper()}\n\n{start}\n{body}\n{end}\n'
+  path.write_text(text)
+
+
+if __name__ == '__main__':
+  cli.define_config(default=None)
+  define_flags()
+  cli.run(main)

@@ -1,0 +1,95 @@
+"""minillm_jax.bench end to end on a tiny model: every section present with positive numbers, the markdown
+written, and --update_md rewriting only this device's section."""
+import json
+import os
+
+import pytest
+from conftest import run_module
+
+from minillm_jax import bench
+
+TEXT = ''.join(f'{w} the quick brown fox {i % 7} jumps over the lazy dog number {i % 13}.\n'
+               for i, w in enumerate(['alpha', 'beta', 'gamma', 'delta', 'omega'] * 200))
+OTHER = '<!-- bench:gpu:start -->\nkeep this GPU table\n<!-- bench:gpu:end -->'
+
+
+def tiny_args(tmp) -> list[str]:
+  """A one-layer model on a small local char corpus: the whole bench in seconds."""
+  corpus = os.path.join(tmp, 'corpus.txt')
+  with open(corpus, 'w') as f:
+    f.write(TEXT)
+  over = {'data.corpus': 'local', 'data.path': corpus, 'data.cache_dir': os.path.join(tmp, 'cache'),
+          'model.n_layer': 1, 'model.n_head': 2, 'model.d_model': 32, 'model.block_size': 32,
+          'train.batch_size': 4}
+  return ['--config=configs/shakespeare_char.py', *[f'--config.{k}={v}' for k, v in over.items()],
+          f'--out={os.path.join(tmp, "out")}', '--repeats=1', '--prompt_len=8', '--decode_batch=1,2']
+
+
+def positive(d: dict, *keys: str):
+  for k in keys:
+    assert d[k] > 0, (k, d[k])
+
+
+def check(tmp, variants: set[str]) -> dict:
+  with open(os.path.join(tmp, 'out', 'bench.json')) as f:
+    res = json.load(f)
+  assert {'env', 'settings', 'runs'} <= set(res)
+  assert res['env']['jax'] and res['env']['torch'] and res['env']['git_commit'] and res['env']['cpu_model']
+  (run,) = res['runs']
+  t, d, data = run['train'], run['decode'], run['data']
+  assert all(v > 0 for v in [*t['matmul_flops'].values(), *t['peak_flops'].values()])
+  assert set(t['variants']) == variants and not t['errors']
+  for v in t['variants'].values():
+    positive(v, 'ms', 'tokens_per_s', 'flops_per_s', 'mfu', 'first_call_s')
+    assert v['step_peak_mb'] is None or v['step_peak_mb'] >= 0
+  # the same weights and batch everywhere: the step-0 losses agree
+  losses = [v['loss_step0'] for v in t['variants'].values()]
+  assert max(losses) - min(losses) < 0.05, losses
+  assert all(r > 0 for s in t['speedup'].values() for r in s.values())
+  assert set(d['impls']) == {'jax', 'torch', 'hf'}
+  for impl in d['impls'].values():
+    for b in ('1', '2'):
+      positive(impl[b], 'decode_tokens_per_s', 'ttft_ms', 'end_to_end_tokens_per_s')
+  assert d['greedy_agree_tokens']['torch'] > 0 and d['greedy_agree_tokens']['hf'] > 0
+  positive(data, 'batches_per_s', 'tokens_per_s', 'headroom_vs_train')
+  with open(os.path.join(tmp, 'out', 'bench.md')) as f:
+    md = f.read()
+  assert '| variant | ms/step' in md and '| decode |' in md and 'Data pipeline' in md
+  return res
+
+
+def test_quick_smoke(tmp_path):
+  tmp = str(tmp_path)
+  md = os.path.join(tmp, 'B.md')
+  with open(md, 'w') as f:
+    f.write(f'# Benchmarks\n\nintro stays\n\n## CPU\n\n<!-- bench:cpu:start -->\nold\n<!-- bench:cpu:end -->\n\n'
+            f'## GPU\n\n{OTHER}\n')
+  p = run_module('minillm_jax.bench', *tiny_args(tmp), '--quick', '--update_md', f'--md={md}', timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  check(tmp, {'jax_float32', 'jax_bfloat16', 'torch_eager_fp32'})  # --quick leaves out torch.compile
+  with open(md) as f:
+    text = f.read()
+  assert 'intro stays' in text and OTHER in text and '\nold\n' not in text and '| variant | ms/step' in text
+
+
+def test_update_md_appends_a_missing_section(tmp_path):
+  md = tmp_path / 'B.md'
+  md.write_text('# Benchmarks\n')
+  bench.update_md(md, 'gpu', 'table one')
+  bench.update_md(md, 'gpu', 'table two')
+  text = md.read_text()
+  assert text.count('## GPU') == 1 and 'table two' in text and 'table one' not in text
+
+
+def test_bad_variant_is_one_line(tmp_path):
+  p = run_module('minillm_jax.bench', '--config=configs/shakespeare_char.py', '--variants=jax_fp8', timeout=120)
+  assert p.returncode == 2 and 'unknown --variants' in p.stderr and 'Traceback' not in p.stderr
+
+
+@pytest.mark.slow
+def test_full_with_torch_compile(tmp_path):
+  """Every variant, torch.compile included (a failing compile would be recorded as an error, not raised)."""
+  tmp = str(tmp_path)
+  p = run_module('minillm_jax.bench', *tiny_args(tmp), '--steps=2', timeout=1200)
+  assert p.returncode == 0, p.stderr[-3000:]
+  check(tmp, set(bench.TRAIN_VARIANTS))

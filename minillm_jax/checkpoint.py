@@ -166,7 +166,7 @@ def load_for_inference(workdir: str, step: str | int = 'best') -> tuple[ModelCon
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), abstract)
     try:
       params = ck.restore(n, target)['params']
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
       raise UserError(f'cannot restore checkpoint {n} in {workdir!r}: {type(e).__name__}: {str(e)[:200]}') from e
   finally:
     ck.close()

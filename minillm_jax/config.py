@@ -211,7 +211,7 @@ class ModelConfig:
     return dataclasses.asdict(self)
 
   @classmethod
-  def from_dict(cls, d: dict) -> 'ModelConfig':
+  def from_dict(cls, d: dict) -> ModelConfig:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names
     if unknown:

@@ -77,7 +77,10 @@ def matmul_peak_flops(dtype: str) -> float:
   peak = 2 * n ** 3 * reps / (time.perf_counter() - t0)
   try:
     os.makedirs(os.path.dirname(cache), exist_ok=True)
-    old = json.load(open(cache)) if os.path.exists(cache) else {}
+    old = {}
+    if os.path.exists(cache):
+      with open(cache) as f:
+        old = json.load(f)
     _write_json(cache, {**old, key: peak})
   except (OSError, ValueError):
     pass

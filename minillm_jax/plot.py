@@ -49,6 +49,7 @@ def main(argv):
 
 if __name__ == '__main__':
   from absl import flags
+
   from minillm_jax import cli
   flags.DEFINE_multi_string('workdir', None, 'Run directory; repeat to compare runs.', required=True)
   flags.DEFINE_string('out', None, 'PNG path (default <first workdir>/plots/curves.png).')

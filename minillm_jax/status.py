@@ -86,6 +86,7 @@ def main(argv):
 
 if __name__ == '__main__':
   from absl import flags
+
   from minillm_jax import cli
   cli.define_workdir()
   flags.DEFINE_bool('json', False, 'Print the summary as JSON.')

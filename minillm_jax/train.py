@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import signal
-import sys
 import time
 
 import jax
@@ -262,6 +260,7 @@ def run(cfg, workdir: str) -> dict:
 def main(argv):
   del argv
   from absl import flags
+
   from minillm_jax import cli
   F = flags.FLAGS
   cfg = cli.config() if F['config'].present or F['config'].value is not None else None
@@ -273,6 +272,7 @@ def main(argv):
 
 if __name__ == '__main__':
   from absl import flags
+
   from minillm_jax import cli
   cli.define_config(default=None)
   cli.define_workdir()

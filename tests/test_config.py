@@ -1,6 +1,6 @@
 import pytest
-
 from conftest import run_module
+
 from minillm_jax.config import ConfigError, default_config, from_plain, model_config, to_plain, validate
 
 

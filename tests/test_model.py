@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ROOT, run_module
 from flax import nnx
 
-from conftest import ROOT, run_module
 from minillm_jax.config import ModelConfig, model_config
 from minillm_jax.model import GPT, init_model, mm, param_counts
 

@@ -4,7 +4,6 @@ import functools
 import glob
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ROOT, run_module
 from flax import nnx
 
-from conftest import ROOT, run_module
 from minillm_jax import train
 from minillm_jax.config import ModelConfig, default_config
 from minillm_jax.model import GPT

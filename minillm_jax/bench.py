@@ -38,12 +38,12 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from minillm_jax import cli, train
+from minillm_jax import cli, parallel, train
 from minillm_jax import config as config_lib
 from minillm_jax.model import GPT, flops_per_token, param_counts
 
 ROOT = Path(__file__).resolve().parent.parent
-TRAIN_VARIANTS = ('jax_float32', 'jax_bfloat16', 'torch_eager_fp32', 'torch_compile_fp32',
+TRAIN_VARIANTS = ('jax_float32', 'jax_float32_dp', 'jax_bfloat16', 'torch_eager_fp32', 'torch_compile_fp32',
                   'torch_compile_bf16')
 DEFAULT_CONFIGS = ('configs/tiny.py', 'configs/shakespeare_char.py')
 F = flags.FLAGS
@@ -149,22 +149,33 @@ def matmul_runs(n: int) -> dict[str, Run]:
 
 
 # ------------------------------------------------------------------------------------------------- train step
-def _jax_train(cfg, mc, dtype: str, params0, batch: dict) -> tuple[Run, Callable[[], dict]]:
-  """The trainer's own step (train.train_step under jax.jit, state donated) in `dtype` compute."""
+def _jax_train(cfg, mc, dtype: str, params0, batch: dict, dp: bool = False) -> tuple[Run, Callable[[], dict]]:
+  """The trainer's own step (train.train_step under jax.jit, state donated) in `dtype` compute. dp: data
+  parallel over the local devices, as `train` runs on a CPU split into one device per core."""
   c = dataclasses.replace(mc, dtype=dtype)
   gdef, _ = nnx.split(nnx.eval_shape(lambda: GPT(c, nnx.Rngs(params=0))))
   params = jax.tree.map(jnp.copy, params0)
   tx, _ = train.make_optimizer(cfg.optim, cfg.train.steps)
-  box = {'state': {'params': params, 'opt': jax.jit(tx.init)(params)}, 'i': 0, 'dispatch': []}
+  n = max(d for d in range(1, len(jax.devices()) + 1) if batch['inputs'].shape[0] % d == 0) if dp else 1
+  mesh = parallel.make_mesh(jax.devices()[:n])
+  p_shard = parallel.param_shardings(mesh, params, False)
+  params = jax.device_put(params, p_shard)
+  opt = jax.jit(tx.init, out_shardings=parallel.opt_shardings(mesh, tx, params, p_shard))(params)
+  batch = parallel.global_batch({k: np.asarray(v) for k, v in batch.items()}, parallel.batch_sharding(mesh, False))
+  box = {'state': {'params': params, 'opt': opt}, 'i': 0, 'dispatch': [], 'devices': n}
   fn = jax.jit(functools.partial(train.train_step, gdef=gdef, tx=tx, seed=cfg.train.seed),
                donate_argnums=(0,))
 
   def run(k: int) -> float:
+    prev = None
     for _ in range(k):
       t0 = time.perf_counter()
       box['state'], m = fn(box['state'], batch, jnp.int32(box['i']))
       box['dispatch'].append(time.perf_counter() - t0)  # host time per step: Python, pytree, launch
       box['i'] += 1
+      if prev is not None and n > 1:  # at most two steps in flight, as train.run (see parallel.use_cpu_devices)
+        jax.block_until_ready(prev)
+      prev = m['loss']
     jax.block_until_ready((box['state'], m))
     return float(m['loss'])
 
@@ -172,7 +183,7 @@ def _jax_train(cfg, mc, dtype: str, params0, batch: dict) -> tuple[Run, Callable
     ma = fn.lower(box['state'], batch, jnp.int32(0)).compile().memory_analysis()
     mb = (ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes
           - ma.alias_size_in_bytes) / 2**20
-    return {'xla_step_mb': mb, 'dispatch_ms': 1e3 * _med(box['dispatch'][1:])}
+    return {'xla_step_mb': mb, 'dispatch_ms': 1e3 * _med(box['dispatch'][1:]), 'devices': box['devices']}
   return run, extra
 
 
@@ -224,7 +235,7 @@ def train_bench(cfg, mc, a: dict) -> dict:
     print(f'  train {v}: build + compile', flush=True)
     try:
       if v.startswith('jax_'):
-        runs[v], extra[v] = _jax_train(cfg, mc, v[4:], params0, jax.device_put(batch_np))
+        runs[v], extra[v] = _jax_train(cfg, mc, v[4:].removesuffix('_dp'), params0, batch_np, v.endswith('_dp'))
       else:
         runs[v] = _torch_train(cfg, mc, flat, v, batch_np)
       first[v], loss0[v] = _timed(runs[v], 1)  # compiles; the loss of the same weights and batch everywhere
@@ -407,6 +418,9 @@ def main(argv):
   if bad:
     raise config_lib.UserError(f'unknown --variants/--what entries {sorted(bad)}: variants are '
                                f'{", ".join(TRAIN_VARIANTS)}; sections are train, decode, data')
+  # one JAX device per core for the jax_*_dp variants (what `train` does on a CPU-only machine); the other JAX
+  # variants and decoding run on the first device, which keeps every thread for its ops
+  parallel.use_cpu_devices(min(len(os.sched_getaffinity(0)), 8))
   own_cache = 'TORCHINDUCTOR_CACHE_DIR' not in os.environ
   if own_cache:  # a fresh inductor cache: torch.compile times are cold, like JAX's
     os.environ['TORCHINDUCTOR_CACHE_DIR'] = tempfile.mkdtemp(prefix='bench_inductor_')

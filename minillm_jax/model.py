@@ -17,7 +17,7 @@ from flax import nnx
 from minillm_jax.config import ModelConfig
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-Cache = list  # one {'k': [B,K,S,H], 'v': [B,K,S,H]} dict per layer
+Cache = list  # one {'k': [B*K,S,H], 'v': [B*K,S,H]} dict per layer
 
 
 def _dot(a, b):
@@ -111,44 +111,116 @@ class Attention(nnx.Module):
     q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = qkv[:, :, :N], qkv[:, :, N:N + K], qkv[:, :, N + K:]
     if rope is not None:
       q_BxTxNxH, k_BxTxKxH = apply_rope(q_BxTxNxH, *rope), apply_rope(k_BxTxKxH, *rope)
-    # keys/values as [B,K,S,H]: a decode step then reads the cache without transposing it
-    k_BxKxSxH, v_BxKxSxH = k_BxTxKxH.transpose(0, 2, 1, 3), v_BxTxKxH.transpose(0, 2, 1, 3)
-    if cache is None:
-      mask = None
-    else:  # write this chunk at [pos, pos+T) of the preallocated buffer, attend to everything written so far
-      k_BxKxSxH = jax.lax.dynamic_update_slice(cache['k'], k_BxKxSxH.astype(cache['k'].dtype), (0, 0, pos, 0))
-      v_BxKxSxH = jax.lax.dynamic_update_slice(cache['v'], v_BxKxSxH.astype(cache['v'].dtype), (0, 0, pos, 0))
-      cache = {'k': k_BxKxSxH, 'v': v_BxKxSxH}
-      S = k_BxKxSxH.shape[2]
-      mask = (jnp.arange(S)[None, :] <= pos + jnp.arange(T)[:, None])[None, None]  # [1,1,T,S]
-    k_BxKxSxH, v_BxKxSxH = k_BxKxSxH.astype(dt), v_BxKxSxH.astype(dt)
-    if key is not None and c.dropout > 0:
-      o_BxTxNxH = _attention_with_dropout(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask, c.dropout, key)
+    k_BxKxTxH, v_BxKxTxH = k_BxTxKxH.transpose(0, 2, 1, 3), v_BxTxKxH.transpose(0, 2, 1, 3)
+    if cache is not None:  # write this chunk at [pos, pos+T) of the preallocated cache, attend to [0, pos+T)
+      cache = {n: jax.lax.dynamic_update_slice(cache[n], x.reshape(B * K, T, H).astype(cache[n].dtype), (0, pos, 0))
+               for n, x in (('k', k_BxKxTxH), ('v', v_BxKxTxH))}
+      o_BxTxNxH = cached_attention(q_BxTxNxH, cache['k'].astype(dt), cache['v'].astype(dt), pos)
+    elif key is not None and c.dropout > 0:
+      o_BxTxNxH = _attention_with_dropout(q_BxTxNxH, k_BxKxTxH, v_BxKxTxH, c.dropout, key)
     else:
-      o_BxTxNxH = attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask)
+      o_BxTxNxH = attention(q_BxTxNxH, k_BxKxTxH, v_BxKxTxH)
     return self.proj(o_BxTxNxH.reshape(B * T, N * H), dt), cache
 
 
-def attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask):
-  """Causal (mask None) or masked attention, float32 logits and softmax. Accelerators use
-  jax.nn.dot_product_attention (GQA-aware; implementation='cudnn' can be plugged in there for flash attention).
-  On CPU the heads of a kv head form one batched 2-D matmul, which XLA:CPU runs without the per-group transposes
-  and copies of the generic path (measured in BENCHMARKS.md)."""
+def attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH):
+  """Causal self-attention, float32 logits and softmax. Accelerators use jax.nn.dot_product_attention
+  (GQA-aware; implementation='cudnn' can be plugged in there for flash attention); CPU uses the blockwise
+  `causal_attention` with a recomputing backward."""
   if jax.default_backend() != 'cpu':
     return jax.nn.dot_product_attention(q_BxTxNxH, k_BxKxSxH.transpose(0, 2, 1, 3), v_BxKxSxH.transpose(0, 2, 1, 3),
-                                        mask=mask, is_causal=mask is None)
+                                        is_causal=True)
   B, T, N, H = q_BxTxNxH.shape
-  K, S = k_BxKxSxH.shape[1], k_BxKxSxH.shape[2]
-  G = N // K  # query heads per kv head
-  q = q_BxTxNxH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
-  s = jax.lax.dot_general(q, k_BxKxSxH, (((3,), (3,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32)
-  s = (s * (1.0 / math.sqrt(H))).reshape(B, K, G, T, S)
-  if mask is None:
-    mask = jnp.tril(jnp.ones((T, S), bool))
-  s = jnp.where(mask.reshape(mask.shape[0], 1, 1, T, S) if mask.ndim == 4 else mask, s, jnp.finfo(jnp.float32).min)
-  p = jax.nn.softmax(s, axis=-1).astype(v_BxKxSxH.dtype).reshape(B, K, G * T, S)
-  o = jax.lax.dot_general(p, v_BxKxSxH, (((3,), (2,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32)
+  K = k_BxKxSxH.shape[1]
+  q_BxKxGxTxH = q_BxTxNxH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
+  o_BxKxGxTxH = causal_attention(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH)
+  return o_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q_BxTxNxH.dtype)
+
+
+def _bdot(a_BxKxMxC, b, b_contract: int):
+  """Batched (over B, K) matmul contracting a's last axis with b's axis b_contract, float32 result."""
+  return jax.lax.dot_general(a_BxKxMxC, b, (((3,), (b_contract,)), ((0, 1), (0, 1))),
+                             preferred_element_type=jnp.float32)
+
+
+def cached_attention(q_BxTxNxH, k_CxSxH, v_CxSxH, pos):
+  """Queries at positions [pos, pos+T) against a cache laid out [C = B*K, S, H] whose [0, pos+T) is written.
+  One batch axis with no unit dimensions: with [B, K, S, H] at batch 1, XLA:CPU copied every layer's cache on
+  every decode step (half of the `tiny` decode time)."""
+  B, T, N, H = q_BxTxNxH.shape
+  C, S = k_CxSxH.shape[0], k_CxSxH.shape[1]
+  K = C // B
+  G = N // K
+  q_CxGTxH = q_BxTxNxH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(C, G * T, H)
+  s = jax.lax.dot_general(q_CxGTxH, k_CxSxH, (((2,), (2,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+  s = (s * (1.0 / math.sqrt(H))).reshape(C, G, T, S)
+  s = jnp.where(jnp.arange(S)[None, :] <= pos + jnp.arange(T)[:, None], s, jnp.finfo(jnp.float32).min)
+  p = jax.nn.softmax(s, axis=-1).astype(v_CxSxH.dtype).reshape(C, G * T, S)
+  o = jax.lax.dot_general(p, v_CxSxH, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
   return o.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q_BxTxNxH.dtype)
+
+
+ATTN_BLOCK = 128  # query rows per block: measured fastest of 64/128/256 for T=1024 on CPU
+
+
+def _causal_block(q_BxKxGxTxH, k_BxKxSxH, a: int, b: int):
+  """Scaled scores of query rows [a, b) against keys [0, b) (the later keys are all masked), masked."""
+  B, K, G, _, H = q_BxKxGxTxH.shape
+  qb = q_BxKxGxTxH[:, :, :, a:b].reshape(B, K, G * (b - a), H)
+  s = _bdot(qb, k_BxKxSxH[:, :, :b], 3).reshape(B, K, G, b - a, b) * (1.0 / math.sqrt(H))
+  causal_nxb = jnp.arange(b)[None, :] <= jnp.arange(a, b)[:, None]
+  return qb, s, causal_nxb
+
+
+@jax.custom_vjp
+def causal_attention(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH):
+  """Causal attention in blocks of query rows, each against only the keys it can see (about half the work of
+  a full T x T product), flash-style: the backward recomputes the probabilities from a saved logsumexp instead
+  of keeping [T, T] per head alive (at T=1024 that was 1.6 GB and 5x torch's time)."""
+  return _causal_fwd(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH)[0]
+
+
+def _causal_fwd(q, k, v):
+  B, K, G, T, H = q.shape
+  outs, lses = [], []
+  for a in range(0, T, ATTN_BLOCK):
+    b = min(a + ATTN_BLOCK, T)
+    _, s, causal = _causal_block(q, k, a, b)
+    s = jnp.where(causal, s, -jnp.inf)
+    m = s.max(-1, keepdims=True)
+    e = jnp.exp(s - m)
+    l = e.sum(-1, keepdims=True)
+    o = _bdot(e.astype(v.dtype).reshape(B, K, G * (b - a), b), v[:, :, :b], 2).reshape(B, K, G, b - a, H)
+    outs.append(o / l)  # normalising the [n, H] output, not the [n, b] probabilities
+    lses.append(m + jnp.log(l))
+  o = jnp.concatenate(outs, 3).astype(q.dtype)
+  return o, (q, k, v, o, jnp.concatenate(lses, 3))
+
+
+def _causal_bwd(res, do_BxKxGxTxH):
+  q, k, v, o, lse = res
+  B, K, G, T, H = q.shape
+  do = do_BxKxGxTxH.astype(jnp.float32)
+  delta = (do * o.astype(jnp.float32)).sum(-1, keepdims=True)  # rowsum(dO * O) = rowsum(P * dP)
+  dqs, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+  for a in range(0, T, ATTN_BLOCK):
+    b = min(a + ATTN_BLOCK, T)
+    n = b - a
+    qb, s, causal = _causal_block(q, k, a, b)
+    p = jnp.where(causal, jnp.exp(s - lse[:, :, :, a:b]), 0.0)
+    dob = do[:, :, :, a:b].reshape(B, K, G * n, H).astype(v.dtype)
+    dp = _bdot(dob, v[:, :, :b], 3).reshape(B, K, G, n, b)
+    ds = (p * (dp - delta[:, :, :, a:b]) * (1.0 / math.sqrt(H))).astype(q.dtype).reshape(B, K, G * n, b)
+    dqs.append(_bdot(ds, k[:, :, :b], 2).reshape(B, K, G, n, H))
+    dk = dk.at[:, :, :b].add(jax.lax.dot_general(ds, qb, (((2,), (2,)), ((0, 1), (0, 1))),
+                                                 preferred_element_type=jnp.float32))
+    p = p.astype(v.dtype).reshape(B, K, G * n, b)
+    dv = dv.at[:, :, :b].add(jax.lax.dot_general(p, dob, (((2,), (2,)), ((0, 1), (0, 1))),
+                                                 preferred_element_type=jnp.float32))
+  return jnp.concatenate(dqs, 3).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+causal_attention.defvjp(_causal_fwd, _causal_bwd)
 
 
 @jax.custom_jvp
@@ -166,16 +238,14 @@ def _gelu_jvp(primals, tangents):
   return x * cdf, (cdf + x * pdf) * tangents[0]
 
 
-def _attention_with_dropout(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask, rate: float, key):
+def _attention_with_dropout(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, rate: float, key):
   """Reference attention with dropout on the probabilities (training with model.dropout > 0 only)."""
   B, T, N, H = q_BxTxNxH.shape
   K, S = k_BxKxSxH.shape[1], k_BxKxSxH.shape[2]
   q = q_BxTxNxH.reshape(B, T, K, N // K, H)
   s_BxKxGxTxS = jnp.einsum('btkgh,bksh->bkgts', q, k_BxKxSxH.astype(q.dtype),
                            preferred_element_type=jnp.float32) / math.sqrt(H)
-  if mask is None:
-    mask = jnp.tril(jnp.ones((T, S), bool))[None, None]
-  s_BxKxGxTxS = jnp.where(mask[:, :, None], s_BxKxGxTxS, jnp.finfo(jnp.float32).min)
+  s_BxKxGxTxS = jnp.where(jnp.tril(jnp.ones((T, S), bool)), s_BxKxGxTxS, jnp.finfo(jnp.float32).min)
   p = dropout(jax.nn.softmax(s_BxKxGxTxS, axis=-1), rate, key).astype(q.dtype)
   o = jnp.einsum('bkgts,bksh->btkgh', p, v_BxKxSxH.astype(q.dtype), preferred_element_type=jnp.float32)
   return o.reshape(B, T, N, H).astype(q.dtype)
@@ -233,7 +303,7 @@ class GPT(nnx.Module):
 
   def init_cache(self, batch: int, length: int | None = None) -> Cache:
     c = self.c
-    shape = (batch, c.n_kv_head, length or c.max_positions, c.head_dim)
+    shape = (batch * c.n_kv_head, length or c.max_positions, c.head_dim)
     z = lambda: jnp.zeros(shape, DTYPES[c.dtype])  # distinct buffers, so a cache can be donated
     return [{'k': z(), 'v': z()} for _ in range(c.n_layer)]
 

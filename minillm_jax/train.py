@@ -208,8 +208,8 @@ def run(cfg, workdir: str) -> dict:
                         lr_at=lambda s: float(sched(s - 1)))
   stop, stopped_early, status = Stop(), False, 'finished'
 
-  def evaluate() -> float:
-    return float(np.mean(jax.device_get([eval_fn(state['params'], b) for b in val])))
+  def evaluate() -> float:  # one batch at a time: see the in-flight bound below
+    return float(np.mean([float(eval_fn(state['params'], b)) for b in val]))
 
   def save(step: int, val_loss: float | None):
     meta = {'step': step, 'val_loss': val_loss, 'model_config': mc.to_dict(), 'config': config_lib.to_plain(cfg),
@@ -221,11 +221,16 @@ def run(cfg, workdir: str) -> dict:
     b = bs[0] if A == 1 else {k: np.stack([x[k] for x in bs]) for k in bs[0]}
     return parallel.global_batch(b, b_shard)
 
-  step = start
+  step, prev = start, None
   while step < t.steps:
     batch = next_batch()
     state, m = step_fn(state, batch, jnp.int32(step))
-    step += 1
+    # At most two steps in flight: with several CPU devices, a deep queue of programs with collectives can
+    # deadlock XLA:CPU's in-process all-reduce (reproduced with 50 queued calls on 2 cores). Costs nothing:
+    # the next batch is still prepared while a step runs.
+    if prev is not None and n_dev > 1:
+      jax.block_until_ready(prev)
+    step, prev = step + 1, m['loss']
     mon.record(step, m)
     last = step == t.steps
     if step % t.log_every == 0 or last or stop.reason or step % t.eval_every == 0 or step % t.ckpt_every == 0:
@@ -264,6 +269,13 @@ def main(argv):
   from minillm_jax import cli
   F = flags.FLAGS
   cfg = cli.config() if F['config'].present or F['config'].value is not None else None
+  cfg = load_run_config(F.workdir, cfg)
+  m = cfg.model
+  d_ff = m.d_ff or 4 * m.d_model
+  weights = m.n_layer * (4 * m.d_model ** 2 + 3 * m.d_model * d_ff) + 2 * m.d_model * (m.vocab_size or 2 ** 16)
+  n = parallel.cpu_device_count(cfg.train.cpu_devices, cfg.train.batch_size, weights)
+  if parallel.use_cpu_devices(n):
+    print(f'CPU: {n} devices, one per core (data parallel; train.cpu_devices=1 for a single device)', flush=True)
   summary = run(cfg, F.workdir)
   if summary['status'] == 'finished' and F.sample:
     from minillm_jax import sample

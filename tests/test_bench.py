@@ -66,7 +66,11 @@ def test_quick_smoke(tmp_path):
             f'## GPU\n\n{OTHER}\n')
   p = run_module('minillm_jax.bench', *tiny_args(tmp), '--quick', '--update_md', f'--md={md}', timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
-  check(tmp, {'jax_float32', 'jax_bfloat16', 'torch_eager_fp32'})  # --quick leaves out torch.compile
+  res = check(tmp, {'jax_float32', 'jax_float32_dp', 'jax_bfloat16', 'torch_eager_fp32'})  # no torch.compile
+  t = res['runs'][0]['train']['variants']
+  cores = min(len(os.sched_getaffinity(0)), 8)
+  assert t['jax_float32']['devices'] == 1  # and _dp: batch 4 over the most CPU devices (one per core) dividing it
+  assert t['jax_float32_dp']['devices'] == max(d for d in range(1, cores + 1) if 4 % d == 0)
   with open(md) as f:
     text = f.read()
   assert 'intro stays' in text and OTHER in text and '\nold\n' not in text and '| variant | ms/step' in text

@@ -51,6 +51,8 @@ def test_loss_decreases_and_outputs_are_written(tmp_path):
   tmp = str(tmp_path)
   r = run_module('minillm_jax.train', *args(tmp, **{'train.steps': 60}))
   assert r.returncode == 0, r.stderr[-2000:]
+  if len(os.sched_getaffinity(0)) >= 2:  # auto: the batch of 8 spread over one CPU device per core
+    assert 'CPU: 2 devices' in r.stdout or 'CPU: 4 devices' in r.stdout or 'CPU: 8 devices' in r.stdout
   ls = losses(tmp)
   assert np.mean([ls[s] for s in range(51, 61)]) < 0.6 * np.mean([ls[s] for s in range(1, 6)])
   rows = metrics(tmp)
@@ -136,6 +138,8 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path):
         fh.write(b'garbage')
   r = run_module('minillm_jax.train', *args(tmp, **{'train.steps': 60}))
   assert r.returncode == 0, r.stderr[-2000:]
+  if len(os.sched_getaffinity(0)) >= 2:  # auto: the batch of 8 spread over one CPU device per core
+    assert 'CPU: 2 devices' in r.stdout or 'CPU: 4 devices' in r.stdout or 'CPU: 8 devices' in r.stdout
   assert 'checkpoint step 40 is unreadable' in r.stderr and 'resuming from step 20' in r.stdout
   assert os.path.isdir(glob.glob(f'{tmp}/run/corrupt_checkpoints/40-*')[0])
   assert 60 in [int(d) for d in os.listdir(f'{tmp}/run/checkpoints')]
@@ -145,12 +149,24 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path):
 def test_one_and_eight_devices_agree(tmp_path, fsdp):
   tmp = str(tmp_path)
   over = {'train.steps': 10, 'train.fsdp': fsdp, 'model.d_model': 64, 'model.n_head': 4}
-  r1 = run_module('minillm_jax.train', *args(tmp, 'one', **over))
+  r1 = run_module('minillm_jax.train', *args(tmp, 'one', **over, **{'train.cpu_devices': 1}))
+  assert 'CPU:' not in r1.stdout
   r8 = run_module('minillm_jax.train', *args(tmp, 'eight', **over),
                   env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
   assert r1.returncode == 0 and r8.returncode == 0, r8.stderr[-2000:]
   a, b = losses(tmp, 'one'), losses(tmp, 'eight')
   np.testing.assert_allclose([a[s] for s in range(1, 11)], [b[s] for s in range(1, 11)], rtol=2e-5)
+
+
+def test_cpu_device_count(monkeypatch):
+  from minillm_jax import parallel
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(6)))
+  assert parallel.cpu_device_count(0, 12, 1e6) == 6
+  assert parallel.cpu_device_count(0, 8, 1e6) == 4   # the largest count <= cores that divides the batch
+  assert parallel.cpu_device_count(0, 7, 1e6) == 1
+  assert parallel.cpu_device_count(3, 8, 1e6) == 3   # asked for: used as is (the loop checks divisibility)
+  ram = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  assert parallel.cpu_device_count(0, 12, ram / 4 / 16 / 2) == 2  # two replicas fit in a quarter of RAM
 
 
 def _tiny_state():

@@ -156,7 +156,7 @@ def _jax_train(cfg, mc, dtype: str, params0, batch: dict, dp: bool = False) -> t
   gdef, _ = nnx.split(nnx.eval_shape(lambda: GPT(c, nnx.Rngs(params=0))))
   params = jax.tree.map(jnp.copy, params0)
   tx, _ = train.make_optimizer(cfg.optim, cfg.train.steps)
-  n = max(d for d in range(1, len(jax.devices()) + 1) if batch['inputs'].shape[0] % d == 0) if dp else 1
+  n = parallel.largest_divisor(batch['inputs'].shape[0], len(jax.devices())) if dp else 1
   mesh = parallel.make_mesh(jax.devices()[:n])
   p_shard = parallel.param_shardings(mesh, params, False)
   params = jax.device_put(params, p_shard)

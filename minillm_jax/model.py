@@ -111,35 +111,34 @@ class Attention(nnx.Module):
     q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = qkv[:, :, :N], qkv[:, :, N:N + K], qkv[:, :, N + K:]
     if rope is not None:
       q_BxTxNxH, k_BxTxKxH = apply_rope(q_BxTxNxH, *rope), apply_rope(k_BxTxKxH, *rope)
-    k_BxKxTxH, v_BxKxTxH = k_BxTxKxH.transpose(0, 2, 1, 3), v_BxTxKxH.transpose(0, 2, 1, 3)
     if cache is not None:  # write this chunk at [pos, pos+T) of the preallocated cache, attend to [0, pos+T)
-      cache = {n: jax.lax.dynamic_update_slice(cache[n], x.reshape(B * K, T, H).astype(cache[n].dtype), (0, pos, 0))
-               for n, x in (('k', k_BxKxTxH), ('v', v_BxKxTxH))}
+      cache = {n: jax.lax.dynamic_update_slice(
+                   cache[n], x.transpose(0, 2, 1, 3).reshape(B * K, T, H).astype(cache[n].dtype), (0, pos, 0))
+               for n, x in (('k', k_BxTxKxH), ('v', v_BxTxKxH))}
       o_BxTxNxH = cached_attention(q_BxTxNxH, cache['k'].astype(dt), cache['v'].astype(dt), pos)
     elif key is not None and c.dropout > 0:
-      o_BxTxNxH = _attention_with_dropout(q_BxTxNxH, k_BxKxTxH, v_BxKxTxH, c.dropout, key)
+      o_BxTxNxH = _attention_with_dropout(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, c.dropout, key)
     else:
-      o_BxTxNxH = attention(q_BxTxNxH, k_BxKxTxH, v_BxKxTxH)
+      o_BxTxNxH = attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
     return self.proj(o_BxTxNxH.reshape(B * T, N * H), dt), cache
 
 
-def attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH):
+def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH):
   """Causal self-attention, float32 logits and softmax. Accelerators use jax.nn.dot_product_attention
   (GQA-aware; implementation='cudnn' can be plugged in there for flash attention); CPU uses the blockwise
   `causal_attention` with a recomputing backward."""
   if jax.default_backend() != 'cpu':
-    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxKxSxH.transpose(0, 2, 1, 3), v_BxKxSxH.transpose(0, 2, 1, 3),
-                                        is_causal=True)
+    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, is_causal=True)
   B, T, N, H = q_BxTxNxH.shape
-  K = k_BxKxSxH.shape[1]
+  K = k_BxTxKxH.shape[2]
   q_BxKxGxTxH = q_BxTxNxH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
-  o_BxKxGxTxH = causal_attention(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH)
+  o_BxKxGxTxH = causal_attention(q_BxKxGxTxH, k_BxTxKxH.transpose(0, 2, 1, 3), v_BxTxKxH.transpose(0, 2, 1, 3))
   return o_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q_BxTxNxH.dtype)
 
 
-def _bdot(a_BxKxMxC, b, b_contract: int):
-  """Batched (over B, K) matmul contracting a's last axis with b's axis b_contract, float32 result."""
-  return jax.lax.dot_general(a_BxKxMxC, b, (((3,), (b_contract,)), ((0, 1), (0, 1))),
+def _bdot(a, b, b_contract: int, a_contract: int = 3):
+  """Matmul batched over the leading (B, K) axes of 4-D a and b, float32 result."""
+  return jax.lax.dot_general(a, b, (((a_contract,), (b_contract,)), ((0, 1), (0, 1))),
                              preferred_element_type=jnp.float32)
 
 
@@ -212,11 +211,8 @@ def _causal_bwd(res, do_BxKxGxTxH):
     dp = _bdot(dob, v[:, :, :b], 3).reshape(B, K, G, n, b)
     ds = (p * (dp - delta[:, :, :, a:b]) * (1.0 / math.sqrt(H))).astype(q.dtype).reshape(B, K, G * n, b)
     dqs.append(_bdot(ds, k[:, :, :b], 2).reshape(B, K, G, n, H))
-    dk = dk.at[:, :, :b].add(jax.lax.dot_general(ds, qb, (((2,), (2,)), ((0, 1), (0, 1))),
-                                                 preferred_element_type=jnp.float32))
-    p = p.astype(v.dtype).reshape(B, K, G * n, b)
-    dv = dv.at[:, :, :b].add(jax.lax.dot_general(p, dob, (((2,), (2,)), ((0, 1), (0, 1))),
-                                                 preferred_element_type=jnp.float32))
+    dk = dk.at[:, :, :b].add(_bdot(ds, qb, 2, a_contract=2))
+    dv = dv.at[:, :, :b].add(_bdot(p.astype(v.dtype).reshape(B, K, G * n, b), dob, 2, a_contract=2))
   return jnp.concatenate(dqs, 3).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
@@ -238,16 +234,16 @@ def _gelu_jvp(primals, tangents):
   return x * cdf, (cdf + x * pdf) * tangents[0]
 
 
-def _attention_with_dropout(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, rate: float, key):
+def _attention_with_dropout(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, rate: float, key):
   """Reference attention with dropout on the probabilities (training with model.dropout > 0 only)."""
   B, T, N, H = q_BxTxNxH.shape
-  K, S = k_BxKxSxH.shape[1], k_BxKxSxH.shape[2]
+  S, K = k_BxSxKxH.shape[1], k_BxSxKxH.shape[2]
   q = q_BxTxNxH.reshape(B, T, K, N // K, H)
-  s_BxKxGxTxS = jnp.einsum('btkgh,bksh->bkgts', q, k_BxKxSxH.astype(q.dtype),
+  s_BxKxGxTxS = jnp.einsum('btkgh,bskh->bkgts', q, k_BxSxKxH.astype(q.dtype),
                            preferred_element_type=jnp.float32) / math.sqrt(H)
   s_BxKxGxTxS = jnp.where(jnp.tril(jnp.ones((T, S), bool)), s_BxKxGxTxS, jnp.finfo(jnp.float32).min)
   p = dropout(jax.nn.softmax(s_BxKxGxTxS, axis=-1), rate, key).astype(q.dtype)
-  o = jnp.einsum('bkgts,bksh->btkgh', p, v_BxKxSxH.astype(q.dtype), preferred_element_type=jnp.float32)
+  o = jnp.einsum('bkgts,bskh->btkgh', p, v_BxSxKxH.astype(q.dtype), preferred_element_type=jnp.float32)
   return o.reshape(B, T, N, H).astype(q.dtype)
 
 

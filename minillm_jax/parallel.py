@@ -21,7 +21,12 @@ def cpu_device_count(requested: int, batch_size: int, weights: float) -> int:
   cores = min(len(os.sched_getaffinity(0)), 8)
   ram = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
   fits = max(1, int(ram / 4 // max(16 * weights, 1)))
-  return max(d for d in range(1, min(cores, fits) + 1) if batch_size % d == 0)
+  return largest_divisor(batch_size, min(cores, fits))
+
+
+def largest_divisor(n: int, limit: int) -> int:
+  """The most devices (<= limit) that split a batch of n rows evenly."""
+  return max(d for d in range(1, limit + 1) if n % d == 0)
 
 
 def use_cpu_devices(n: int) -> bool:

@@ -20,7 +20,7 @@ from flax import nnx
 from minillm_jax import config as config_lib
 from minillm_jax import parallel
 from minillm_jax.config import UserError
-from minillm_jax.model import GPT, flops_per_token
+from minillm_jax.model import GPT, flops_per_token, param_counts
 
 
 # ----------------------------------------------------------------------------------------------- optimizer
@@ -270,12 +270,10 @@ def main(argv):
   F = flags.FLAGS
   cfg = cli.config() if F['config'].present or F['config'].value is not None else None
   cfg = load_run_config(F.workdir, cfg)
-  m = cfg.model
-  d_ff = m.d_ff or 4 * m.d_model
-  weights = m.n_layer * (4 * m.d_model ** 2 + 3 * m.d_model * d_ff) + 2 * m.d_model * (m.vocab_size or 2 ** 16)
+  weights = param_counts(config_lib.model_config(cfg, 2 ** 16))['total']  # before the tokenizer: vocab bound
   n = parallel.cpu_device_count(cfg.train.cpu_devices, cfg.train.batch_size, weights)
   if parallel.use_cpu_devices(n):
-    print(f'CPU: {n} devices, one per core (data parallel; train.cpu_devices=1 for a single device)', flush=True)
+    print(f'CPU: {n} devices, data parallel (train.cpu_devices=1 for a single device)', flush=True)
   summary = run(cfg, F.workdir)
   if summary['status'] == 'finished' and F.sample:
     from minillm_jax import sample

@@ -169,7 +169,8 @@ def run(cfg, workdir: str) -> dict:
   mesh = parallel.make_mesh()
   n_dev = mesh.shape[parallel.AXIS]
   if t.batch_size % n_dev:
-    raise UserError(f'train.batch_size={t.batch_size} must be divisible by the {n_dev} devices')
+    raise UserError(f'train.batch_size={t.batch_size} must be divisible by the {n_dev} devices '
+                    '(on a CPU: train.cpu_devices=0 picks a count that divides it)')
   tx, sched = make_optimizer(o, t.steps)
   p_shard = parallel.param_shardings(mesh, params, t.fsdp)
   params = jax.device_put(params, p_shard)

@@ -161,7 +161,7 @@ def _jax_train(cfg, mc, dtype: str, params0, batch: dict, dp: bool = False) -> t
   p_shard = parallel.param_shardings(mesh, params, False)
   params = jax.device_put(params, p_shard)
   opt = jax.jit(tx.init, out_shardings=parallel.opt_shardings(mesh, tx, params, p_shard))(params)
-  batch = parallel.global_batch({k: np.asarray(v) for k, v in batch.items()}, parallel.batch_sharding(mesh, False))
+  batch = parallel.global_batch({k: np.asarray(v) for k, v in batch.items()}, parallel.batch_sharding(mesh))
   box = {'state': {'params': params, 'opt': opt}, 'i': 0, 'dispatch': [], 'devices': n}
   fn = jax.jit(functools.partial(train.train_step, gdef=gdef, tx=tx, seed=cfg.train.seed),
                donate_argnums=(0,))

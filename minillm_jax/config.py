@@ -59,6 +59,7 @@ def default_config() -> ConfigDict:
       patience=0,                       # evals without improvement before stopping; 0 = never stop early
       seed=1337, init_from='', log_every=10, fsdp=False,
       cpu_devices=0,                    # CPU only: JAX devices to split the cores into; 0 = one per core (auto)
+      steps_per_call=0,                 # steps per jitted call (lax.scan); 0 = auto: >1 only for small models
       peak_flops=_none(float)))         # FLOP/s for MFU; None: measured matmul peak of the device
   c.sample = ConfigDict(dict(
       temperature=0.8, top_k=_none(int), top_p=1.0, repetition_penalty=1.0, repetition_window=64,
@@ -134,7 +135,8 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     v = flat[name]
     need(v is None or v > 0, f'{name}={v} must be a positive integer')
   for name in ('optim.warmup_steps', 'optim.weight_decay', 'optim.grad_clip', 'optim.min_lr', 'train.patience',
-               'model.dropout', 'sample.temperature', 'data.max_docs', 'data.num_workers', 'train.cpu_devices'):
+               'model.dropout', 'sample.temperature', 'data.max_docs', 'data.num_workers', 'train.cpu_devices',
+               'train.steps_per_call'):
     need(flat[name] >= 0, f'{name}={flat[name]} must be >= 0')
   m, o, t = cfg.model, cfg.optim, cfg.train
   need(m.d_model % m.n_head == 0,

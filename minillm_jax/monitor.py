@@ -102,7 +102,7 @@ class Monitor:
     self.elapsed0 = meta.get('elapsed', 0.0)
     self.prev_eval = meta.get('prev_eval')  # (train_loss, val_loss) at the previous evaluation
     self.last_train = meta.get('last_train_loss')
-    self.pending, self.since_eval = [], []
+    self.pending, self.rows_in, self.since_eval = [], [], []  # per call (device); per step (host), not yet a row
     self.t_run, self.t_flush, self.warm, self.step = time.time(), None, False, start
     self.last_row = {}
     self.bar = tqdm(total=steps, initial=start, desc='train', unit='step', dynamic_ncols=True, mininterval=0.5,
@@ -124,38 +124,55 @@ class Monitor:
         self.tb.add_scalar(k, v, row['step'])
 
   def record(self, step: int, m: dict):
+    """One call's metrics: scalars, or [k] arrays for the k steps ending at `step`."""
     self.pending.append((step, m))
+    self.bar.update(step - self.step)
     self.step = step
-    self.bar.update(1)
 
-  def flush(self) -> tuple[int, float] | None:
-    """Fetches pending losses (a device sync); returns (step, value) of the first non-finite loss."""
-    if not self.pending:
-      return None
+  def flush(self, log_every: int, final: bool) -> tuple[int, float] | None:
+    """Fetches pending losses (a device sync) and writes one row per log_every steps; `final` also writes the
+    steps since the last full row (at an eval, a checkpoint, the end or a stop). Returns (step, value) of the
+    first non-finite loss."""
     got = jax.device_get([m for _, m in self.pending])
     now = time.time()
-    for (step, _), m in zip(self.pending, got):
-      if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
-        self.pending = []
-        return step, float(m['loss']) if not np.isfinite(m['loss']) else float('nan')
-    n = len(self.pending)
-    losses = [float(m['loss']) for m in got]
-    self.tokens += n * self.tps
-    last = self.pending[-1][0]
-    row = {'step': last, 'train_loss': float(np.mean(losses)), 'lr': self.lr_at(last),
-           'grad_norm': float(got[-1]['grad_norm']), 'tokens_seen': self.tokens}
-    if self.t_flush is not None and self.warm:  # the first interval holds compilation: no speed for it
-      dt = now - self.t_flush
-      row['tokens_per_s'] = n * self.tps / dt
-      row['mfu'] = row['tokens_per_s'] * self.fpt / self.peak
-    self.warm = True
-    self.t_flush = now
-    row['time'] = self.elapsed0 + now - self.t_run
-    self.since_eval += losses
-    self.last_train = row['train_loss']
+    fetched = 0
+    for (last, _), m in zip(self.pending, got):
+      ls, gs = np.atleast_1d(m['loss']).tolist(), np.atleast_1d(m['grad_norm']).tolist()
+      self.rows_in.extend(zip(range(last - len(ls) + 1, last + 1), ls, gs))
+      fetched += len(ls)
     self.pending = []
-    self._write(row)
-    self.last_row = row
+    for s, lv, gv in self.rows_in:
+      if not (np.isfinite(lv) and np.isfinite(gv)):
+        self.rows_in = []
+        return s, lv if not np.isfinite(lv) else float('nan')
+    if not fetched:
+      return None
+    rate = None
+    if self.t_flush is not None and self.warm:  # the first interval holds compilation: no speed for it
+      rate = fetched * self.tps / (now - self.t_flush)
+    self.warm, self.t_flush = True, now
+    rows, row, i = self.rows_in, None, 0
+    while i < len(rows):
+      j = i + 1  # a row ends at a multiple of log_every, or at the last step when final
+      while j < len(rows) and rows[j - 1][0] % log_every:
+        j += 1
+      if rows[j - 1][0] % log_every and not final:
+        break
+      losses = [lv for _, lv, _ in rows[i:j]]
+      self.tokens += (j - i) * self.tps
+      self.since_eval += losses
+      step = rows[j - 1][0]
+      row = {'step': step, 'train_loss': float(np.mean(losses)), 'lr': self.lr_at(step),
+             'grad_norm': rows[j - 1][2], 'tokens_seen': self.tokens}
+      if rate is not None:
+        row.update(tokens_per_s=rate, mfu=rate * self.fpt / self.peak)
+      row['time'] = self.elapsed0 + now - self.t_run
+      self._write(row)
+      i = j
+    self.rows_in = rows[i:]
+    if row is None:
+      return None
+    self.last_train, self.last_row = row['train_loss'], row
     post = {'loss': f'{row["train_loss"]:.4f}', 'lr': f'{row["lr"]:.2e}'}
     if 'tokens_per_s' in row:
       post.update({'tok/s': f'{row["tokens_per_s"]:,.0f}', 'mfu': f'{100 * row["mfu"]:.1f}%'})

@@ -81,10 +81,13 @@ def opt_shardings(mesh: Mesh, tx: optax.GradientTransformation, params, p_shardi
                                           transform_non_params=lambda _: replicated(mesh))
 
 
-def batch_sharding(mesh: Mesh, accum: bool) -> NamedSharding:
-  return NamedSharding(mesh, P(None, AXIS) if accum else P(AXIS))
+def batch_sharding(mesh: Mesh, lead: int = 0) -> NamedSharding:
+  """Rows split over the mesh; `lead` leading axes (steps of a call, accumulated micro-batches) unsplit."""
+  return NamedSharding(mesh, P(*[None] * lead, AXIS))
 
 
 def global_batch(batch: dict, sharding: NamedSharding) -> dict:
   """This process's rows -> global arrays sharded over the mesh (the per-process data shards join)."""
+  if jax.process_count() == 1:  # same result; device_put is ~0.5 ms/step cheaper on the host
+    return jax.device_put(batch, sharding)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import signal
 import time
@@ -36,7 +37,7 @@ def decay_mask(params, decay_embeddings: bool):
   """Weight decay on matrices only: never norms or biases; embeddings only when asked."""
   def rule(path, x):
     name = jax.tree_util.keystr(path)
-    is_emb = name.startswith("['wte']") or name.startswith("['wpe']")
+    is_emb = name.startswith(("['wte']", "['wpe']"))
     return x.ndim >= 2 and (decay_embeddings or not is_emb)
   return jax.tree_util.tree_map_with_path(rule, params)
 
@@ -83,13 +84,34 @@ def train_step(state: dict, batch: dict, step, *, gdef, tx, seed: int) -> tuple[
   return {'params': optax.apply_updates(params, updates), 'opt': opt}, {'loss': loss, 'grad_norm': gnorm}
 
 
-def eval_step(params, batch: dict, *, gdef) -> jax.Array:
-  return loss_fn(params, gdef, batch['inputs'], batch['targets'], None)
+def train_steps(state: dict, batches: dict, step0, *, gdef, tx, seed: int) -> tuple[dict, dict]:
+  """K = len(batches) train_steps in one call (lax.scan); metrics come back as [K] arrays. A small model's
+  step is not much longer than the dispatch and host sync around it: a call of several steps pays them once."""
+  def body(st, xs):
+    batch, i = xs
+    return train_step(st, batch, step0 + i, gdef=gdef, tx=tx, seed=seed)
+  K = jax.tree.leaves(batches)[0].shape[0]
+  return jax.lax.scan(body, state, (batches, jnp.arange(K, dtype=jnp.int32)))
+
+
+def eval_loss(params, batches: dict, *, gdef) -> jax.Array:
+  """Mean loss over stacked batches [E,B,T]: one call, one batch's activations in memory at a time."""
+  return jax.lax.map(lambda b: loss_fn(params, gdef, b['inputs'], b['targets'], None), batches).mean()
+
+
+def steps_per_call(t, flops_per_step: float) -> int:
+  """train.steps_per_call, or auto: steps worth about 5e10 FLOPs (half a second or less on a CPU, so SIGTERM
+  still answers quickly), at most 16, dividing the eval and checkpoint intervals (calls never cross them)."""
+  if t.steps_per_call:
+    return t.steps_per_call
+  cap = int(min(16, max(1, 5e10 // flops_per_step)))
+  return parallel.largest_divisor(math.gcd(t.eval_every, t.ckpt_every), cap)
 
 
 # ----------------------------------------------------------------------------------------------- setup
 class Stop:
-  """SIGTERM/SIGINT: finish the current step, save, exit 0. A second signal exits at once."""
+  """SIGTERM/SIGINT: finish the current call (train.steps_per_call steps), save, exit 0. A second signal exits
+  at once."""
 
   def __init__(self):
     self.reason = None
@@ -178,12 +200,12 @@ def run(cfg, workdir: str) -> dict:
   state = {'params': params, 'opt': jax.jit(tx.init, out_shardings=o_shard)(params)}
   s_shard = {'params': p_shard, 'opt': o_shard}
   A = o.accum_steps
-  b_shard = parallel.batch_sharding(mesh, A > 1)
+  b_shard = parallel.batch_sharding(mesh, 1 + (A > 1))  # [K, (A,) B, T]
   local_B = t.batch_size // jax.process_count()
   it = data.train_iter(prep, local_B, mc.block_size, t.seed, cfg.data.num_workers, jax.process_index(),
                        jax.process_count())
-  val = [parallel.global_batch(b, parallel.batch_sharding(mesh, False))
-         for b in data.val_batches(prep, t.batch_size, mc.block_size, t.eval_batches)]
+  val = data.val_batches(prep, t.batch_size, mc.block_size, t.eval_batches)
+  val = parallel.global_batch({k: np.stack([b[k] for b in val]) for k in val[0]}, parallel.batch_sharding(mesh, 1))
 
   ck = checkpoint.Checkpointer(workdir, keep=t.keep)
   start, meta0 = 0, {}
@@ -201,41 +223,48 @@ def run(cfg, workdir: str) -> dict:
     else:
       print(f'starting from the imported weights in {workdir} (step {step0}, fresh optimizer)', flush=True)
 
-  step_fn = jax.jit(functools.partial(train_step, gdef=gdef, tx=tx, seed=t.seed), donate_argnums=(0,),
+  step_fn = jax.jit(functools.partial(train_steps, gdef=gdef, tx=tx, seed=t.seed), donate_argnums=(0,),
                     out_shardings=(s_shard, None))
-  eval_fn = jax.jit(functools.partial(eval_step, gdef=gdef))
-  mon = monitor.Monitor(workdir, cfg, mc, start, t.steps, tokens_per_step=A * t.batch_size * mc.block_size,
+  eval_fn = jax.jit(functools.partial(eval_loss, gdef=gdef))
+  tokens_per_step = A * t.batch_size * mc.block_size
+  K = steps_per_call(t, tokens_per_step * flops_per_token(mc)['train'])
+  mon = monitor.Monitor(workdir, cfg, mc, start, t.steps, tokens_per_step=tokens_per_step,
                         flops_per_token=flops_per_token(mc)['train'], meta=meta0,
                         lr_at=lambda s: float(sched(s - 1)))
   stop, stopped_early, status = Stop(), False, 'finished'
 
-  def evaluate() -> float:  # one batch at a time: see the in-flight bound below
-    return float(np.mean([float(eval_fn(state['params'], b)) for b in val]))
+  def evaluate() -> float:
+    return float(eval_fn(state['params'], val))
 
   def save(step: int, val_loss: float | None):
     meta = {'step': step, 'val_loss': val_loss, 'model_config': mc.to_dict(), 'config': config_lib.to_plain(cfg),
             'tokenizer': tok_json, **mon.state()}
     ck.save(step, state['params'], meta, state['opt'], it, val_loss)
 
-  def next_batch():
-    bs = [next(it) for _ in range(A)]
-    b = bs[0] if A == 1 else {k: np.stack([x[k] for x in bs]) for k in bs[0]}
-    return parallel.global_batch(b, b_shard)
+  def next_batches(k: int) -> dict:
+    bs = [next(it) for _ in range(k * A)]
+    return parallel.global_batch({key: np.stack([x[key] for x in bs]).reshape(k, *([A] * (A > 1)), *v.shape)
+                                  for key, v in bs[0].items()}, b_shard)
 
   step, prev = start, None
   while step < t.steps:
-    batch = next_batch()
-    state, m = step_fn(state, batch, jnp.int32(step))
-    # At most two steps in flight: with several CPU devices, a deep queue of programs with collectives can
+    # K steps per call while no eval, checkpoint or the end falls inside; single steps otherwise (two compiled
+    # sizes at most). A resumed run starts on a call boundary of the uninterrupted one, so it makes the same
+    # calls and its losses stay bitwise equal.
+    k = K if min(t.eval_every - step % t.eval_every, t.ckpt_every - step % t.ckpt_every, t.steps - step) >= K else 1
+    state, m = step_fn(state, next_batches(k), jnp.int32(step))
+    # At most two calls in flight: with several CPU devices, a deep queue of programs with collectives can
     # deadlock XLA:CPU's in-process all-reduce (reproduced with 50 queued calls on 2 cores). Costs nothing:
-    # the next batch is still prepared while a step runs.
+    # the next batch is still prepared while a call runs.
     if prev is not None and n_dev > 1:
       jax.block_until_ready(prev)
-    step, prev = step + 1, m['loss']
+    logged = step // t.log_every != (step + k) // t.log_every
+    step, prev = step + k, m['loss']
     mon.record(step, m)
     last = step == t.steps
-    if step % t.log_every == 0 or last or stop.reason or step % t.eval_every == 0 or step % t.ckpt_every == 0:
-      bad = mon.flush()  # syncs: losses of the steps since the last flush
+    final = last or stop.reason or step % t.eval_every == 0 or step % t.ckpt_every == 0
+    if logged or final:
+      bad = mon.flush(t.log_every, final)  # syncs: losses of the steps since the last flush
       if bad is not None:
         ck.wait()
         raise UserError(f'loss is {bad[1]} at step {bad[0]}; the run is stopped and the last good checkpoint '

@@ -1,9 +1,12 @@
 import os
 import subprocess
 import sys
+import tempfile
 
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
+# one XLA compilation cache for the session's runs (not the user's ~/.cache): repeated shapes compile once
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='minillm-xla-'))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -158,6 +158,43 @@ def test_one_and_eight_devices_agree(tmp_path, fsdp):
   np.testing.assert_allclose([a[s] for s in range(1, 11)], [b[s] for s in range(1, 11)], rtol=2e-5)
 
 
+def test_steps_per_call_matches_single_steps(tmp_path):
+  """K steps per jitted call (lax.scan) is the same run as one step per call: same batches, same dropout
+  streams, metrics rows still every log_every steps."""
+  tmp = str(tmp_path)
+  over = {'train.steps': 20, 'model.dropout': 0.1, 'train.log_every': 3, 'train.cpu_devices': 1}
+  r1 = run_module('minillm_jax.train', *args(tmp, 'one', **over, **{'train.steps_per_call': 1}))
+  r5 = run_module('minillm_jax.train', *args(tmp, 'five', **over, **{'train.steps_per_call': 5}))
+  assert r1.returncode == 0 and r5.returncode == 0, r5.stderr[-2000:]
+  a, b = losses(tmp, 'one'), losses(tmp, 'five')
+  assert sorted(a) == sorted(b) == [3, 6, 9, 12, 15, 18, 20]
+  np.testing.assert_allclose([a[s] for s in sorted(a)], [b[s] for s in sorted(a)], rtol=1e-5)
+  assert metrics(tmp, 'five')[-2]['tokens_seen'] == 20 * 8 * 32
+
+
+def test_compilation_cache_is_reused(tmp_path):
+  tmp, cache = str(tmp_path), str(tmp_path / 'xla')
+  over = {'train.steps': 10, 'train.cpu_devices': 1}
+  env = {'JAX_COMPILATION_CACHE_DIR': cache, 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
+  assert run_module('minillm_jax.train', *args(tmp, 'a', **over), env=env).returncode == 0
+  entries = set(os.listdir(cache))
+  assert any(e.startswith('jit_train_steps-') for e in entries)
+  r = run_module('minillm_jax.train', *args(tmp, 'b', **over), env=env)
+  assert r.returncode == 0 and set(os.listdir(cache)) == entries  # the same programs: all read, none added
+  assert losses(tmp, 'a') == losses(tmp, 'b')
+
+
+def test_steps_per_call_auto():
+  cfg = default_config()
+  t = cfg.train  # eval every 250, checkpoints every 500
+  assert train.steps_per_call(t, 4e9) == 10  # shakespeare_char: 12 fit, 10 divides 250
+  assert train.steps_per_call(t, 3e11) == 1  # tiny: one step is already ~0.5 s or more
+  t.eval_every, t.ckpt_every = 20, 30
+  assert train.steps_per_call(t, 1e6) == 10  # at most 16, dividing gcd(20, 30)
+  t.steps_per_call = 4
+  assert train.steps_per_call(t, 3e11) == 4
+
+
 def test_cpu_device_count(monkeypatch):
   from minillm_jax import parallel
   monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(6)))

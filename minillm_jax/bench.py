@@ -150,40 +150,47 @@ def matmul_runs(n: int) -> dict[str, Run]:
 
 # ------------------------------------------------------------------------------------------------- train step
 def _jax_train(cfg, mc, dtype: str, params0, batch: dict, dp: bool = False) -> tuple[Run, Callable[[], dict]]:
-  """The trainer's own step (train.train_step under jax.jit, state donated) in `dtype` compute. dp: data
-  parallel over the local devices, as `train` runs on a CPU split into one device per core."""
+  """The trainer's own step (train.train_steps under jax.jit, state donated) in `dtype` compute. dp: as `train`
+  runs on a CPU: data parallel over one device per core, train.steps_per_call steps per call (one otherwise)."""
   c = dataclasses.replace(mc, dtype=dtype)
   gdef, _ = nnx.split(nnx.eval_shape(lambda: GPT(c, nnx.Rngs(params=0))))
   params = jax.tree.map(jnp.copy, params0)
   tx, _ = train.make_optimizer(cfg.optim, cfg.train.steps)
   n = parallel.largest_divisor(batch['inputs'].shape[0], len(jax.devices())) if dp else 1
+  B, T = batch['inputs'].shape
+  K = train.steps_per_call(cfg.train, B * T * flops_per_token(mc)['train']) if dp else 1
   mesh = parallel.make_mesh(jax.devices()[:n])
   p_shard = parallel.param_shardings(mesh, params, False)
   params = jax.device_put(params, p_shard)
   opt = jax.jit(tx.init, out_shardings=parallel.opt_shardings(mesh, tx, params, p_shard))(params)
-  batch = parallel.global_batch({k: np.asarray(v) for k, v in batch.items()}, parallel.batch_sharding(mesh))
+  batches = {k: parallel.global_batch({n_: np.stack([np.asarray(v)] * k) for n_, v in batch.items()},
+                                      parallel.batch_sharding(mesh, 1)) for k in {1, K}}
   box = {'state': {'params': params, 'opt': opt}, 'i': 0, 'dispatch': [], 'devices': n}
-  fn = jax.jit(functools.partial(train.train_step, gdef=gdef, tx=tx, seed=cfg.train.seed),
+  fn = jax.jit(functools.partial(train.train_steps, gdef=gdef, tx=tx, seed=cfg.train.seed),
                donate_argnums=(0,))
+  if K > 1:  # compile the K-step call now, on a copy: timed runs start warm and the first call is step 0
+    jax.block_until_ready(fn(jax.tree.map(jnp.copy, box['state']), batches[K], jnp.int32(0)))
 
   def run(k: int) -> float:
     prev = None
-    for _ in range(k):
+    for size in [K] * (k // K) + [1] * (k % K):
       t0 = time.perf_counter()
-      box['state'], m = fn(box['state'], batch, jnp.int32(box['i']))
-      box['dispatch'].append(time.perf_counter() - t0)  # host time per step: Python, pytree, launch
-      box['i'] += 1
-      if prev is not None and n > 1:  # at most two steps in flight, as train.run (see parallel.use_cpu_devices)
+      box['state'], m = fn(box['state'], batches[size], jnp.int32(box['i']))
+      box['dispatch'].append((time.perf_counter() - t0) / size)  # host time per step: Python, pytree, launch
+      box['i'] += size
+      if prev is not None and n > 1:  # at most two calls in flight, as train.run (see parallel.use_cpu_devices)
         jax.block_until_ready(prev)
       prev = m['loss']
     jax.block_until_ready((box['state'], m))
-    return float(m['loss'])
+    return float(m['loss'][-1])
 
-  def extra() -> dict:  # XLA's accounting of the compiled step (a cache hit after the first call)
-    ma = fn.lower(box['state'], batch, jnp.int32(0)).compile().memory_analysis()
+  def extra() -> dict:  # XLA's accounting of the compiled single step (a cache hit after the first call)
+    ma = fn.lower(box['state'], batches[1], jnp.int32(0)).compile().memory_analysis()
     mb = (ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes
           - ma.alias_size_in_bytes) / 2**20
-    return {'xla_step_mb': mb, 'dispatch_ms': 1e3 * _med(box['dispatch'][1:]), 'devices': box['devices']}
+    return {'xla_step_mb': mb, 'dispatch_ms': 1e3 * _med(box['dispatch'][1:]), 'devices': box['devices'],
+            'steps_per_call': K}
+  run.steps_per_call = K
   return run, extra
 
 
@@ -261,6 +268,9 @@ def train_bench(cfg, mc, a: dict) -> dict:
   load0 = os.getloadavg()[0]
   s = interleave(runs, dict.fromkeys(runs, 1), 1, probe)
   steps = {v: a['steps'] or int(np.clip(round(1.0 / s[v][0]), 1, 50)) for v in runs}
+  for v, r in runs.items():  # whole calls for variants that run several steps per call, as the trainer does
+    K = getattr(r, 'steps_per_call', 1)
+    steps[v] = K * max(1, round(steps[v] / K))
   steps |= {v: max(1, round(0.5 / s[v][0])) for v in runs if v.startswith('matmul')}
   repeats = a['repeats'] or (5 if sum(s[v][0] * steps[v] for v in runs) < 30 else 3)
   kept = 0 if any(k > 1 for v, k in steps.items() if not v.startswith('matmul')) else 1
@@ -478,7 +488,8 @@ def _train_md(t: dict) -> list[str]:
   for v, d in t['variants'].items():
     pm = '-' if d['step_peak_mb'] is None else f'{d["step_peak_mb"]:,.0f}'
     pm += f' (XLA {d["xla_step_mb"]:,.0f})' if 'xla_step_mb' in d else ''
-    rows.append([v, f'{d["ms"]:,.1f}', f'{100 * d["spread"]:.0f}%', f'{d["tokens_per_s"]:,.0f}',
+    name = f'{v} ({d["devices"]} dev, {d["steps_per_call"]} steps/call)' if d.get('devices', 1) > 1 else v
+    rows.append([name, f'{d["ms"]:,.1f}', f'{100 * d["spread"]:.0f}%', f'{d["tokens_per_s"]:,.0f}',
                  '-' if 'eager' in v else f'{d["compile_s"]:.1f}', f'{d["flops_per_s"] / 1e9:,.1f}',
                  f'{100 * d["mfu"]:.1f}%', pm,
                  f'{d["loss_step0"]:.4f}'])
@@ -486,7 +497,8 @@ def _train_md(t: dict) -> list[str]:
   L += _table(['variant', 'ms/step', 'spread', 'tokens/s', 'compile s', 'GFLOP/s', 'MFU', 'step peak MB',
                'loss at step 0'], rows)
   disp = ', '.join(f'{v} {d["dispatch_ms"]:.2f} ms' for v, d in t['variants'].items() if 'dispatch_ms' in d)
-  L += ['', f'Host time to dispatch a JAX step (Python, pytree flattening, launch): {disp}.'] if disp else []
+  L += ['', f'Host time per JAX step in the call (Python, pytree flattening, launch; with several devices the '
+             f'launch waits for the previous call): {disp}.'] if disp else []
   tv = [v for v in t['variants'] if v.startswith('torch')]
   if t['speedup'] and tv:
     L += _table(['JAX speedup = torch ms / JAX ms', *tv],

@@ -497,8 +497,8 @@ def _train_md(t: dict) -> list[str]:
   L += _table(['variant', 'ms/step', 'spread', 'tokens/s', 'compile s', 'GFLOP/s', 'MFU', 'step peak MB',
                'loss at step 0'], rows)
   disp = ', '.join(f'{v} {d["dispatch_ms"]:.2f} ms' for v, d in t['variants'].items() if 'dispatch_ms' in d)
-  L += ['', f'Host time per JAX step in the call (Python, pytree flattening, launch; with several devices the '
-             f'launch waits for the previous call): {disp}.'] if disp else []
+  L += ['', (f'Host time per JAX step in the call (Python, pytree flattening, launch; with several devices '
+             f'the launch waits for the previous call): {disp}.')] if disp else []
   tv = [v for v in t['variants'] if v.startswith('torch')]
   if t['speedup'] and tv:
     L += _table(['JAX speedup = torch ms / JAX ms', *tv],

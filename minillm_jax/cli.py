@@ -82,7 +82,12 @@ def use_compilation_cache():
     return
   import jax
   base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-  jax.config.update('jax_compilation_cache_dir', os.path.join(base, 'minillm_jax', 'xla'))
+  path = os.path.join(base, 'minillm_jax', 'xla')
+  try:  # a read-only home: run without the cache rather than warn on every compile
+    os.makedirs(path, exist_ok=True)
+  except OSError:
+    return
+  jax.config.update('jax_compilation_cache_dir', path)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
   jax.config.update('jax_compilation_cache_max_size', 2 ** 30)  # least recently used entries go first
 

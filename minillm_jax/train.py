@@ -226,10 +226,10 @@ def run(cfg, workdir: str) -> dict:
   step_fn = jax.jit(functools.partial(train_steps, gdef=gdef, tx=tx, seed=t.seed), donate_argnums=(0,),
                     out_shardings=(s_shard, None))
   eval_fn = jax.jit(functools.partial(eval_loss, gdef=gdef))
-  tokens_per_step = A * t.batch_size * mc.block_size
-  K = steps_per_call(t, tokens_per_step * flops_per_token(mc)['train'])
-  mon = monitor.Monitor(workdir, cfg, mc, start, t.steps, tokens_per_step=tokens_per_step,
-                        flops_per_token=flops_per_token(mc)['train'], meta=meta0,
+  tokens_per_step, fpt = A * t.batch_size * mc.block_size, flops_per_token(mc)['train']
+  K = steps_per_call(t, tokens_per_step * fpt)
+  mon = monitor.Monitor(workdir, cfg, mc, start, t.steps, tokens_per_step=tokens_per_step, flops_per_token=fpt,
+                        meta=meta0,
                         lr_at=lambda s: float(sched(s - 1)))
   stop, stopped_early, status = Stop(), False, 'finished'
 

@@ -40,7 +40,7 @@ from flax import nnx
 
 from minillm_jax import cli, parallel, train
 from minillm_jax import config as config_lib
-from minillm_jax.model import GPT, flops_per_token, param_counts
+from minillm_jax.model import GPT, flops_per_token, init_model, param_counts
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_VARIANTS = ('jax_float32', 'jax_float32_dp', 'jax_bfloat16', 'torch_eager_fp32', 'torch_compile_fp32',
@@ -235,7 +235,7 @@ def train_bench(cfg, mc, a: dict) -> dict:
   B, T, gpu = a['batch_size'], mc.block_size, jax.devices()[0].platform != 'cpu'
   toks = np.random.default_rng(0).integers(0, mc.vocab_size, (B, T + 1)).astype(np.int32)
   batch_np = {'inputs': toks[:, :-1], 'targets': toks[:, 1:]}
-  model = GPT(mc, nnx.Rngs(params=cfg.train.seed))
+  model = init_model(mc, cfg.train.seed)
   flat, params0 = convert.flax_flat(model), nnx.state(model, nnx.Param)
   runs, extra, first, loss0, errors, mem = {}, {}, {}, {}, {}, {}
   for v in a['variants']:
@@ -311,7 +311,7 @@ def decode_bench(cfg, mc, a: dict) -> dict:
   P, N, dev = a['prompt_len'], a['new_tokens'], _tdev()
   T = max(mc.block_size, P + N)  # room for prompt + new tokens: nobody crops or re-prefills
   c = dataclasses.replace(mc, block_size=T, max_positions=max(T, mc.max_positions))
-  model = GPT(c, nnx.Rngs(params=cfg.train.seed))
+  model = init_model(c, cfg.train.seed)
   flat = convert.flax_flat(model)
   tm = tmodel.GPT(c.to_dict())
   tm.load_state_dict(convert.flax_to_torch(c, flat, 'pt'))

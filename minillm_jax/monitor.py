@@ -5,6 +5,7 @@ import json
 import math
 import os
 import socket
+import sys
 import time
 
 import jax
@@ -87,15 +88,27 @@ def matmul_peak_flops(dtype: str) -> float:
   return peak
 
 
+def _summary_writer(logdir: str, purge_step: int | None):
+  # tensorboardX imports torch at module level only to accept torch tensors (1.9 s of a 2-core start-up);
+  # it is written floats here, so torch is hidden while it imports (a later `import torch` works as usual).
+  hide = 'torch' not in sys.modules
+  if hide:
+    sys.modules['torch'] = None
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if hide:
+      del sys.modules['torch']
+  return SummaryWriter(logdir, purge_step=purge_step)
+
+
 class Monitor:
   def __init__(self, workdir: str, cfg, mc, start: int, steps: int, tokens_per_step: int, flops_per_token: float,
-               meta: dict, lr_at=lambda step: float('nan')):
-    from tensorboardX import SummaryWriter
+               meta: dict):
     self.workdir, self.steps, self.tps, self.fpt = workdir, steps, tokens_per_step, flops_per_token
-    self.lr_at = lr_at  # the schedule is only evaluated at flushes: calling it costs a dispatch (~2 ms)
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._truncate_after(start)  # rows a killed run wrote past its last checkpoint
-    self.tb = SummaryWriter(os.path.join(workdir, 'tb'), purge_step=start + 1 if start else None)
+    self.tb = _summary_writer(os.path.join(workdir, 'tb'), purge_step=start + 1 if start else None)
     self.peak = cfg.train.peak_flops or matmul_peak_flops(mc.dtype)
     self.best_val, self.best_step = meta.get('best_val_loss'), meta.get('best_step')
     self.bad_evals, self.tokens = meta.get('bad_evals', 0), meta.get('tokens_seen', 0)
@@ -138,10 +151,11 @@ class Monitor:
     fetched = 0
     for (last, _), m in zip(self.pending, got):
       ls, gs = np.atleast_1d(m['loss']).tolist(), np.atleast_1d(m['grad_norm']).tolist()
-      self.rows_in.extend(zip(range(last - len(ls) + 1, last + 1), ls, gs))
+      lrs = np.atleast_1d(m['lr']).tolist() if 'lr' in m else [float('nan')] * len(ls)
+      self.rows_in.extend(zip(range(last - len(ls) + 1, last + 1), ls, gs, lrs))
       fetched += len(ls)
     self.pending = []
-    for s, lv, gv in self.rows_in:
+    for s, lv, gv, _ in self.rows_in:
       if not (np.isfinite(lv) and np.isfinite(gv)):
         self.rows_in = []
         return s, lv if not np.isfinite(lv) else float('nan')
@@ -158,11 +172,11 @@ class Monitor:
         j += 1
       if rows[j - 1][0] % log_every and not final:
         break
-      losses = [lv for _, lv, _ in rows[i:j]]
+      losses = [r[1] for r in rows[i:j]]
       self.tokens += (j - i) * self.tps
       self.since_eval += losses
       step = rows[j - 1][0]
-      row = {'step': step, 'train_loss': float(np.mean(losses)), 'lr': self.lr_at(step),
+      row = {'step': step, 'train_loss': float(np.mean(losses)), 'lr': rows[j - 1][3],
              'grad_norm': rows[j - 1][2], 'tokens_seen': self.tokens}
       if rate is not None:
         row.update(tokens_per_s=rate, mfu=rate * self.fpt / self.peak)

@@ -21,7 +21,7 @@ from flax import nnx
 from minillm_jax import config as config_lib
 from minillm_jax import parallel
 from minillm_jax.config import UserError
-from minillm_jax.model import GPT, flops_per_token, param_counts
+from minillm_jax.model import flops_per_token, init_model, param_counts
 
 
 # ----------------------------------------------------------------------------------------------- optimizer
@@ -57,9 +57,10 @@ def loss_fn(params, gdef, inputs_BxT, targets_BxT, key):
   return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT).mean()
 
 
-def train_step(state: dict, batch: dict, step, *, gdef, tx, seed: int) -> tuple[dict, dict]:
+def train_step(state: dict, batch: dict, step, *, gdef, tx, seed: int, sched=None) -> tuple[dict, dict]:
   """One optimizer update. batch arrays are [B,T], or [A,B,T] for A accumulated micro-batches (scanned, so
-  the update equals one A*B batch). A non-finite loss or gradient leaves the weights finite."""
+  the update equals one A*B batch). A non-finite loss or gradient leaves the weights finite. With `sched`,
+  the metrics include this update's learning rate (computed here: evaluated eagerly it costs compiles)."""
   params, key = state['params'], jax.random.fold_in(jax.random.key(seed), step)
   grad_fn = jax.value_and_grad(loss_fn)
   if batch['inputs'].ndim == 2:
@@ -81,15 +82,16 @@ def train_step(state: dict, batch: dict, step, *, gdef, tx, seed: int) -> tuple[
   ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
   grads = jax.tree.map(lambda g: jnp.where(ok, g, 0.0), grads)
   updates, opt = tx.update(grads, state['opt'], params)
-  return {'params': optax.apply_updates(params, updates), 'opt': opt}, {'loss': loss, 'grad_norm': gnorm}
+  metrics = {'loss': loss, 'grad_norm': gnorm} | ({'lr': sched(step)} if sched is not None else {})
+  return {'params': optax.apply_updates(params, updates), 'opt': opt}, metrics
 
 
-def train_steps(state: dict, batches: dict, step0, *, gdef, tx, seed: int) -> tuple[dict, dict]:
+def train_steps(state: dict, batches: dict, step0, *, gdef, tx, seed: int, sched=None) -> tuple[dict, dict]:
   """K = len(batches) train_steps in one call (lax.scan); metrics come back as [K] arrays. A small model's
   step is not much longer than the dispatch and host sync around it: a call of several steps pays them once."""
   def body(st, xs):
     batch, i = xs
-    return train_step(st, batch, step0 + i, gdef=gdef, tx=tx, seed=seed)
+    return train_step(st, batch, step0 + i, gdef=gdef, tx=tx, seed=seed, sched=sched)
   K = jax.tree.leaves(batches)[0].shape[0]
   return jax.lax.scan(body, state, (batches, jnp.arange(K, dtype=jnp.int32)))
 
@@ -184,7 +186,7 @@ def run(cfg, workdir: str) -> dict:
     check_same_model(src[0].to_dict(), mc, f'train.init_from={t.init_from!r}')
     gdef, params = nnx.split(src[1])
   else:
-    gdef, params = nnx.split(GPT(mc, nnx.Rngs(params=t.seed)))
+    gdef, params = nnx.split(init_model(mc, t.seed))
   with open(prep.tokenizer_path) as f:
     tok_json = f.read()
 
@@ -223,14 +225,13 @@ def run(cfg, workdir: str) -> dict:
     else:
       print(f'starting from the imported weights in {workdir} (step {step0}, fresh optimizer)', flush=True)
 
-  step_fn = jax.jit(functools.partial(train_steps, gdef=gdef, tx=tx, seed=t.seed), donate_argnums=(0,),
+  step_fn = jax.jit(functools.partial(train_steps, gdef=gdef, tx=tx, seed=t.seed, sched=sched), donate_argnums=(0,),
                     out_shardings=(s_shard, None))
   eval_fn = jax.jit(functools.partial(eval_loss, gdef=gdef))
   tokens_per_step, fpt = A * t.batch_size * mc.block_size, flops_per_token(mc)['train']
   K = steps_per_call(t, tokens_per_step * fpt)
   mon = monitor.Monitor(workdir, cfg, mc, start, t.steps, tokens_per_step=tokens_per_step, flops_per_token=fpt,
-                        meta=meta0,
-                        lr_at=lambda s: float(sched(s - 1)))
+                        meta=meta0)
   stop, stopped_early, status = Stop(), False, 'finished'
 
   def evaluate() -> float:

@@ -143,18 +143,19 @@ class Monitor:
     self.step = step
 
   def flush(self, log_every: int, final: bool) -> tuple[int, float] | None:
-    """Fetches pending losses (a device sync) and writes one row per log_every steps; `final` also writes the
-    steps since the last full row (at an eval, a checkpoint, the end or a stop). Returns (step, value) of the
-    first non-finite loss."""
-    got = jax.device_get([m for _, m in self.pending])
+    """Fetches pending losses and writes one row per log_every steps; `final` also writes the steps since the
+    last full row (at an eval, a checkpoint, the end or a stop). Returns (step, value) of the first non-finite
+    loss. Unless final, the newest call is left pending: fetching it would wait for it, and the devices would
+    idle while the host writes rows and prepares the next batches."""
+    done, self.pending = (self.pending, []) if final else (self.pending[:-1], self.pending[-1:])
+    got = jax.device_get([m for _, m in done])
     now = time.time()
     fetched = 0
-    for (last, _), m in zip(self.pending, got):
+    for (last, _), m in zip(done, got):
       ls, gs = np.atleast_1d(m['loss']).tolist(), np.atleast_1d(m['grad_norm']).tolist()
       lrs = np.atleast_1d(m['lr']).tolist() if 'lr' in m else [float('nan')] * len(ls)
       self.rows_in.extend(zip(range(last - len(ls) + 1, last + 1), ls, gs, lrs))
       fetched += len(ls)
-    self.pending = []
     for s, lv, gv, _ in self.rows_in:
       if not (np.isfinite(lv) and np.isfinite(gv)):
         self.rows_in = []

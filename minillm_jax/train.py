@@ -265,7 +265,7 @@ def run(cfg, workdir: str) -> dict:
     last = step == t.steps
     final = last or stop.reason or step % t.eval_every == 0 or step % t.ckpt_every == 0
     if logged or final:
-      bad = mon.flush(t.log_every, final)  # syncs: losses of the steps since the last flush
+      bad = mon.flush(t.log_every, final)  # losses of finished calls (all calls when final)
       if bad is not None:
         ck.wait()
         raise UserError(f'loss is {bad[1]} at step {bad[0]}; the run is stopped and the last good checkpoint '

@@ -58,6 +58,12 @@ def test_loss_decreases_and_outputs_are_written(tmp_path):
   rows = metrics(tmp)
   keys = {'step', 'train_loss', 'lr', 'grad_norm', 'tokens_seen', 'tokens_per_s', 'time'}
   assert keys <= set(rows[-2]) and {'val_loss', 'val_ppl'} <= set(rows[-1])
+  o = default_config().optim  # the row's lr is the one its step's update used (schedule at step - 1)
+  o.update(warmup_steps=5, lr=3e-3, min_lr=1e-4)
+  sched = train.lr_schedule(o, 60)
+  lrs = {r['step']: r['lr'] for r in rows if 'train_loss' in r}
+  np.testing.assert_allclose([lrs[s] for s in (1, 5, 6, 30, 60)], [float(sched(s - 1)) for s in (1, 5, 6, 30, 60)],
+                             rtol=1e-6)
   assert glob.glob(os.path.join(tmp, 'run', 'tb', 'events.out.tfevents.*'))
   assert sorted(os.listdir(os.path.join(tmp, 'run', 'checkpoints'))) == ['20', '40', '60']
   s = run_module('minillm_jax.status', f'--workdir={tmp}/run', '--json')

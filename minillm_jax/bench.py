@@ -166,7 +166,8 @@ def _jax_train(cfg, mc, dtype: str, params0, batch: dict, dp: bool = False) -> t
   batches = {k: parallel.global_batch({n_: np.stack([np.asarray(v)] * k) for n_, v in batch.items()},
                                       parallel.batch_sharding(mesh, 1)) for k in {1, K}}
   box = {'state': {'params': params, 'opt': opt}, 'i': 0, 'dispatch': [], 'devices': n}
-  fn = jax.jit(functools.partial(train.train_steps, gdef=gdef, tx=tx, seed=cfg.train.seed),
+  dp_mesh = mesh if n > 1 and mc.dropout == 0 else None  # as the trainer
+  fn = jax.jit(functools.partial(train.train_steps, gdef=gdef, tx=tx, seed=cfg.train.seed, dp_mesh=dp_mesh),
                donate_argnums=(0,))
   if K > 1:  # compile the K-step call now, on a copy: timed runs start warm and the first call is step 0
     jax.block_until_ready(fn(jax.tree.map(jnp.copy, box['state']), batches[K], jnp.int32(0)))

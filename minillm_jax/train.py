@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.flatten_util import ravel_pytree
+from jax.sharding import PartitionSpec as P
 
 from minillm_jax import config as config_lib
 from minillm_jax import parallel
@@ -57,25 +59,52 @@ def loss_fn(params, gdef, inputs_BxT, targets_BxT, key):
   return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT).mean()
 
 
-def train_step(state: dict, batch: dict, step, *, gdef, tx, seed: int, sched=None) -> tuple[dict, dict]:
-  """One optimizer update. batch arrays are [B,T], or [A,B,T] for A accumulated micro-batches (scanned, so
-  the update equals one A*B batch). A non-finite loss or gradient leaves the weights finite. With `sched`,
-  the metrics include this update's learning rate (computed here: evaluated eagerly it costs compiles)."""
-  params, key = state['params'], jax.random.fold_in(jax.random.key(seed), step)
+def local_grads(params, gdef, batch: dict, key) -> tuple[jax.Array, dict]:
+  """Mean loss and gradients of a batch [B,T], or of [A,B,T] accumulated micro-batches (scanned, so the result
+  equals one A*B batch)."""
   grad_fn = jax.value_and_grad(loss_fn)
   if batch['inputs'].ndim == 2:
-    loss, grads = grad_fn(params, gdef, batch['inputs'], batch['targets'], key)
+    return grad_fn(params, gdef, batch['inputs'], batch['targets'], key)
+  A = batch['inputs'].shape[0]
+
+  def micro(carry, xs):
+    i, x, y = xs
+    l, g = grad_fn(params, gdef, x, y, jax.random.fold_in(key, i))
+    return jax.tree.map(jnp.add, carry, (l, g)), None
+
+  zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+  (loss, grads), _ = jax.lax.scan(micro, zero, (jnp.arange(A), batch['inputs'], batch['targets']))
+  return jax.tree.map(lambda x: x / A, (loss, grads))
+
+
+def flat_dp_grads(params, gdef, batch: dict, key, mesh) -> tuple[jax.Array, dict]:
+  """local_grads per device on its batch shard, averaged as one flat buffer. XLA's own data-parallel gradient
+  all-reduce is one tuple of every parameter, and XLA:CPU makes the device threads meet once per tuple element:
+  one flat buffer meets once, ~5% of a shakespeare_char step on 2 cores. For replicated parameters and no
+  dropout (a dropout mask drawn per shard would differ from the global one)."""
+  lead = batch['inputs'].ndim - 2
+
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P(*[None] * lead, parallel.AXIS), P()),
+                     out_specs=(P(), P()), check_vma=False)  # check_vma: the custom-VJP matmul has no rule
+  def per_device(params, batch, key):
+    loss, grads = local_grads(params, gdef, batch, key)
+    flat, unravel = ravel_pytree(grads)
+    tot = jax.lax.psum(jnp.concatenate([loss[None], flat]), parallel.AXIS) / mesh.shape[parallel.AXIS]
+    return tot[0], unravel(tot[1:])
+
+  return per_device(params, batch, key)
+
+
+def train_step(state: dict, batch: dict, step, *, gdef, tx, seed: int, sched=None, dp_mesh=None
+               ) -> tuple[dict, dict]:
+  """One optimizer update on a batch [B,T] or [A,B,T] (A accumulated micro-batches). A non-finite loss or
+  gradient leaves the weights finite. With `sched`, the metrics include this update's learning rate (computed
+  here: evaluated eagerly it costs compiles). `dp_mesh`: reduce gradients with `flat_dp_grads` on it."""
+  params, key = state['params'], jax.random.fold_in(jax.random.key(seed), step)
+  if dp_mesh is not None:
+    loss, grads = flat_dp_grads(params, gdef, batch, key, dp_mesh)
   else:
-    A = batch['inputs'].shape[0]
-
-    def micro(carry, xs):
-      i, x, y = xs
-      l, g = grad_fn(params, gdef, x, y, jax.random.fold_in(key, i))
-      return jax.tree.map(jnp.add, carry, (l, g)), None
-
-    zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-    (loss, grads), _ = jax.lax.scan(micro, zero, (jnp.arange(A), batch['inputs'], batch['targets']))
-    loss, grads = jax.tree.map(lambda x: x / A, (loss, grads))
+    loss, grads = local_grads(params, gdef, batch, key)
   gnorm = optax.tree.norm(grads)
   # A non-finite loss/gradient becomes a zero gradient, so the weights never turn NaN (the loop then stops
   # the run). Masking the gradient, not selecting old vs new state, lets XLA update the donated state in place.
@@ -86,12 +115,13 @@ def train_step(state: dict, batch: dict, step, *, gdef, tx, seed: int, sched=Non
   return {'params': optax.apply_updates(params, updates), 'opt': opt}, metrics
 
 
-def train_steps(state: dict, batches: dict, step0, *, gdef, tx, seed: int, sched=None) -> tuple[dict, dict]:
+def train_steps(state: dict, batches: dict, step0, *, gdef, tx, seed: int, sched=None, dp_mesh=None
+                ) -> tuple[dict, dict]:
   """K = len(batches) train_steps in one call (lax.scan); metrics come back as [K] arrays. A small model's
   step is not much longer than the dispatch and host sync around it: a call of several steps pays them once."""
   def body(st, xs):
     batch, i = xs
-    return train_step(st, batch, step0 + i, gdef=gdef, tx=tx, seed=seed, sched=sched)
+    return train_step(st, batch, step0 + i, gdef=gdef, tx=tx, seed=seed, sched=sched, dp_mesh=dp_mesh)
   K = jax.tree.leaves(batches)[0].shape[0]
   return jax.lax.scan(body, state, (batches, jnp.arange(K, dtype=jnp.int32)))
 
@@ -225,7 +255,9 @@ def run(cfg, workdir: str) -> dict:
     else:
       print(f'starting from the imported weights in {workdir} (step {step0}, fresh optimizer)', flush=True)
 
-  step_fn = jax.jit(functools.partial(train_steps, gdef=gdef, tx=tx, seed=t.seed, sched=sched), donate_argnums=(0,),
+  dp_mesh = mesh if n_dev > 1 and not t.fsdp and mc.dropout == 0 else None
+  step_fn = jax.jit(functools.partial(train_steps, gdef=gdef, tx=tx, seed=t.seed, sched=sched, dp_mesh=dp_mesh),
+                    donate_argnums=(0,),
                     out_shardings=(s_shard, None))
   eval_fn = jax.jit(functools.partial(eval_loss, gdef=gdef))
   tokens_per_step, fpt = A * t.batch_size * mc.block_size, flops_per_token(mc)['train']

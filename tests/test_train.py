@@ -151,10 +151,12 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path):
   assert 60 in [int(d) for d in os.listdir(f'{tmp}/run/checkpoints')]
 
 
-@pytest.mark.parametrize('fsdp', [False, True])
-def test_one_and_eight_devices_agree(tmp_path, fsdp):
+@pytest.mark.parametrize('fsdp,accum', [(False, 1), (True, 1), (False, 2)])
+def test_one_and_eight_devices_agree(tmp_path, fsdp, accum):
+  """Data parallel (gradients averaged as one flat buffer, with and without accumulation) and FSDP on 8
+  devices compute the 1-device run."""
   tmp = str(tmp_path)
-  over = {'train.steps': 10, 'train.fsdp': fsdp, 'model.d_model': 64, 'model.n_head': 4}
+  over = {'train.steps': 10, 'train.fsdp': fsdp, 'model.d_model': 64, 'model.n_head': 4, 'optim.accum_steps': accum}
   r1 = run_module('minillm_jax.train', *args(tmp, 'one', **over, **{'train.cpu_devices': 1}))
   assert 'CPU:' not in r1.stdout
   r8 = run_module('minillm_jax.train', *args(tmp, 'eight', **over),

@@ -166,7 +166,7 @@ def _jax_train(cfg, mc, dtype: str, params0, batch: dict, dp: bool = False) -> t
   batches = {k: parallel.global_batch({n_: np.stack([np.asarray(v)] * k) for n_, v in batch.items()},
                                       parallel.batch_sharding(mesh, 1)) for k in {1, K}}
   box = {'state': {'params': params, 'opt': opt}, 'i': 0, 'dispatch': [], 'devices': n}
-  dp_mesh = mesh if n > 1 and mc.dropout == 0 else None  # as the trainer
+  dp_mesh = train.flat_dp_mesh(mesh, False, mc.dropout)  # as the trainer
   fn = jax.jit(functools.partial(train.train_steps, gdef=gdef, tx=tx, seed=cfg.train.seed, dp_mesh=dp_mesh),
                donate_argnums=(0,))
   if K > 1:  # compile the K-step call now, on a copy: timed runs start warm and the first call is step 0

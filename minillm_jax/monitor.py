@@ -137,7 +137,7 @@ class Monitor:
         self.tb.add_scalar(k, v, row['step'])
 
   def record(self, step: int, m: dict):
-    """One call's metrics: scalars, or [k] arrays for the k steps ending at `step`."""
+    """One call's metrics (loss, grad_norm, lr): scalars, or [k] arrays for the k steps ending at `step`."""
     self.pending.append((step, m))
     self.bar.update(step - self.step)
     self.step = step
@@ -152,8 +152,7 @@ class Monitor:
     now = time.time()
     fetched = 0
     for (last, _), m in zip(done, got):
-      ls, gs = np.atleast_1d(m['loss']).tolist(), np.atleast_1d(m['grad_norm']).tolist()
-      lrs = np.atleast_1d(m['lr']).tolist() if 'lr' in m else [float('nan')] * len(ls)
+      ls, gs, lrs = (np.atleast_1d(m[k]).tolist() for k in ('loss', 'grad_norm', 'lr'))
       self.rows_in.extend(zip(range(last - len(ls) + 1, last + 1), ls, gs, lrs))
       fetched += len(ls)
     for s, lv, gv, _ in self.rows_in:

@@ -82,9 +82,9 @@ def flat_dp_grads(params, gdef, batch: dict, key, mesh) -> tuple[jax.Array, dict
   all-reduce is one tuple of every parameter, and XLA:CPU makes the device threads meet once per tuple element:
   one flat buffer meets once, ~5% of a shakespeare_char step on 2 cores. For replicated parameters and no
   dropout (a dropout mask drawn per shard would differ from the global one)."""
-  lead = batch['inputs'].ndim - 2
+  rows = parallel.batch_sharding(mesh, batch['inputs'].ndim - 2).spec
 
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P(*[None] * lead, parallel.AXIS), P()),
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), rows, P()),
                      out_specs=(P(), P()), check_vma=False)  # check_vma: the custom-VJP matmul has no rule
   def per_device(params, batch, key):
     loss, grads = local_grads(params, gdef, batch, key)
@@ -93,6 +93,11 @@ def flat_dp_grads(params, gdef, batch: dict, key, mesh) -> tuple[jax.Array, dict
     return tot[0], unravel(tot[1:])
 
   return per_device(params, batch, key)
+
+
+def flat_dp_mesh(mesh, fsdp: bool, dropout: float):
+  """The mesh `flat_dp_grads` reduces over, or None where the partitioner's own reduction applies."""
+  return mesh if mesh.shape[parallel.AXIS] > 1 and not fsdp and dropout == 0 else None
 
 
 def train_step(state: dict, batch: dict, step, *, gdef, tx, seed: int, sched=None, dp_mesh=None
@@ -255,7 +260,7 @@ def run(cfg, workdir: str) -> dict:
     else:
       print(f'starting from the imported weights in {workdir} (step {step0}, fresh optimizer)', flush=True)
 
-  dp_mesh = mesh if n_dev > 1 and not t.fsdp and mc.dropout == 0 else None
+  dp_mesh = flat_dp_mesh(mesh, t.fsdp, mc.dropout)
   step_fn = jax.jit(functools.partial(train_steps, gdef=gdef, tx=tx, seed=t.seed, sched=sched, dp_mesh=dp_mesh),
                     donate_argnums=(0,),
                     out_shardings=(s_shard, None))
@@ -303,7 +308,7 @@ def run(cfg, workdir: str) -> dict:
         raise UserError(f'loss is {bad[1]} at step {bad[0]}; the run is stopped and the last good checkpoint '
                         f'(step {ck.latest_step()}) is kept. Lower optim.lr or raise optim.warmup_steps.')
     val_loss = None
-    if step % t.eval_every == 0 or step % t.ckpt_every == 0 or last or stop.reason:
+    if final:  # every checkpoint step is an evaluation step, so each checkpoint carries its val loss
       val_loss = evaluate()
       stopped_early = mon.eval(step, val_loss, t.patience)
     if step % t.ckpt_every == 0 or last or stop.reason or stopped_early:

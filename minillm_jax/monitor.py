@@ -210,6 +210,8 @@ class Monitor:
               '(more data, dropout, weight decay, or early stopping with train.patience)')
     self.prev_eval = (train, val_loss)
     self.bar.write(msg)
+    if self.t_flush is not None:  # the next row's tokens/s counts training time only
+      self.t_flush = time.time()
     self._write({'step': step, 'val_loss': val_loss, 'val_ppl': math.exp(min(val_loss, 50)),
                  'best_val_loss': self.best_val, 'time': self.elapsed0 + time.time() - self.t_run})
     if patience and self.bad_evals >= patience:

@@ -284,7 +284,7 @@ def run(cfg, workdir: str) -> dict:
     return parallel.global_batch({key: np.stack([x[key] for x in bs]).reshape(k, *([A] * (A > 1)), *v.shape)
                                   for key, v in bs[0].items()}, b_shard)
 
-  step, prev = start, None
+  step, prev, row_done = start, None, False
   while step < t.steps:
     # K steps per call while no eval, checkpoint or the end falls inside; single steps otherwise (two compiled
     # sizes at most). A resumed run starts on a call boundary of the uninterrupted one, so it makes the same
@@ -296,17 +296,20 @@ def run(cfg, workdir: str) -> dict:
     # the next batch is still prepared while a call runs.
     if prev is not None and n_dev > 1:
       jax.block_until_ready(prev)
-    logged = step // t.log_every != (step + k) // t.log_every
+    ends_row = step // t.log_every != (step + k) // t.log_every
     step, prev = step + k, m['loss']
     mon.record(step, m)
     last = step == t.steps
     final = last or stop.reason or step % t.eval_every == 0 or step % t.ckpt_every == 0
-    if logged or final:
+    # A non-final flush fetches the finished calls only, so a row is written (and timed) once the call after
+    # the one that completes it has been launched.
+    if row_done or final:
       bad = mon.flush(t.log_every, final)  # losses of finished calls (all calls when final)
       if bad is not None:
         ck.wait()
         raise UserError(f'loss is {bad[1]} at step {bad[0]}; the run is stopped and the last good checkpoint '
                         f'(step {ck.latest_step()}) is kept. Lower optim.lr or raise optim.warmup_steps.')
+    row_done = ends_row and not final
     val_loss = None
     if final:  # every checkpoint step is an evaluation step, so each checkpoint carries its val loss
       val_loss = evaluate()

@@ -74,6 +74,21 @@ def test_loss_decreases_and_outputs_are_written(tmp_path):
   assert p.returncode == 0 and os.path.getsize(f'{tmp}/c.png') > 10_000
 
 
+def test_rows_are_written_when_their_step_finishes(tmp_path):
+  # One step per call, a row every 2 steps: each row is timed after its own step, not batched with the next
+  # row at a later flush (both rows then carried the later time and speed).
+  tmp = str(tmp_path)
+  r = run_module('minillm_jax.train', *args(tmp, **{'train.steps': 12, 'train.log_every': 2, 'train.eval_every': 12,
+                                                    'train.ckpt_every': 12, 'train.steps_per_call': 1}))
+  assert r.returncode == 0, r.stderr[-2000:]
+  rows = [r for r in metrics(tmp) if 'train_loss' in r]
+  assert [r['step'] for r in rows] == [2, 4, 6, 8, 10, 12]
+  times = [r['time'] for r in rows]
+  assert all(a < b for a, b in zip(times, times[1:])), times
+  speeds = [r['tokens_per_s'] for r in rows[1:]]
+  assert all(s > 0 for s in speeds) and len(set(speeds)) == len(speeds), speeds
+
+
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
   tmp = str(tmp_path)
   a = args(tmp, 'ref', **{'train.steps': 400, 'train.ckpt_every': 50, 'train.eval_every': 100})

@@ -175,6 +175,19 @@ def test_pt_with_pickled_object_is_refused(tmp_path):
     formats.save_pt(str(tmp_path / 'x.pt'), BASE, random_flat(BASE), None, {'obj': NotPlain()})
 
 
+def test_corrupt_pt_is_named_as_such_not_as_unsafe(tmp_path):
+  good = str(tmp_path / 'good.pt')
+  formats.save_pt(good, BASE, random_flat(BASE), None, {})
+  data = open(good, 'rb').read()
+  cases = {'text.pt': b'not a checkpoint\n', 'truncated.pt': data[:len(data) // 2], 'empty.pt': b''}
+  for name, content in cases.items():
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=rf'{name} is not a readable torch checkpoint') as e:
+      formats.load_any(str(path))
+    assert '\n' not in str(e.value) and len(str(e.value)) < 300 and 'could run code' not in str(e.value)
+
+
 def test_wrong_shapes_and_names_are_named(tmp_path):
   c = FAMILIES['tiny']
   sd = convert.flax_to_torch(c, random_flat(c), 'pt')
@@ -514,3 +527,23 @@ def test_one_table_covers_every_layout():
   assert convert.torch_names('llama', 'blocks.3.attn.qkv.kernel') == tuple(
       f'model.layers.3.self_attn.{p}_proj.weight' for p in 'qkv')
   assert convert.torch_names('neox', 'head.kernel') == ('embed_out.weight',)
+
+
+def test_corrupt_hf_directory_is_named(tmp_path):
+  c = FAMILIES['gpt2']
+  d = str(tmp_path / 'hf')
+  hf.save_hf(d, c, random_flat(c), TOK, {})
+  st = os.path.join(d, 'model.safetensors')
+  data = open(st, 'rb').read()
+  open(st, 'wb').write(data[:len(data) // 3])
+  with pytest.raises(UserError, match=r'model\.safetensors is not a readable safetensors file'):
+    formats.load_any(d)
+  os.remove(st)
+  with open(st + '.index.json', 'w') as f:
+    json.dump({'weight_map': {'lm_head.weight': 'model-00001-of-00002.safetensors'}}, f)
+  with pytest.raises(UserError, match=r'model-00001-of-00002\.safetensors does not exist'):
+    formats.load_any(d)
+  with open(st + '.index.json', 'w') as f:
+    f.write('{"weight_map": ')
+  with pytest.raises(UserError, match=r'cannot read .*index\.json'):
+    formats.load_any(d)

@@ -62,14 +62,20 @@ def torch_load(path: str):
   try:
     return torch.load(path, map_location='cpu', weights_only=True)
   except pickle.UnpicklingError as e:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise UserError(f'refusing to load {path}: it holds pickled objects other than tensors and plain data, '
-                    f'which could run code ({first[:160]}); re-save it with plain dicts and tensors '
-                    'only') from None
+    # torch wraps every weights-only failure in the same preamble; the line after 'WeightsUnpickler error:'
+    # says what it was. Only a GLOBAL (a class or function to import) means code; anything else is a bad file.
+    msg = str(e).split('WeightsUnpickler error:', 1)[-1]
+    why = next((ln.strip() for ln in msg.splitlines() if ln.strip()), '').split('. Please use')[0]
+    if 'global' in why.lower():
+      raise UserError(f'refusing to load {path}: it holds pickled objects other than tensors and plain data, '
+                      f'which could run code ({why[:160]}); re-save it with plain dicts and tensors only') from None
+    raise UserError(f'{path} is not a readable torch checkpoint (corrupt, or not a torch.save file: '
+                    f'{why[:120] or type(e).__name__})') from None
   except FileNotFoundError:
     raise UserError(f'{path} does not exist') from None
   except (RuntimeError, EOFError, OSError) as e:
-    raise UserError(f'{path} is not a readable torch checkpoint: {str(e).splitlines()[0][:200]}') from None
+    first = str(e).strip().splitlines()[0].split('. ')[0][:200] if str(e).strip() else 'the file ends early'
+    raise UserError(f'{path} is not a readable torch checkpoint: {first}') from None
 
 
 # ---------------------------------------------------------------------------------------------- native .pt

@@ -133,21 +133,35 @@ def _token_text(tokenizer_json: str, i: int) -> str | None:
 
 def read_weights(d: str) -> dict[str, torch.Tensor]:
   """model.safetensors, a sharded model.safetensors.index.json, or pytorch_model.bin (weights_only)."""
-  from safetensors.torch import load_file
   st = os.path.join(d, 'model.safetensors')
   if os.path.isfile(st):
-    return load_file(st)
+    return _load_safetensors(st)
   if os.path.isfile(st + '.index.json'):
-    with open(st + '.index.json') as f:
-      shards = sorted(set(json.load(f)['weight_map'].values()))
+    try:
+      with open(st + '.index.json') as f:
+        shards = sorted(set(json.load(f)['weight_map'].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+      raise UserError(f'cannot read {st}.index.json (needs a "weight_map" of tensor -> shard file): '
+                      f'{type(e).__name__}: {e}') from None
     sd = {}
     for s in shards:
-      sd.update(load_file(os.path.join(d, s)))
+      sd.update(_load_safetensors(os.path.join(d, s)))
     return sd
   b = os.path.join(d, 'pytorch_model.bin')
   if os.path.isfile(b):
     return torch_load(b)
   raise UserError(f'{d} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin')
+
+
+def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
+  from safetensors.torch import load_file
+  if not os.path.isfile(path):
+    raise UserError(f'{path} does not exist (named by model.safetensors.index.json)')
+  try:
+    return load_file(path)
+  except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for corrupt files
+    raise UserError(f'{path} is not a readable safetensors file (corrupt or truncated: '
+                    f'{str(e).splitlines()[0][:160] if str(e) else type(e).__name__})') from None
 
 
 def load_hf(d: str, allow_inexact: bool = False) -> Imported:

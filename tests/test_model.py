@@ -11,7 +11,7 @@ from conftest import ROOT, run_module
 from flax import nnx
 
 from minillm_jax.config import ModelConfig, model_config
-from minillm_jax.model import GPT, init_model, mm, param_counts
+from minillm_jax.model import ATTN_BLOCK, GPT, attention, init_model, mm, param_counts
 
 GPT2ISH = ModelConfig(vocab_size=61, n_layer=2, n_head=4, n_kv_head=4, d_model=32, d_ff=128, block_size=16,
                       max_positions=16, pos='learned', norm='layernorm', mlp='gelu', bias=True, tie_embeddings=True)
@@ -81,6 +81,24 @@ def test_mm_custom_vjp_matches_autodiff():
   g = lambda a, b: (jnp.sin(a @ b)).sum()
   for x, y in zip(jax.grad(f, (0, 1))(a, b), jax.grad(g, (0, 1))(a, b)):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('T', [ATTN_BLOCK + 1, 2 * ATTN_BLOCK + 44])
+def test_blockwise_attention_and_its_gradients_match_plain_attention(T):
+  """Sequences longer than ATTN_BLOCK take the blockwise path with its own backward (on CPU), GQA included."""
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, T, n, 8)) for i, n in enumerate((4, 2, 2)))
+  w = jax.random.normal(jax.random.key(9), (2, T, 4, 8))
+
+  def plain(q, k, v):
+    kk, vv = (jnp.repeat(x, 2, axis=2) for x in (k, v))
+    s = jnp.einsum('btnh,bsnh->bnts', q, kk) / math.sqrt(8)
+    s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, -jnp.inf)
+    return jnp.einsum('bnts,bsnh->btnh', jax.nn.softmax(s, -1), vv)
+
+  loss = lambda f: lambda q, k, v: (f(q, k, v) * w).sum()
+  np.testing.assert_allclose(attention(q, k, v), plain(q, k, v), atol=2e-6)
+  for got, want in zip(jax.grad(loss(attention), (0, 1, 2))(q, k, v), jax.grad(loss(plain), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(got, want, atol=2e-5)
 
 
 def test_gpt2_style_init():

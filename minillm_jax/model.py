@@ -8,6 +8,7 @@ Run `python -m minillm_jax.model --config=configs/tiny.py` for a preset's parame
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -75,11 +76,36 @@ class Norm(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((d,), jnp.float32)) if (bias and kind == 'layernorm') else None
 
   def __call__(self, x_NxD) -> jax.Array:
-    x = x_NxD.astype(jnp.float32)
-    if self.kind == 'layernorm':
-      x = x - x.mean(-1, keepdims=True)
-    x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps) * self.scale[...]
+    x = normalize(x_NxD.astype(jnp.float32), self.scale[...], self.eps, self.kind == 'layernorm')
     return x + self.bias[...] if self.bias is not None else x
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def normalize(x_NxD, scale_D, eps: float, center: bool):
+  """(x - mean if center) * rsqrt(mean square + eps) * scale, with the textbook backward: two row reductions
+  and one elementwise pass over the saved x_hat. XLA's autodiff of the forward made more passes and cost 1.2-1.8x
+  as much (13 norms of a `tiny` step: 440-580 ms against 320-530)."""
+  return _normalize_fwd(x_NxD, scale_D, eps, center)[0]
+
+
+def _normalize_fwd(x, scale, eps, center):
+  if center:
+    x = x - x.mean(-1, keepdims=True)
+  r = jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + eps)
+  xh = x * r
+  return xh * scale, (xh, r, scale)
+
+
+def _normalize_bwd(eps, center, res, g):
+  xh, r, scale = res
+  gs = g * scale
+  dx = gs - (gs * xh).mean(-1, keepdims=True) * xh
+  if center:
+    dx = dx - gs.mean(-1, keepdims=True)
+  return dx * r, (g * xh).reshape(-1, xh.shape[-1]).sum(0)
+
+
+normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 
 def rope_tables(pos_T: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -212,7 +238,7 @@ def _causal_bwd(res, do_BxKxGxTxH):
   B, K, G, T, H = q.shape
   do = do_BxKxGxTxH.astype(jnp.float32)
   delta = (do * o.astype(jnp.float32)).sum(-1, keepdims=True)  # rowsum(dO * O) = rowsum(P * dP)
-  dqs, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+  dqs, dks, dvs = [], [], []  # block i's dK, dV cover keys [0, b_i)
   for a in range(0, T, ATTN_BLOCK):
     b = min(a + ATTN_BLOCK, T)
     n = b - a
@@ -222,9 +248,14 @@ def _causal_bwd(res, do_BxKxGxTxH):
     dp = _bdot(dob, v[:, :, :b], 3).reshape(B, K, G, n, b)
     ds = (p * (dp - delta[:, :, :, a:b]) * (1.0 / math.sqrt(H))).astype(q.dtype).reshape(B, K, G * n, b)
     dqs.append(_bdot(ds, k[:, :, :b], 2).reshape(B, K, G, n, H))
-    dk = dk.at[:, :, :b].add(_bdot(ds, qb, 2, a_contract=2))
-    dv = dv.at[:, :, :b].add(_bdot(p.astype(v.dtype).reshape(B, K, G * n, b), dob, 2, a_contract=2))
-  return jnp.concatenate(dqs, 3).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    dks.append(_bdot(ds, qb, 2, a_contract=2))
+    dvs.append(_bdot(p.astype(v.dtype).reshape(B, K, G * n, b), dob, 2, a_contract=2))
+  # Summed per key block, each from the query blocks that see it: one small fusion per block. Accumulating
+  # with dk.at[:, :, :b].add rewrote the whole [B, K, T, H] buffer once per block (0.4 s of a `tiny` step).
+  def per_key_block(parts):
+    return jnp.concatenate([sum(x[:, :, a:a + ATTN_BLOCK] for x in parts[a // ATTN_BLOCK:])
+                            for a in range(0, T, ATTN_BLOCK)], 2)
+  return jnp.concatenate(dqs, 3).astype(q.dtype), per_key_block(dks).astype(k.dtype), per_key_block(dvs).astype(v.dtype)
 
 
 causal_attention.defvjp(_causal_fwd, _causal_bwd)

@@ -11,7 +11,7 @@ from conftest import ROOT, run_module
 from flax import nnx
 
 from minillm_jax.config import ModelConfig, model_config
-from minillm_jax.model import ATTN_BLOCK, GPT, attention, init_model, mm, param_counts
+from minillm_jax.model import ATTN_BLOCK, GPT, attention, init_model, mm, normalize, param_counts
 
 GPT2ISH = ModelConfig(vocab_size=61, n_layer=2, n_head=4, n_kv_head=4, d_model=32, d_ff=128, block_size=16,
                       max_positions=16, pos='learned', norm='layernorm', mlp='gelu', bias=True, tie_embeddings=True)
@@ -99,6 +99,23 @@ def test_blockwise_attention_and_its_gradients_match_plain_attention(T):
   np.testing.assert_allclose(attention(q, k, v), plain(q, k, v), atol=2e-6)
   for got, want in zip(jax.grad(loss(attention), (0, 1, 2))(q, k, v), jax.grad(loss(plain), (0, 1, 2))(q, k, v)):
     np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+@pytest.mark.parametrize('center', [True, False])
+def test_normalize_custom_vjp_matches_autodiff(center):
+  x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (2, 5, 16))
+  s = jax.random.normal(jax.random.key(1), (16,))
+  w = jax.random.normal(jax.random.key(2), (2, 5, 16))
+
+  def plain(x, s):
+    x = x - x.mean(-1, keepdims=True) if center else x
+    return x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + 1e-5) * s
+
+  np.testing.assert_allclose(normalize(x, s, 1e-5, center), plain(x, s), atol=1e-6)
+  got = jax.grad(lambda x, s: (jnp.sin(normalize(x, s, 1e-5, center)) * w).sum(), (0, 1))(x, s)
+  want = jax.grad(lambda x, s: (jnp.sin(plain(x, s)) * w).sum(), (0, 1))(x, s)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_gpt2_style_init():

@@ -91,7 +91,8 @@ class Checkpointer:
   def restore_latest_good(self, params, opt_state=None, data_iter=None, check_meta=None) -> tuple[int, dict] | None:
     """Newest checkpoint that restores cleanly; a corrupt newer one is set aside with a warning.
     `check_meta(meta)` runs first and may raise UserError (a different model is not corruption)."""
-    for step in reversed(self.steps()):
+    steps = self.steps()
+    for step in reversed(steps):
       meta = self.meta(step)
       if meta is not None and check_meta is not None:
         check_meta(meta)
@@ -102,11 +103,16 @@ class Checkpointer:
         got = self.restore(step, params, opt_state if full else None, data_iter if full else None)
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back to an older one
         moved = self._set_aside(step)
+        older = 'trying the previous one' if step != steps[0] else 'no older one is left'
         warnings.warn(f'checkpoint step {step} is unreadable ({type(e).__name__}: {str(e)[:160]}); moved it to '
-                      f'{moved} and fell back to the previous one', stacklevel=2)
+                      f'{moved}; {older}', stacklevel=2)
         continue
       got['full'] = full
       return step, got
+    aside = os.path.join(os.path.dirname(self.dir), 'corrupt_checkpoints')
+    if os.path.isdir(aside) and os.listdir(aside):  # starting over would rewrite this run's metrics
+      raise UserError(f'no readable checkpoint is left in {self.dir} (the unreadable ones are in {aside}); '
+                      'train in a new --workdir, or move a repaired step back into checkpoints/')
     return None
 
   def _set_aside(self, step: int) -> str:
@@ -181,8 +187,13 @@ def init_workdir(workdir: str, cfg_plain: dict | None, model_cfg: ModelConfig, m
                  tokenizer_json: str | None, meta: dict) -> None:
   """Writes a weights-only step-0 checkpoint (+ config.json/.py) so `train --workdir` continues from it."""
   from minillm_jax import config as config_lib
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f'--workdir={workdir!r} is a file, not a directory')
   if os.path.isdir(ckpt_dir(workdir)) and os.listdir(ckpt_dir(workdir)):
     raise UserError(f'{workdir!r} already has checkpoints; import into a new --workdir')
+  if os.path.isdir(workdir) and os.listdir(workdir):  # another run's config.json and metrics would be replaced
+    raise UserError(f'{workdir!r} already holds files ({", ".join(sorted(os.listdir(workdir))[:4])}); import '
+                    'into a new or empty --workdir')
   cfg = config_lib.default_config() if cfg_plain is None else config_lib.from_plain(cfg_plain)
   for k, v in model_cfg.to_dict().items():
     if k in cfg.model:

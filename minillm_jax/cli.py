@@ -104,6 +104,8 @@ def run(main):
       return main(argv)
     except config_lib.UserError as e:
       die(str(e))
+    except OSError as e:  # a path the user gave that cannot be created, read or written
+      die(f'{e.strerror or type(e).__name__}: {e.filename!r}' if e.filename is not None else f'{type(e).__name__}: {e}')
     except KeyboardInterrupt:
       die('interrupted', 130)
 

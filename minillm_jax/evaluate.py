@@ -362,10 +362,8 @@ def plot(runs: list[dict], path: str) -> str:
       ax.set_title('code suite')
       ax.legend(fontsize=8)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  from minillm_jax.plot import save_figure
+  return save_figure(fig, path)
 
 
 def main(argv):
@@ -388,6 +386,12 @@ def main(argv):
     if not ok:
       raise UserError(f'--{name}={v} must be positive')
   step = f.step if f.step in ('best', 'latest') else _int_step(f.step)
+  for kind, path in sources:  # all checked before the first (possibly long) evaluation
+    if not (os.path.isdir(path) if kind == 'workdir' else os.path.exists(path)):
+      raise UserError(f'--{kind}={path} does not exist')
+  out = f.out or (os.path.join(f.workdir[0], 'eval.json') if f.workdir else 'eval.json')
+  for p in (out, f.plot):
+    _check_writable(p)
   runs = []
   for kind, path in sources:
     be = backend.load(**{kind: path}, step=step if kind == 'workdir' else 'best', backend=f.backend,
@@ -395,8 +399,6 @@ def main(argv):
     print(f'evaluating {be.describe()} ...', file=sys.stderr, flush=True)
     runs.append(evaluate(be, suites, f.text, f.max_eval_tokens, f.max_new_tokens, f.exec_timeout, f.seed))
     del be
-  out = f.out or (os.path.join(f.workdir[0], 'eval.json') if f.workdir else 'eval.json')
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, 'w', encoding='utf-8') as fh:
     json.dump({'suites': suites, 'runs': runs}, fh, indent=1, ensure_ascii=False)
   print(table(runs))
@@ -404,6 +406,18 @@ def main(argv):
   png = f.plot or (os.path.splitext(out)[0] + '.png' if len(runs) > 1 and set(suites) & {'ppl', 'code'} else '')
   if png:
     print(f'wrote {plot(runs, png)}')
+
+
+def _check_writable(path: str | None):
+  if not path:
+    return
+  parent = os.path.dirname(os.path.abspath(path))
+  try:
+    os.makedirs(parent, exist_ok=True)
+  except OSError as e:
+    raise UserError(f'cannot write {path}: {e.strerror} ({parent})') from None
+  if os.path.isdir(path) or not os.access(parent, os.W_OK):
+    raise UserError(f'cannot write {path}: {"it is a directory" if os.path.isdir(path) else "no permission"}')
 
 
 def _int_step(s: str) -> int:

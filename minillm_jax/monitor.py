@@ -46,12 +46,17 @@ def _write_json(path: str, obj: dict):
   os.replace(tmp, path)
 
 
-def claim_workdir(workdir: str, cfg) -> None:
-  """One live run per workdir; writes run.json and the resolved config (config.json + config.py)."""
-  os.makedirs(workdir, exist_ok=True)
+def check_workdir_free(workdir: str) -> None:
+  """One live run per workdir. Writes nothing: a run refused later (another model, no data) leaves it as it was."""
   run = read_run(workdir)
   if run_alive(run) and run['pid'] != os.getpid():
     raise UserError(f'{workdir!r} is being trained by pid {run["pid"]}; stop it first or use another --workdir')
+
+
+def claim_workdir(workdir: str, cfg) -> None:
+  """Marks the run as running and writes its resolved config (config.json + config.py), once every check passed."""
+  check_workdir_free(workdir)
+  os.makedirs(workdir, exist_ok=True)
   _write_json(os.path.join(workdir, 'run.json'), {'pid': os.getpid(), 'host': socket.gethostname(),
                                                   'status': 'running', 'started': time.time()})
   write_run_config(workdir, cfg)
@@ -124,10 +129,19 @@ class Monitor:
   def _truncate_after(self, step: int):
     if not os.path.exists(self.path):
       return
+    rows = []
     with open(self.path) as f:
-      rows = [ln for ln in f if ln.strip() and json.loads(ln).get('step', 0) <= step]
-    with open(self.path, 'w') as f:
+      for ln in f:
+        try:  # a line cut off by a kill or a full disk is dropped, not fatal
+          row = json.loads(ln)
+        except ValueError:
+          continue
+        if isinstance(row, dict) and isinstance(row.get('step', 0), int) and row.get('step', 0) <= step:
+          rows.append(json.dumps(row) + '\n')
+    tmp = f'{self.path}.tmp{os.getpid()}'
+    with open(tmp, 'w') as f:  # replaced in one step: an interrupted rewrite keeps the old file
       f.writelines(rows)
+    os.replace(tmp, self.path)
 
   def _write(self, row: dict):
     with open(self.path, 'a') as f:

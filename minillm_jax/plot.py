@@ -33,6 +33,19 @@ def plot(workdirs: list[str], out: str) -> str:
     ax.legend()
   ax_ppl.set_yscale('log')
   fig.tight_layout()
+  return save_figure(fig, out)
+
+
+def save_figure(fig, out: str) -> str:
+  """Saves as the extension says (PNG when there is none); returns the path actually written."""
+  import matplotlib.pyplot as plt
+  if os.path.isdir(out):
+    raise UserError(f'--out={out} is a directory; give a file name such as {os.path.join(out, "curves.png")}')
+  ext = os.path.splitext(out)[1].lstrip('.').lower()
+  if not ext:
+    out, ext = out + '.png', 'png'
+  if ext not in fig.canvas.get_supported_filetypes():
+    raise UserError(f'--out={out}: matplotlib cannot write .{ext}; use .png, .svg or .pdf')
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   fig.savefig(out, dpi=110)
   plt.close(fig)

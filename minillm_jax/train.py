@@ -10,6 +10,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 
 import jax
@@ -147,8 +148,8 @@ def steps_per_call(t, flops_per_step: float) -> int:
 
 # ----------------------------------------------------------------------------------------------- setup
 class Stop:
-  """SIGTERM/SIGINT: finish the current call (train.steps_per_call steps), save, exit 0. A second signal exits
-  at once."""
+  """SIGTERM/SIGINT: finish the current call (train.steps_per_call steps), save, exit 128 + the signal (143, 130).
+  A second signal exits at once."""
 
   def __init__(self):
     self.reason = None
@@ -168,8 +169,12 @@ def load_run_config(workdir: str, cfg):
   if cfg is None:
     if not os.path.exists(path):
       raise UserError(f'no --config given and {path} does not exist; pass --config=configs/<name>.py')
-    with open(path) as f:
-      return config_lib.from_plain(json.load(f))
+    try:
+      with open(path) as f:
+        return config_lib.from_plain(json.load(f))
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:
+      raise UserError(f'cannot read the run config {path} ({type(e).__name__}: {e}); pass --config=<the file '
+                      'it was trained with> to resume') from None
   return cfg
 
 
@@ -192,6 +197,7 @@ def prepare_data(cfg, workdir: str, tok_json: str | None):
   from minillm_jax import prepare
   if tok_json:  # fine-tuning: the text must be tokenized the way the weights were trained
     path = os.path.join(os.path.abspath(workdir), 'tokenizer.json')
+    os.makedirs(workdir, exist_ok=True)
     with open(path, 'w') as f:
       f.write(tok_json)
     with cfg.unlocked():
@@ -205,7 +211,7 @@ def run(cfg, workdir: str) -> dict:
   t_start = time.time()
   cfg = load_run_config(workdir, cfg)
   t, o = cfg.train, cfg.optim
-  monitor.claim_workdir(workdir, cfg)
+  monitor.check_workdir_free(workdir)
   src = None
   if t.init_from:  # fine-tuning: another run's best weights (and its tokenizer)
     if not os.path.isdir(t.init_from):
@@ -260,6 +266,7 @@ def run(cfg, workdir: str) -> dict:
     else:
       print(f'starting from the imported weights in {workdir} (step {step0}, fresh optimizer)', flush=True)
 
+  monitor.claim_workdir(workdir, cfg)
   dp_mesh = flat_dp_mesh(mesh, t.fsdp, mc.dropout)
   step_fn = jax.jit(functools.partial(train_steps, gdef=gdef, tx=tx, seed=t.seed, sched=sched, dp_mesh=dp_mesh),
                     donate_argnums=(0,),
@@ -330,7 +337,7 @@ def run(cfg, workdir: str) -> dict:
   else:
     print(f'done: {summary["steps"]} steps, best val loss {summary["best_val_loss"]:.4f} at step '
           f'{summary["best_step"]}, {time.time() - t_start:.1f}s', flush=True)
-  return {**summary, 'status': status, 'workdir': workdir}
+  return {**summary, 'status': status, 'workdir': workdir, 'signal': stop.reason}
 
 
 def main(argv):
@@ -340,12 +347,16 @@ def main(argv):
   from minillm_jax import cli
   F = flags.FLAGS
   cfg = cli.config() if F['config'].present or F['config'].value is not None else None
+  if os.path.exists(F.workdir) and not os.path.isdir(F.workdir):
+    raise UserError(f'--workdir={F.workdir!r} is a file, not a directory')
   cfg = load_run_config(F.workdir, cfg)
   weights = param_counts(config_lib.model_config(cfg, 2 ** 16))['total']  # before the tokenizer: vocab bound
   n = parallel.cpu_device_count(cfg.train.cpu_devices, cfg.train.batch_size, weights)
   if parallel.use_cpu_devices(n):
     print(f'CPU: {n} devices, data parallel (train.cpu_devices=1 for a single device)', flush=True)
   summary = run(cfg, F.workdir)
+  if summary['signal']:  # saved, but not finished: `train && export` must not go on (130 Ctrl-C, 143 SIGTERM)
+    sys.exit(128 + signal.Signals[summary['signal']])
   if summary['status'] == 'finished' and F.sample:
     from minillm_jax import sample
     sample.print_sample(F.workdir)

@@ -94,6 +94,10 @@ def test_cli_writes_json_with_every_category_and_compares_runs(tmp_path):
   assert r.returncode == 0, r.stderr
   assert json.loads((tmp_path / 't.json').read_text())['runs'][0]['perplexity']['data'] == str(text)
   for args, msg in ((['--suites=ppl,bogus', f'--workdir={a}'], 'suites'), ([], 'nothing to evaluate'),
-                    ([f'--workdir={tmp_path}/none'], 'does not exist')):
+                    ([f'--workdir={tmp_path}/none'], 'does not exist'),
+                    # checked before the first run is evaluated, so no work is thrown away
+                    ([f'--workdir={a}', f'--workdir={tmp_path}/none'], f'--workdir={tmp_path}/none does not exist'),
+                    ([f'--workdir={a}', f'--out={text}/e.json'], f'cannot write {text}/e.json'),
+                    ([f'--workdir={a}', f'--out={tmp_path}'], 'it is a directory')):
     r = run_module('minillm_jax.evaluate', *args)
     assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -511,6 +511,19 @@ def test_cli_export_import_round_trip(tmp_path):
   r = run_module('torch_compat.import_ckpt', f'--src={tmp_path / "nope.pt"}', f'--workdir={tmp_path / "x"}')
   assert r.returncode == 2
   assert r.stderr.strip().splitlines()[-1] == f'error: --src={tmp_path / "nope.pt"} does not exist'
+  # nothing of an existing run is overwritten: not by an hf export into it, not by an import into it
+  run_files = {n: open(os.path.join(src, n)).read() for n in ('config.json', 'config.py')}
+  with pytest.raises(UserError, match=r'already holds other files \(checkpoints, config.py'):
+    export(src, src, 'hf', 'latest')
+  export(src, str(tmp_path / 'hf_dir'), 'hf', 'latest')  # a previous export's directory may be rewritten
+  with pytest.raises(UserError, match=r'is a directory; this format writes a file'):
+    export(src, str(tmp_path / 'hf_dir'), 'pt', 'latest')
+  os.makedirs(tmp_path / 'other' / 'checkpoints')
+  (tmp_path / 'other' / 'metrics.jsonl').write_text('{"step": 5}\n')
+  with pytest.raises(UserError, match=r"already holds files \(checkpoints, metrics.jsonl\); import into a new"):
+    import_ckpt(str(tmp_path / 'm.pt'), str(tmp_path / 'other'))
+  assert {n: open(os.path.join(src, n)).read() for n in run_files} == run_files
+  assert (tmp_path / 'other' / 'metrics.jsonl').read_text() == '{"step": 5}\n'
 
 
 def test_one_table_covers_every_layout():

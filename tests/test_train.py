@@ -4,6 +4,7 @@ import functools
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,6 +73,10 @@ def test_loss_decreases_and_outputs_are_written(tmp_path):
   assert st['best_val_loss'] == min(r['val_loss'] for r in rows if 'val_loss' in r)
   p = run_module('minillm_jax.plot', f'--workdir={tmp}/run', f'--workdir={tmp}/run', f'--out={tmp}/c.png')
   assert p.returncode == 0 and os.path.getsize(f'{tmp}/c.png') > 10_000
+  p = run_module('minillm_jax.plot', f'--workdir={tmp}/run', f'--out={tmp}/curves')
+  assert p.returncode == 0 and p.stdout.strip() == f'{tmp}/curves.png' and os.path.getsize(f'{tmp}/curves.png')
+  p = run_module('minillm_jax.plot', f'--workdir={tmp}/run', f'--out={tmp}/c.xyz')
+  assert p.returncode == 2 and 'matplotlib cannot write .xyz' in p.stderr and len(p.stderr.splitlines()) == 1
 
 
 def test_rows_are_written_when_their_step_finishes(tmp_path):
@@ -107,6 +112,8 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
   p.wait()
   killed_at = max(losses(tmp, 'killed'))
   assert 130 <= killed_at < 400
+  with open(mpath, 'a') as f:  # a row cut off mid-write by the kill
+    f.write('{"step": 131, "train_lo')
   r = run_module('minillm_jax.train', *b)
   assert r.returncode == 0, r.stderr[-2000:]
   assert 'resuming from step' in r.stdout
@@ -115,7 +122,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
   assert [ref[s] for s in range(1, 401)] == [res[s] for s in range(1, 401)]  # bitwise
 
 
-def test_sigterm_saves_and_exits_zero(tmp_path):
+def test_sigterm_saves_and_exits_143(tmp_path):
   tmp = str(tmp_path)
   b = args(tmp, **{'train.steps': 100000, 'train.ckpt_every': 100000, 'train.eval_every': 100000})
   p = subprocess.Popen([sys.executable, '-m', 'minillm_jax.train', *b], cwd=ROOT, stdout=subprocess.PIPE,
@@ -126,7 +133,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     time.sleep(0.05)
   p.send_signal(signal.SIGTERM)
   out, err = p.communicate(timeout=120)
-  assert p.returncode == 0, err
+  assert p.returncode == 128 + signal.SIGTERM, err  # saved, but not finished
   assert 'SIGTERM: saved step' in out and 'Resume with: python -m minillm_jax.train' in out
   steps = [int(d) for d in os.listdir(os.path.join(tmp, 'run', 'checkpoints'))]
   assert len(steps) == 1 and steps[0] >= 1
@@ -164,6 +171,27 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path):
   assert 'checkpoint step 40 is unreadable' in r.stderr and 'resuming from step 20' in r.stdout
   assert os.path.isdir(glob.glob(f'{tmp}/run/corrupt_checkpoints/40-*')[0])
   assert 60 in [int(d) for d in os.listdir(f'{tmp}/run/checkpoints')]
+  # every checkpoint unreadable: refused, and the run's history is not rewritten by a fresh start
+  for d in glob.glob(f'{tmp}/run/checkpoints/*/params'):
+    shutil.rmtree(d)
+  before = open(f'{tmp}/run/metrics.jsonl').read()
+  for _ in range(2):  # the second attempt finds the checkpoints dir empty
+    r = run_module('minillm_jax.train', *args(tmp, **{'train.steps': 80}))
+    assert r.returncode == 2 and 'error: no readable checkpoint is left' in r.stderr, r.stderr[-2000:]
+  assert open(f'{tmp}/run/metrics.jsonl').read() == before
+
+
+def test_refused_resume_leaves_the_workdir_as_it_was(tmp_path):
+  tmp = str(tmp_path)
+  assert run_module('minillm_jax.train', *args(tmp, **{'train.steps': 20})).returncode == 0
+  files = {n: open(f'{tmp}/run/{n}').read() for n in ('config.json', 'config.py', 'run.json', 'metrics.jsonl')}
+  r = run_module('minillm_jax.train', *args(tmp, **{'train.steps': 40, 'model.n_layer': 2}))
+  assert r.returncode == 2 and 'was trained with a different model (n_layer: checkpoint 1 vs config 2)' in r.stderr
+  r = run_module('minillm_jax.train', *args(tmp, **{'train.steps': 40, 'data.path': f'{tmp}/missing.txt'}))
+  assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'missing.txt' in r.stderr, r.stderr
+  assert {n: open(f'{tmp}/run/{n}').read() for n in files} == files
+  r = run_module('minillm_jax.train', f'--workdir={tmp}/run', '--nosample')  # resumes from config.json as it was
+  assert r.returncode == 0 and 'resuming from step 20' in r.stdout, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize('fsdp,accum', [(False, 1), (True, 1), (False, 2)])

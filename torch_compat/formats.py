@@ -84,7 +84,7 @@ def save_pt(path: str, c: ModelConfig, flat: dict, tokenizer_json: str | None, m
   ckpt = {'model': convert.flax_to_torch(c, flat, 'pt'), 'model_config': c.to_dict(),
           'tokenizer': tokenizer_json or '', 'meta': export_meta(meta)}
   _mkparent(path)
-  torch.save(ckpt, path)
+  _torch_save(ckpt, path)
 
 
 def load_pt(path: str, ckpt: dict | None = None) -> Imported:
@@ -145,7 +145,7 @@ def save_nanogpt(path: str, c: ModelConfig, flat: dict, tokenizer_json: str | No
                  'minillm_tokenizer': tokenizer_json or ''},
   }
   _mkparent(path)
-  torch.save(ckpt, path)
+  _torch_save(ckpt, path)
 
 
 def load_nanogpt(path: str, ckpt: dict | None = None) -> Imported:
@@ -229,5 +229,13 @@ def _keys(obj) -> list:
 
 
 def _mkparent(path: str):
+  if not path or os.path.isdir(path):
+    raise UserError(f'--out={path!r} is {"a directory" if path else "empty"}; this format writes a file')
   parent = os.path.dirname(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)
+
+
+def _torch_save(obj, path: str):
+  tmp = f'{path}.tmp{os.getpid()}'
+  torch.save(obj, tmp)  # then one rename: an interrupted export never leaves a half-written file at `path`
+  os.replace(tmp, path)

@@ -97,6 +97,9 @@ def special_id(tokenizer_json: str | None, vocab_size: int) -> int | None:
   return None
 
 
+HF_FILES = ('config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json')
+
+
 def save_hf(out_dir: str, c: ModelConfig, flat: dict, tokenizer_json: str | None, meta: dict) -> None:
   from safetensors.torch import save_file
   fmt = arch_for(c)
@@ -105,6 +108,10 @@ def save_hf(out_dir: str, c: ModelConfig, flat: dict, tokenizer_json: str | None
   cfg['minillm'] = {'model_config': c.to_dict(), 'meta': export_meta(meta)}
   if os.path.isfile(out_dir):
     raise UserError(f'--out={out_dir} is a file; the hf format writes a directory')
+  other = sorted(set(os.listdir(out_dir)) - set(HF_FILES)) if os.path.isdir(out_dir) else []
+  if other:  # e.g. a run's workdir: its config.json would be overwritten
+    raise UserError(f'--out={out_dir} already holds other files ({", ".join(other[:4])}); export into a new '
+                    'directory (or one holding only a previous export)')
   os.makedirs(out_dir, exist_ok=True)
   save_file(sd, os.path.join(out_dir, 'model.safetensors'), metadata={'format': 'pt'})
   with open(os.path.join(out_dir, 'config.json'), 'w') as f:

@@ -1,9 +1,9 @@
 """gpt2_124m: the OpenAI GPT-2 small shape (768 d, 12 layers, 12 heads, vocab 50257, block 1024): 124.4M."""
-from minillm_jax.config import default_config
+from minillm_jax.config import default_config, no_variant
 
 
 def get_config(variant: str = ''):
-  del variant
+  no_variant(variant)
   c = default_config()
   c.model.update(n_layer=12, n_head=12, d_model=768, vocab_size=50257, block_size=1024, pos='learned',
                  norm='layernorm', mlp='gelu', bias=True, tie_embeddings=True, dropout=0.0)

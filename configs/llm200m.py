@@ -1,10 +1,10 @@
 """llm200m: Llama style (RoPE, SwiGLU 3072, RMSNorm, no biases), 24 layers, 768 d, 12 heads, vocab 32000, tied
 embeddings, block 1024: ~251M parameters. Sized for a GPU; on CPU use it only to check shapes."""
-from minillm_jax.config import default_config
+from minillm_jax.config import default_config, no_variant
 
 
 def get_config(variant: str = ''):
-  del variant
+  no_variant(variant)
   c = default_config()
   c.model.update(n_layer=24, n_head=12, d_model=768, d_ff=3072, vocab_size=32000, block_size=1024, pos='rope',
                  rope_theta=10000.0, norm='rmsnorm', mlp='swiglu', bias=False, tie_embeddings=True, dropout=0.0,

@@ -1,9 +1,9 @@
 """micro: GPT-2 style, 384 d, 6 layers, 6 heads, vocab 50257, block 1024: ~30.3M parameters."""
-from minillm_jax.config import default_config
+from minillm_jax.config import default_config, no_variant
 
 
 def get_config(variant: str = ''):
-  del variant
+  no_variant(variant)
   c = default_config()
   c.model.update(n_layer=6, n_head=6, d_model=384, vocab_size=50257, block_size=1024, pos='learned',
                  norm='layernorm', mlp='gelu', bias=True, tie_embeddings=True, dropout=0.0)

@@ -1,9 +1,9 @@
 """nano: GPT-2 style, 192 d, 6 layers, 6 heads, GPT-2-size vocab (50257), block 1024: ~12.5M parameters."""
-from minillm_jax.config import default_config
+from minillm_jax.config import default_config, no_variant
 
 
 def get_config(variant: str = ''):
-  del variant
+  no_variant(variant)
   c = default_config()
   c.model.update(n_layer=6, n_head=6, d_model=192, vocab_size=50257, block_size=1024, pos='learned',
                  norm='layernorm', mlp='gelu', bias=True, tie_embeddings=True, dropout=0.0)

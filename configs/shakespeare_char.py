@@ -1,9 +1,9 @@
 """Character-level Shakespeare: the classic quick CPU config (nanoGPT's shakespeare_char CPU settings)."""
-from minillm_jax.config import default_config
+from minillm_jax.config import default_config, no_variant
 
 
 def get_config(variant: str = ''):
-  del variant
+  no_variant(variant)
   c = default_config()
   c.model.update(n_layer=4, n_head=4, d_model=128, block_size=64, pos='learned', norm='layernorm', mlp='gelu',
                  bias=False, tie_embeddings=True, dropout=0.0)

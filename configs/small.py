@@ -1,9 +1,9 @@
 """small: GPT-2 style, 512 d, 8 layers, 8 heads, vocab 50257, block 1024: ~51.4M parameters."""
-from minillm_jax.config import default_config
+from minillm_jax.config import default_config, no_variant
 
 
 def get_config(variant: str = ''):
-  del variant
+  no_variant(variant)
   c = default_config()
   c.model.update(n_layer=8, n_head=8, d_model=512, vocab_size=50257, block_size=1024, pos='learned',
                  norm='layernorm', mlp='gelu', bias=True, tie_embeddings=True, dropout=0.0)

@@ -1,10 +1,10 @@
 """tiny: RoPE, GELU MLP 2048, no biases, weight-only LayerNorms, untied head, 6 layers, 512 d, 8 heads, BPE 8000,
 block 1024: exactly 27,073,024 parameters. Trained on the mixed code+books corpus."""
-from minillm_jax.config import default_config
+from minillm_jax.config import default_config, no_variant
 
 
 def get_config(variant: str = ''):
-  del variant
+  no_variant(variant)
   c = default_config()
   c.model.update(n_layer=6, n_head=8, d_model=512, d_ff=2048, vocab_size=8000, block_size=1024, pos='rope',
                  norm='layernorm', mlp='gelu', bias=False, tie_embeddings=False, dropout=0.0)

@@ -51,8 +51,8 @@ class SampleParams:
       raise UserError(f'top_p={self.top_p} must be in (0, 1]')
     if not self.repetition_penalty > 0:
       raise UserError(f'repetition_penalty={self.repetition_penalty} must be > 0 (1 = off)')
-    if self.repetition_window < 1:
-      raise UserError(f'repetition_window={self.repetition_window} must be >= 1')
+    if not 1 <= self.repetition_window < 2 ** 31:
+      raise UserError(f'repetition_window={self.repetition_window} must be in [1, 2^31)')
     return self
 
 

@@ -102,6 +102,7 @@ class Checkpointer:
           raise ValueError('meta item unreadable')
         got = self.restore(step, params, opt_state if full else None, data_iter if full else None)
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back to an older one
+        _collect_quietly()
         moved = self._set_aside(step)
         older = 'trying the previous one' if step != steps[0] else 'no older one is left'
         warnings.warn(f'checkpoint step {step} is unreadable ({type(e).__name__}: {str(e)[:160]}); moved it to '
@@ -174,13 +175,30 @@ def load_for_inference(workdir: str, step: str | int = 'best') -> tuple[ModelCon
     gdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT(mc, nnx.Rngs(params=0))))
     dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), abstract)
+    err = None
     try:
       params = ck.restore(n, target)['params']
-    except Exception as e:
-      raise UserError(f'cannot restore checkpoint {n} in {workdir!r}: {type(e).__name__}: {str(e)[:200]}') from e
+    except Exception as e:  # noqa: BLE001 - tensorstore/orbax raise many kinds for damaged files
+      err = f'{type(e).__name__}: ' + ' '.join(str(e).split()).split('. See full TensorStore details')[0][:160]
+    if err is not None:
+      _collect_quietly()  # orbax's other pending reads of the damaged step would print tracebacks at exit
+      older = [s for s in ck.steps() if s < n]
+      raise UserError(f'cannot restore checkpoint {n} in {workdir!r} (damaged or incomplete: {err})'
+                      + (f'; try --step={older[-1]}' if older else ''))
   finally:
     ck.close()
   return mc, nnx.merge(gdef, params), meta.get('tokenizer', ''), meta
+
+
+def _collect_quietly():
+  """After a failed restore, orbax's other reads of the damaged step fail later in its event-loop thread and
+  would print pages of 'Task exception was never retrieved' / 'Exception ignored' tracebacks over the one-line
+  error (through asyncio's logger and sys.unraisablehook): both are silenced from here on."""
+  import gc
+  import sys
+  logging.getLogger('asyncio').setLevel(logging.CRITICAL)
+  sys.unraisablehook = lambda *_: None
+  gc.collect()
 
 
 def init_workdir(workdir: str, cfg_plain: dict | None, model_cfg: ModelConfig, model: GPT,

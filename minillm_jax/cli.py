@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -59,6 +60,10 @@ def _parse(argv):
   try:
     return FLAGS(argv)
   except flags.Error as e:
+    if 'Error whilst parsing config file' in str(e):  # config_flags wraps the file's own exception and traceback
+      last = [ln for ln in str(e).splitlines() if ln.strip()][-1]
+      path = next((a.split('=', 1)[1].split(':')[0] for a in argv if a.startswith('--config=')), '?')
+      die(f'cannot load config {path}: ' + re.sub(r'^[\w.]+\.(\w+):', r'\1:', last.strip()))
     hint = ''
     if "flag 'config." in str(e):
       hint = ' (config overrides need --config=FILE; a run\'s own config is <workdir>/config.py)'
@@ -66,7 +71,29 @@ def _parse(argv):
       hint = ' (run with --helpfull to see all flags)'
     die(f'{e}{hint}')
   except Exception as e:  # noqa: BLE001 - config_flags raises AttributeError/KeyError/TypeError for bad overrides
+    path = next((a.split('=', 1)[1].split(':')[0] for a in argv if a.startswith('--config=')), None)
+    where = _line_in(e, path) if path else None
+    if where is not None:  # the config file itself failed (syntax error, get_config raised)
+      die(f'cannot load config {path}{where}: {_one_line(e)}')
+    if _one_line(e) == 'AttributeError: workdir':
+      die('bad config override: the run directory is not a config field; pass it as --workdir=DIR')
+    if ' section ' not in str(e) and isinstance(e, KeyError) and path:
+      die(f'bad config override: no config section {_one_line(e)[10:]} (sections: {", ".join(_sections())})')
     die(f'bad config override: {_one_line(e)}')
+
+
+def _line_in(e: BaseException, path: str) -> str | None:
+  """':LINE' when the exception was raised from the file at `path` (or is a SyntaxError in it), else None."""
+  import traceback
+  target = os.path.abspath(path)
+  if isinstance(e, SyntaxError) and e.filename and os.path.abspath(e.filename) == target:
+    return f':{e.lineno}'
+  lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == target]
+  return f':{lines[-1]}' if lines else None
+
+
+def _sections() -> list[str]:
+  return list(config_lib.default_config().keys())
 
 
 def _one_line(e: BaseException) -> str:

@@ -99,6 +99,12 @@ def _flat(cfg: ConfigDict) -> dict:
   return out
 
 
+def no_variant(variant: str):
+  """For presets without variants: `preset.py:typo` fails instead of silently giving the preset."""
+  if variant:
+    raise ConfigError(f'unknown variant {variant!r}: this preset has none (drop the :{variant})')
+
+
 def validate(cfg: ConfigDict) -> ConfigDict:
   """Raises ConfigError with a one-line message; returns cfg unchanged when valid."""
   schema, flat = _schema(), _flat(cfg)
@@ -116,7 +122,7 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     if t is float and isinstance(value, int) and not isinstance(value, bool):
       ok = True
     if not ok:
-      raise ConfigError(f'{name}={value!r} has type {type(value).__name__}; it must be a {t.__name__}')
+      raise ConfigError(f'{name}={value!r} has type {type(value).__name__}; it must be of type {t.__name__}')
   for name in schema:
     if name not in flat:
       raise ConfigError(f'config is missing {name}; start config files from minillm_jax.config.default_config()')
@@ -219,6 +225,14 @@ class ModelConfig:
     unknown = set(d) - names
     if unknown:
       raise ConfigError(f'unknown model config keys {sorted(unknown)}')
+    cfg = default_config()  # the values get the checks a config file gets (a .pt or HF config is input too)
+    for k, v in d.items():
+      try:
+        cfg.model[k] = v
+      except TypeError:
+        raise ConfigError(f'model.{k}={v!r} has type {type(v).__name__}; it must be of type '
+                          f'{type(cfg.model[k]).__name__}') from None
+    validate(cfg)
     return cls(**d)
 
 

@@ -212,14 +212,21 @@ def sampling_from_flags(be: Backend) -> tuple[SampleParams, int, int]:
                     float(pick('repetition_penalty', sp.repetition_penalty)),
                     int(pick('repetition_window', sp.repetition_window))).check()
   max_new = int(pick('max_new_tokens', max_new))
-  if max_new < 1:
-    raise UserError(f'--max_new_tokens={max_new} must be >= 1')
+  if not 1 <= max_new < 2 ** 31:
+    raise UserError(f'--max_new_tokens={max_new} must be in [1, 2^31)')
   return sp, max_new, int(pick('seed', seed))
 
 
 def stop_strings() -> list[str]:
+  """--stop values with Python escapes (\\n, \\t, \\u00e9) decoded; other non-ASCII text is kept as typed."""
   from absl import flags
-  return [s.encode('utf-8').decode('unicode_escape') if '\\' in s else s for s in flags.FLAGS.stop]
+  out = []
+  for s in flags.FLAGS.stop:
+    try:
+      out.append(s.encode('latin-1', 'backslashreplace').decode('unicode_escape') if '\\' in s else s)
+    except UnicodeDecodeError as e:
+      raise UserError(f'--stop={s!r}: bad escape ({e.reason}); write a newline as \\n, a backslash as \\\\') from None
+  return out
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

@@ -182,7 +182,7 @@ def _open(out: Path) -> Prepared | None:
         raise ValueError(f'{split}.bin size does not match the manifest')
     if not (out / 'tokenizer.json').is_file():
       raise ValueError('tokenizer.json missing')
-  except FileNotFoundError:
+  except (FileNotFoundError, NotADirectoryError):  # not prepared yet (or cache_dir unusable: makedirs says so)
     return None
   except (OSError, ValueError, KeyError, TypeError) as e:
     log.warning('cache %s is damaged (%s); preparing it again', out, e)

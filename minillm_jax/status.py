@@ -5,6 +5,7 @@ import json
 import os
 import time
 
+from minillm_jax import config as config_lib
 from minillm_jax.config import UserError
 
 
@@ -16,10 +17,16 @@ def read_metrics(workdir: str) -> list[dict]:
   with open(path) as f:
     for ln in f:
       try:
-        rows.append(json.loads(ln))
+        row = json.loads(ln)
       except ValueError:  # a line cut by a kill mid-write
-        pass
+        continue
+      if isinstance(row, dict) and isinstance(row.get('step'), int) and all(
+          isinstance(row[k], (int, float)) for k in _NUMERIC if row.get(k) is not None):
+        rows.append(row)
   return rows
+
+
+_NUMERIC = ('train_loss', 'val_loss', 'lr', 'tokens_per_s', 'time')
 
 
 def summarize(workdir: str) -> dict:
@@ -29,8 +36,11 @@ def summarize(workdir: str) -> dict:
   cfg_path = os.path.join(workdir, 'config.json')
   if not os.path.exists(cfg_path):
     raise UserError(f'{workdir!r} is not a run directory (no config.json)')
-  with open(cfg_path) as f:
-    cfg = json.load(f)
+  try:
+    with open(cfg_path) as f:
+      cfg = config_lib.to_plain(config_lib.from_plain(json.load(f)))
+  except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:
+    raise UserError(f'cannot read the run config {cfg_path} ({type(e).__name__}: {e})') from None
   rows, run = read_metrics(workdir), monitor.read_run(workdir)
   train = [r for r in rows if 'train_loss' in r]
   val = [r for r in rows if 'val_loss' in r]

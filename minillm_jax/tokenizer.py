@@ -83,9 +83,13 @@ class Tok:
   def from_file(cls, path: str) -> Tok:
     try:
       with open(path, encoding='utf-8') as f:
-        return cls.from_json_str(f.read())
+        text = f.read()
     except OSError as e:
       raise UserError(f'cannot read tokenizer {path!r}: {e.strerror}') from None
+    try:
+      return cls.from_json_str(text)
+    except UserError as e:
+      raise UserError(f'{path}: {e} (a Hugging Face tokenizers file is expected)') from None
 
   def save(self, path: str):
     tmp = f'{path}.tmp{os.getpid()}'

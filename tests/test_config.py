@@ -40,7 +40,7 @@ def test_unknown_key_and_wrong_type():
   with c.unlocked():
     del c.model['norm_eps']
     c.model.norm_eps = 'x'
-  with pytest.raises(ConfigError, match="model.norm_eps='x' has type str; it must be a float"):
+  with pytest.raises(ConfigError, match="model.norm_eps='x' has type str; it must be of type float"):
     validate(c)
   c = default_config()
   with c.unlocked():
@@ -67,8 +67,15 @@ def test_plain_round_trip_and_model_config():
     (['--config=configs/tiny.py', '--config.optim.lr=-1'], 'error: config: optim.lr=-1.0 must be > 0'),
     (['--config=configs/nope.py'], "error: config file 'configs/nope.py' not found"),
     ([], 'error: no config given'),
+    (['--config=configs/tiny.py', '--config.foo.bar=1'], 'no config section foo (sections: data, model, optim'),
+    (['--config=configs/tiny.py', '--config.train.workdir=x'], 'pass it as --workdir=DIR'),
+    (['--config={tmp}/syntax.py'], 'error: cannot load config {tmp}/syntax.py:2: SyntaxError'),
+    (['--config={tmp}/raises.py'], 'error: cannot load config {tmp}/raises.py:3: RuntimeError: no data here'),
 ])
-def test_cli_bad_config_is_one_line_exit_2(args, message):
+def test_cli_bad_config_is_one_line_exit_2(args, message, tmp_path):
+  (tmp_path / 'syntax.py').write_text('# a config\ndef get_config(:\n  pass\n')
+  (tmp_path / 'raises.py').write_text('def get_config(variant=""):\n  del variant\n  raise RuntimeError("no data here")\n')
+  args, message = [a.format(tmp=tmp_path) for a in args], message.format(tmp=tmp_path)
   r = run_module('minillm_jax.model', *args)
   assert r.returncode == 2
   assert message in r.stderr
@@ -78,3 +85,9 @@ def test_cli_bad_config_is_one_line_exit_2(args, message):
 def test_cli_override_applies():
   r = run_module('minillm_jax.model', '--config=configs/tiny.py', '--config.model.n_layer=2')
   assert r.returncode == 0 and '2 layers' in r.stdout
+
+
+def test_preset_variant_typo_is_refused():
+  r = run_module('minillm_jax.model', '--config=configs/tiny.py:big')
+  assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+  assert "cannot load config configs/tiny.py: ConfigError: unknown variant 'big'" in r.stderr, r.stderr

@@ -241,7 +241,10 @@ def test_generate_cli(tmp_path):
                     ([f'--workdir={w}', '--prompt='], 'empty'),
                     ([f'--workdir={w}', '--prompt=x', '--temperature=-1'], 'temperature'),
                     ([f'--workdir={w}', '--prompt=x', '--step=99'], 'no checkpoint for step 99'),
-                    ([f'--ckpt={pt}', '--prompt=x', '--step=3'], 'run directory')):
+                    ([f'--ckpt={pt}', '--prompt=x', '--step=3'], 'run directory'),
+                    ([f'--workdir={w}', '--prompt=x', '--stop=\\x'], "--stop='\\\\x': bad escape"),
+                    ([f'--workdir={w}', '--prompt=x', '--max_new_tokens=3000000000'], 'must be in [1, 2^31)'),
+                    ([f'--workdir={w}', '--prompt=x', '--repetition_window=3000000000'], 'must be in [1, 2^31)')):
     r = run_module('minillm_jax.generate', *args)
     assert r.returncode == 2 and r.stderr.strip().startswith('error:') and msg in r.stderr, (args, r.stderr)
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -560,3 +560,36 @@ def test_corrupt_hf_directory_is_named(tmp_path):
     f.write('{"weight_map": ')
   with pytest.raises(UserError, match=r'cannot read .*index\.json'):
     formats.load_any(d)
+
+
+@pytest.mark.parametrize('change,match', [
+    ({'n_layer': '4'}, r"model\.n_layer='4' has type str"),
+    ({'n_head': 0}, r'model\.n_head=0 must be a positive integer'),
+    ({'block_size': 128, 'max_positions': 64}, r'model\.block_size=128 exceeds model\.max_positions=64'),
+    ({'dtype': 'float16'}, r"model\.dtype='float16' is not one of")])
+def test_model_config_values_in_a_pt_are_checked(change, match, tmp_path):
+  path = str(tmp_path / 'm.pt')
+  formats.save_pt(path, BASE, random_flat(BASE), None, {})
+  ckpt = torch.load(path, weights_only=True)
+  ckpt['model_config'].update(change)
+  torch.save(ckpt, path)
+  with pytest.raises(UserError, match=rf'm\.pt: bad model_config: {match}'):
+    formats.load_any(path)
+
+
+def test_malformed_hf_config_values_are_one_line_errors(tmp_path):
+  c = FAMILIES['llama']
+  d = str(tmp_path / 'hf')
+  hf.save_hf(d, c, random_flat(c), TOK, {})
+  cfg_path = os.path.join(d, 'config.json')
+  j = json.load(open(cfg_path))
+  del j['minillm']  # read as a foreign Llama config
+  for change, match in (({'rope_scaling': 'linear'}, r'unexpected type or form \(AttributeError'),
+                        ({'num_hidden_layers': '2'}, r"model\.n_layer='2' has type str"),
+                        ({'rms_norm_eps': None}, r'unexpected type or form \(TypeError')):
+    json.dump({**j, **change}, open(cfg_path, 'w'))
+    with pytest.raises(UserError, match=match):
+      formats.load_any(d)
+  json.dump([j], open(cfg_path, 'w'))
+  with pytest.raises(UserError, match=r'config\.json holds a list, not a Hugging Face config object'):
+    formats.load_any(d)

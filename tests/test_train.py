@@ -350,3 +350,17 @@ def test_imported_weights_continue_training(tmp_path):
   assert 'starting from the imported weights' in r.stdout
   first = losses(tmp, 'imp')[1]
   assert first < losses(tmp)[1] - 0.5  # starts where the exported run ended, not from scratch
+
+
+def test_damaged_checkpoint_is_one_line_naming_an_older_step(tmp_path):
+  tmp = str(tmp_path)
+  assert run_module('minillm_jax.train', *args(tmp, **{'train.steps': 40})).returncode == 0
+  for f in glob.glob(f'{tmp}/run/checkpoints/40/params/**/*', recursive=True):
+    if os.path.isfile(f) and os.path.getsize(f) > 1000:
+      with open(f, 'r+b') as fh:
+        fh.truncate(1000)
+  for mod in ('minillm_jax.generate', 'torch_compat.export'):
+    extra = ['--prompt=the', '--max_new_tokens=4'] if mod.endswith('generate') else [f'--out={tmp}/m.pt']
+    r = run_module(mod, f'--workdir={tmp}/run', '--step=40', *extra)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-3000:]
+    assert 'cannot restore checkpoint 40' in r.stderr and r.stderr.strip().endswith('; try --step=20'), r.stderr

@@ -177,6 +177,8 @@ def load_hf(d: str, allow_inexact: bool = False) -> Imported:
       j = json.load(f)
   except (OSError, ValueError) as e:
     raise UserError(f'cannot read {d}/config.json: {e}') from None
+  if not isinstance(j, dict):
+    raise UserError(f'{d}/config.json holds a {type(j).__name__}, not a Hugging Face config object')
   fmt = _fmt_of(j, d)
   sd = convert.strip_prefixes(read_weights(d))
   if fmt == 'gpt2':  # the original OpenAI GPT-2 files name GPT2Model's tensors without 'transformer.'
@@ -189,7 +191,10 @@ def load_hf(d: str, allow_inexact: bool = False) -> Imported:
       raise UserError(f'{d}: config.json says {CLASSES[fmt]} but its minillm model_config exports as '
                       f'{CLASSES[arch_for(c)]}')
   else:
-    c, zero_missing = _model_config(fmt, j, sd, d, allow_inexact, notes)
+    try:
+      c, zero_missing = _model_config(fmt, j, sd, d, allow_inexact, notes)
+    except (TypeError, AttributeError, KeyError, ValueError, ZeroDivisionError) as e:  # wrong type or form
+      raise UserError(f'{d}/config.json: a value has an unexpected type or form ({type(e).__name__}: {e})') from None
   flat = convert.torch_to_flax(c, sd, fmt, zero_missing_bias=zero_missing)
   tok = ''
   if os.path.isfile(os.path.join(d, 'tokenizer.json')):
@@ -200,7 +205,8 @@ def load_hf(d: str, allow_inexact: bool = False) -> Imported:
 
 
 def _fmt_of(j: dict, d: str) -> str:
-  arch = (j.get('architectures') or [None])[0]
+  archs = j.get('architectures') or [None]
+  arch = archs if isinstance(archs, str) else archs[0] if isinstance(archs, list) else archs
   for fmt, cls in CLASSES.items():
     if arch == cls or (arch is None and j.get('model_type') == MODEL_TYPES[fmt]):
       return fmt
@@ -273,7 +279,7 @@ def _model_config(fmt: str, j: dict, sd: dict, d: str, allow_inexact: bool,
   kw = {'n_head': H, 'n_kv_head': H, **kw, 'd_model': D, 'max_positions': P, 'block_size': P}
   kw['norm_eps'], kw['dropout'] = float(kw['norm_eps']), float(kw['dropout'])
   try:
-    c = ModelConfig(vocab_size=int(V), init_std=float(g('initializer_range', 0.02)), **kw)
-  except TypeError as e:
+    c = ModelConfig.from_dict({'vocab_size': int(V), 'init_std': float(g('initializer_range', 0.02)), **kw})
+  except (TypeError, ValueError) as e:
     raise UserError(f'{d}: bad config.json: {e}') from None
   return c, c.bias

@@ -101,8 +101,10 @@ class Checkpointer:
         if meta is None:
           raise ValueError('meta item unreadable')
         got = self.restore(step, params, opt_state if full else None, data_iter if full else None)
-      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back to an older one
-        _collect_quietly()
+      except Exception as e:  # any unreadable checkpoint: fall back to an older one
+        if isinstance(e, MemoryError):  # not the checkpoint's fault: keep it where it is
+          raise
+        _quiet_failed_reads()
         moved = self._set_aside(step)
         older = 'trying the previous one' if step != steps[0] else 'no older one is left'
         warnings.warn(f'checkpoint step {step} is unreadable ({type(e).__name__}: {str(e)[:160]}); moved it to '
@@ -180,8 +182,8 @@ def load_for_inference(workdir: str, step: str | int = 'best') -> tuple[ModelCon
       params = ck.restore(n, target)['params']
     except Exception as e:  # noqa: BLE001 - tensorstore/orbax raise many kinds for damaged files
       err = f'{type(e).__name__}: ' + ' '.join(str(e).split()).split('. See full TensorStore details')[0][:160]
+      _quiet_failed_reads()
     if err is not None:
-      _collect_quietly()  # orbax's other pending reads of the damaged step would print tracebacks at exit
       older = [s for s in ck.steps() if s < n]
       raise UserError(f'cannot restore checkpoint {n} in {workdir!r} (damaged or incomplete: {err})'
                       + (f'; try --step={older[-1]}' if older else ''))
@@ -190,14 +192,32 @@ def load_for_inference(workdir: str, step: str | int = 'best') -> tuple[ModelCon
   return mc, nnx.merge(gdef, params), meta.get('tokenizer', ''), meta
 
 
-def _collect_quietly():
-  """After a failed restore, orbax's other reads of the damaged step fail later in its event-loop thread and
-  would print pages of 'Task exception was never retrieved' / 'Exception ignored' tracebacks over the one-line
-  error (through asyncio's logger and sys.unraisablehook): both are silenced from here on."""
+_NOISE = ('TensorStore', 'OCDBT', 'reading array index', 'Event loop is closed')
+
+
+class _DropFailedReadNoise(logging.Filter):
+  """After one failed restore, orbax's other reads of the damaged step fail later in its event-loop thread and
+  asyncio logs each ('Task exception was never retrieved', pages of TensorStore specs) over our one-line error.
+  Only those records are dropped; other asyncio errors still show."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    text = record.getMessage() + (repr(record.exc_info[1]) if record.exc_info else '')
+    return not any(n in text for n in _NOISE)
+
+
+def _quiet_failed_reads():
   import gc
   import sys
-  logging.getLogger('asyncio').setLevel(logging.CRITICAL)
-  sys.unraisablehook = lambda *_: None
+  log_ = logging.getLogger('asyncio')
+  if not any(isinstance(f, _DropFailedReadNoise) for f in log_.filters):
+    log_.addFilter(_DropFailedReadNoise())
+  prev = sys.unraisablehook
+  if not getattr(prev, 'drops_failed_reads', False):
+    def hook(u, prev=prev):  # the same reads, finalized at exit after the loop closed
+      if not any(n in f'{u.exc_value!r} {u.object!r}' for n in _NOISE):
+        prev(u)
+    hook.drops_failed_reads = True
+    sys.unraisablehook = hook
   gc.collect()
 
 
@@ -209,9 +229,13 @@ def init_workdir(workdir: str, cfg_plain: dict | None, model_cfg: ModelConfig, m
     raise UserError(f'--workdir={workdir!r} is a file, not a directory')
   if os.path.isdir(ckpt_dir(workdir)) and os.listdir(ckpt_dir(workdir)):
     raise UserError(f'{workdir!r} already has checkpoints; import into a new --workdir')
-  if os.path.isdir(workdir) and os.listdir(workdir):  # another run's config.json and metrics would be replaced
-    raise UserError(f'{workdir!r} already holds files ({", ".join(sorted(os.listdir(workdir))[:4])}); import '
-                    'into a new or empty --workdir')
+  # Another run's config.json and metrics would be replaced. What an interrupted import itself leaves (these
+  # files, an empty checkpoints/) is fine, so the import can be run again.
+  leftovers = {'tokenizer.json', 'config.json', 'config.py', 'checkpoints', '.lock'}
+  other = sorted(set(os.listdir(workdir)) - leftovers) if os.path.isdir(workdir) else []
+  if other:
+    raise UserError(f'{workdir!r} already holds files ({", ".join(other[:4])}); import into a new or empty '
+                    '--workdir')
   cfg = config_lib.default_config() if cfg_plain is None else config_lib.from_plain(cfg_plain)
   for k, v in model_cfg.to_dict().items():
     if k in cfg.model:

@@ -77,8 +77,9 @@ def _parse(argv):
       die(f'cannot load config {path}{where}: {_one_line(e)}')
     if _one_line(e) == 'AttributeError: workdir':
       die('bad config override: the run directory is not a config field; pass it as --workdir=DIR')
-    if ' section ' not in str(e) and isinstance(e, KeyError) and path:
-      die(f'bad config override: no config section {_one_line(e)[10:]} (sections: {", ".join(_sections())})')
+    sec = next((a[len('--config.'):].split('.')[0] for a in argv if a.startswith('--config.')), None)
+    if isinstance(e, KeyError) and sec is not None and sec not in _sections():
+      die(f'bad config override: no config section {sec!r} (sections: {", ".join(_sections())})')
     die(f'bad config override: {_one_line(e)}')
 
 
@@ -131,8 +132,11 @@ def run(main):
       return main(argv)
     except config_lib.UserError as e:
       die(str(e))
-    except OSError as e:  # a path the user gave that cannot be created, read or written
-      die(f'{e.strerror or type(e).__name__}: {e.filename!r}' if e.filename is not None else f'{type(e).__name__}: {e}')
+    except (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+      # a path the user gave that cannot be created, read or written (other OSErrors, e.g. a full disk, keep
+      # their traceback: they are not bad input)
+      paths = ' -> '.join(repr(p) for p in (e.filename, e.filename2) if p is not None)
+      die(f'{e.strerror or type(e).__name__}: {paths}' if paths else f'{type(e).__name__}: {e}')
     except KeyboardInterrupt:
       die('interrupted', 130)
 

@@ -231,7 +231,7 @@ class ModelConfig:
         cfg.model[k] = v
       except TypeError:
         raise ConfigError(f'model.{k}={v!r} has type {type(v).__name__}; it must be of type '
-                          f'{type(cfg.model[k]).__name__}') from None
+                          f'{_schema()[f"model.{k}"][0].__name__}') from None
     validate(cfg)
     return cls(**d)
 
@@ -280,11 +280,11 @@ _RUN_CONFIG_PY = '''"""This run's config: config.json beside this file. Use it t
 import json
 import os
 
-from minillm_jax.config import from_plain
+from minillm_jax.config import from_plain, no_variant
 
 
 def get_config(variant: str = ''):
-  del variant
+  no_variant(variant)
   with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config.json')) as f:
     return from_plain(json.load(f))
 '''

@@ -363,7 +363,7 @@ def plot(runs: list[dict], path: str) -> str:
       ax.legend(fontsize=8)
   fig.tight_layout()
   from minillm_jax.plot import save_figure
-  return save_figure(fig, path)
+  return save_figure(fig, path, 'plot')
 
 
 def main(argv):
@@ -392,6 +392,9 @@ def main(argv):
   out = f.out or (os.path.join(f.workdir[0], 'eval.json') if f.workdir else 'eval.json')
   for p in (out, f.plot):
     _check_writable(p)
+  if f.plot:
+    from minillm_jax.plot import figure_path
+    figure_path(f.plot, 'plot')
   runs = []
   for kind, path in sources:
     be = backend.load(**{kind: path}, step=step if kind == 'workdir' else 'best', backend=f.backend,

@@ -1,6 +1,7 @@
 """Run monitoring: progress bar, metrics.jsonl, TensorBoard events, run.json (liveness), early stopping, MFU."""
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -46,11 +47,34 @@ def _write_json(path: str, obj: dict):
   os.replace(tmp, path)
 
 
+_LOCKS: dict[str, int] = {}
+
+
 def check_workdir_free(workdir: str) -> None:
-  """One live run per workdir. Writes nothing: a run refused later (another model, no data) leaves it as it was."""
+  """One live run per workdir, from the start of `train` (not only from its claim): an flock on <workdir>/.lock,
+  held until the process ends, and run.json's pid for a run on another host. Writes nothing else, so a run
+  refused later (another model, no data) leaves the workdir as it was."""
   run = read_run(workdir)
   if run_alive(run) and run['pid'] != os.getpid():
     raise UserError(f'{workdir!r} is being trained by pid {run["pid"]}; stop it first or use another --workdir')
+  key = os.path.realpath(workdir)
+  if key in _LOCKS:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  fd = os.open(os.path.join(workdir, '.lock'), os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    os.close(fd)
+    raise UserError(f'{workdir!r} is being trained by another process (pid {read_run(workdir).get("pid", "?")}); '
+                    'stop it first or use another --workdir') from None
+  _LOCKS[key] = fd
+
+
+def release_workdir(workdir: str) -> None:
+  fd = _LOCKS.pop(os.path.realpath(workdir), None)
+  if fd is not None:
+    os.close(fd)
 
 
 def claim_workdir(workdir: str, cfg) -> None:

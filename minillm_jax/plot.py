@@ -36,16 +36,24 @@ def plot(workdirs: list[str], out: str) -> str:
   return save_figure(fig, out)
 
 
-def save_figure(fig, out: str) -> str:
-  """Saves as the extension says (PNG when there is none); returns the path actually written."""
-  import matplotlib.pyplot as plt
+def figure_path(out: str, flag: str = 'out') -> str:
+  """The path a figure for --flag=out is written to (PNG when there is no extension); UserError when matplotlib
+  cannot write that format or out is a directory. Cheap: callers check before long work."""
+  from matplotlib.backend_bases import FigureCanvasBase
   if os.path.isdir(out):
-    raise UserError(f'--out={out} is a directory; give a file name such as {os.path.join(out, "curves.png")}')
+    raise UserError(f'--{flag}={out} is a directory; give a file name such as {os.path.join(out, "curves.png")}')
   ext = os.path.splitext(out)[1].lstrip('.').lower()
   if not ext:
-    out, ext = out + '.png', 'png'
-  if ext not in fig.canvas.get_supported_filetypes():
-    raise UserError(f'--out={out}: matplotlib cannot write .{ext}; use .png, .svg or .pdf')
+    return out + '.png'
+  if ext not in FigureCanvasBase.get_supported_filetypes():
+    raise UserError(f'--{flag}={out}: matplotlib cannot write .{ext}; use .png, .svg or .pdf')
+  return out
+
+
+def save_figure(fig, out: str, flag: str = 'out') -> str:
+  """Saves to figure_path(out); returns the path actually written."""
+  import matplotlib.pyplot as plt
+  out = figure_path(out, flag)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   fig.savefig(out, dpi=110)
   plt.close(fig)

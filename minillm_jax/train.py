@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -197,9 +198,14 @@ def prepare_data(cfg, workdir: str, tok_json: str | None):
   from minillm_jax import prepare
   if tok_json:  # fine-tuning: the text must be tokenized the way the weights were trained
     path = os.path.join(os.path.abspath(workdir), 'tokenizer.json')
+    ck = os.path.join(workdir, 'checkpoints')
+    if os.path.exists(path) and Path(path).read_text() != tok_json and os.path.isdir(ck) and os.listdir(ck):
+      raise UserError(f'{workdir!r} was trained with another tokenizer than train.init_from={cfg.train.init_from!r} '
+                      'has; fine-tune into a new --workdir')
     os.makedirs(workdir, exist_ok=True)
-    with open(path, 'w') as f:
+    with open(f'{path}.tmp', 'w') as f:
       f.write(tok_json)
+    os.replace(f'{path}.tmp', path)
     with cfg.unlocked():
       cfg.data.tokenizer = path
   return prepare.prepare(cfg)
@@ -323,7 +329,7 @@ def run(cfg, workdir: str) -> dict:
       stopped_early = mon.eval(step, val_loss, t.patience)
     if step % t.ckpt_every == 0 or last or stop.reason or stopped_early:
       save(step, val_loss)
-    if stop.reason:
+    if stop.reason and not last:  # a signal during the last call: the run is finished all the same
       status = 'interrupted'
       break
     if stopped_early:
@@ -331,13 +337,14 @@ def run(cfg, workdir: str) -> dict:
       break
   ck.close()
   summary = mon.close(status)
-  if stop.reason:
+  if status == 'interrupted':
     print(f'\n{stop.reason}: saved step {step}. Resume with: python -m minillm_jax.train --workdir={workdir}',
           flush=True)
   else:
     print(f'done: {summary["steps"]} steps, best val loss {summary["best_val_loss"]:.4f} at step '
           f'{summary["best_step"]}, {time.time() - t_start:.1f}s', flush=True)
-  return {**summary, 'status': status, 'workdir': workdir, 'signal': stop.reason}
+  monitor.release_workdir(workdir)
+  return {**summary, 'status': status, 'workdir': workdir, 'signal': stop.reason if status == 'interrupted' else None}
 
 
 def main(argv):

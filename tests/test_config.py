@@ -67,7 +67,7 @@ def test_plain_round_trip_and_model_config():
     (['--config=configs/tiny.py', '--config.optim.lr=-1'], 'error: config: optim.lr=-1.0 must be > 0'),
     (['--config=configs/nope.py'], "error: config file 'configs/nope.py' not found"),
     ([], 'error: no config given'),
-    (['--config=configs/tiny.py', '--config.foo.bar=1'], 'no config section foo (sections: data, model, optim'),
+    (['--config=configs/tiny.py', '--config.foo.bar=1'], "no config section 'foo' (sections: data, model, optim"),
     (['--config=configs/tiny.py', '--config.train.workdir=x'], 'pass it as --workdir=DIR'),
     (['--config={tmp}/syntax.py'], 'error: cannot load config {tmp}/syntax.py:2: SyntaxError'),
     (['--config={tmp}/raises.py'], 'error: cannot load config {tmp}/raises.py:3: RuntimeError: no data here'),

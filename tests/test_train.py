@@ -4,6 +4,7 @@ import functools
 import glob
 import json
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -131,6 +132,8 @@ def test_sigterm_saves_and_exits_143(tmp_path):
   while not (os.path.exists(mpath) and os.path.getsize(mpath) > 0):
     assert p.poll() is None, p.stderr.read()
     time.sleep(0.05)
+  r = run_module('minillm_jax.train', *b)  # a second run on the same workdir is refused while the first lives
+  assert r.returncode == 2 and 'is being trained by' in r.stderr, r.stderr[-2000:]
   p.send_signal(signal.SIGTERM)
   out, err = p.communicate(timeout=120)
   assert p.returncode == 128 + signal.SIGTERM, err  # saved, but not finished
@@ -174,22 +177,22 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path):
   # every checkpoint unreadable: refused, and the run's history is not rewritten by a fresh start
   for d in glob.glob(f'{tmp}/run/checkpoints/*/params'):
     shutil.rmtree(d)
-  before = open(f'{tmp}/run/metrics.jsonl').read()
+  before = pathlib.Path(f'{tmp}/run/metrics.jsonl').read_text()
   for _ in range(2):  # the second attempt finds the checkpoints dir empty
     r = run_module('minillm_jax.train', *args(tmp, **{'train.steps': 80}))
     assert r.returncode == 2 and 'error: no readable checkpoint is left' in r.stderr, r.stderr[-2000:]
-  assert open(f'{tmp}/run/metrics.jsonl').read() == before
+  assert pathlib.Path(f'{tmp}/run/metrics.jsonl').read_text() == before
 
 
 def test_refused_resume_leaves_the_workdir_as_it_was(tmp_path):
   tmp = str(tmp_path)
   assert run_module('minillm_jax.train', *args(tmp, **{'train.steps': 20})).returncode == 0
-  files = {n: open(f'{tmp}/run/{n}').read() for n in ('config.json', 'config.py', 'run.json', 'metrics.jsonl')}
+  files = {n: pathlib.Path(tmp, 'run', n).read_text() for n in ('config.json', 'config.py', 'run.json', 'metrics.jsonl')}
   r = run_module('minillm_jax.train', *args(tmp, **{'train.steps': 40, 'model.n_layer': 2}))
   assert r.returncode == 2 and 'was trained with a different model (n_layer: checkpoint 1 vs config 2)' in r.stderr
   r = run_module('minillm_jax.train', *args(tmp, **{'train.steps': 40, 'data.path': f'{tmp}/missing.txt'}))
   assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'missing.txt' in r.stderr, r.stderr
-  assert {n: open(f'{tmp}/run/{n}').read() for n in files} == files
+  assert {n: pathlib.Path(tmp, 'run', n).read_text() for n in files} == files
   r = run_module('minillm_jax.train', f'--workdir={tmp}/run', '--nosample')  # resumes from config.json as it was
   assert r.returncode == 0 and 'resuming from step 20' in r.stdout, r.stderr[-2000:]
 

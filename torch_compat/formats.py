@@ -155,11 +155,15 @@ def load_nanogpt(path: str, ckpt: dict | None = None) -> Imported:
   if not isinstance(a, dict) or 'model' not in ckpt or any(k not in a for k in need):
     raise UserError(f'{path} is not a nanoGPT checkpoint (needs model and model_args with {need})')
   extra = (ckpt.get('config') or {}) if isinstance(ckpt.get('config'), dict) else {}
-  c = ModelConfig(vocab_size=int(a['vocab_size']), n_layer=int(a['n_layer']), n_head=int(a['n_head']),
-                  n_kv_head=int(a['n_head']), d_model=int(a['n_embd']), d_ff=4 * int(a['n_embd']),
-                  block_size=int(a['block_size']), max_positions=int(a['block_size']), pos='learned',
-                  norm='layernorm', norm_eps=NANOGPT_EPS, mlp='gelu', bias=bool(a.get('bias', True)),
-                  tie_embeddings=True, dropout=float(a.get('dropout', 0.0)))
+  try:
+    c = model_config_from({
+        'vocab_size': int(a['vocab_size']), 'n_layer': int(a['n_layer']), 'n_head': int(a['n_head']),
+        'n_kv_head': int(a['n_head']), 'd_model': int(a['n_embd']), 'd_ff': 4 * int(a['n_embd']),
+        'block_size': int(a['block_size']), 'max_positions': int(a['block_size']), 'pos': 'learned',
+        'norm': 'layernorm', 'norm_eps': NANOGPT_EPS, 'mlp': 'gelu', 'bias': bool(a.get('bias', True)),
+        'tie_embeddings': True, 'dropout': float(a.get('dropout', 0.0))}, f'{path} (model_args)')
+  except (TypeError, ValueError) as e:  # int('x'), float(None)
+    raise UserError(f'{path}: bad model_args ({e})') from None
   ours = extra.get('minillm_model_config')
   if isinstance(ours, dict):  # written by save_nanogpt: keeps block_size, init_std, dtype
     c2 = model_config_from(ours, path)

@@ -113,6 +113,9 @@ def save_hf(out_dir: str, c: ModelConfig, flat: dict, tokenizer_json: str | None
     raise UserError(f'--out={out_dir} already holds other files ({", ".join(other[:4])}); export into a new '
                     'directory (or one holding only a previous export)')
   os.makedirs(out_dir, exist_ok=True)
+  for name in ('tokenizer.json', 'tokenizer_config.json'):  # a previous export's, when this one has none
+    if not tokenizer_json and os.path.exists(os.path.join(out_dir, name)):
+      os.remove(os.path.join(out_dir, name))
   save_file(sd, os.path.join(out_dir, 'model.safetensors'), metadata={'format': 'pt'})
   with open(os.path.join(out_dir, 'config.json'), 'w') as f:
     json.dump(cfg, f, indent=2)
@@ -164,9 +167,10 @@ def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
   from safetensors.torch import load_file
   if not os.path.isfile(path):
     raise UserError(f'{path} does not exist (named by model.safetensors.index.json)')
+  from safetensors import SafetensorError
   try:
     return load_file(path)
-  except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for corrupt files
+  except SafetensorError as e:
     raise UserError(f'{path} is not a readable safetensors file (corrupt or truncated: '
                     f'{str(e).splitlines()[0][:160] if str(e) else type(e).__name__})') from None
 

@@ -218,6 +218,14 @@ def _quiet_failed_reads():
         prev(u)
     hook.drops_failed_reads = True
     sys.unraisablehook = hook
+  warnings.filterwarnings('ignore', message="coroutine '_read_array_index_and_device_put' was never awaited")
+  prev_exc = sys.excepthook
+  if not getattr(prev_exc, 'drops_failed_reads', False):
+    def excepthook(t, v, tb, prev=prev_exc):  # tensorstore callbacks posting to orbax's closed loop, at exit
+      if not (t is RuntimeError and 'Event loop is closed' in str(v)):
+        prev(t, v, tb)
+    excepthook.drops_failed_reads = True
+    sys.excepthook = excepthook
   gc.collect()
 
 

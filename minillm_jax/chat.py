@@ -103,15 +103,18 @@ class Conversation:
 
 class Chat:
   def __init__(self, be: Backend, sp: SampleParams, max_new: int, seed: int, system: str = '',
-               loader: dict | None = None, out=None, stop: list[str] | None = None):
+               loader: dict | None = None, out=None, stop: list[str] | None = None, err=None):
     self.be, self.sp, self.max_new, self.seed, self.loader = be, sp, max_new, seed, loader or {}
     self.extra_stops = list(stop or [])
     self.conv = Conversation(be.instruction_tuned, system)
-    self.out = out or sys.stdout
-    self.style, self.turn = gen.Style(self.out), 0
+    self.out, self.err = out or sys.stdout, err or sys.stderr  # errors apart: piped replies stay clean
+    self.style, self.err_style, self.turn = gen.Style(self.out), gen.Style(self.err), 0
 
   def say(self, text: str, *styles: str):
     print(self.style(text, *styles), file=self.out, flush=True)
+
+  def error(self, text: str):
+    print(self.err_style(text, 'red'), file=self.err, flush=True)
 
   def banner(self):
     mode = 'chat template' if self.conv.templated else 'plain continuation (not instruction-tuned)'
@@ -155,7 +158,7 @@ class Chat:
         try:
           self.sp = dataclasses.replace(self.sp, **{field: conv(arg)}).check()
         except (ValueError, UserError) as e:
-          self.say(f'error: {name} {arg}: {e}', 'red')
+          self.error(f'error: {name} {arg}: {e}')
           return True
       self.say(f'{field} = {getattr(self.sp, field)}', 'dim')
     elif name == '/len':
@@ -166,7 +169,7 @@ class Chat:
             raise ValueError('must be >= 1')
           self.max_new = n
         except ValueError as e:
-          self.say(f'error: /len {arg}: {e}', 'red')
+          self.error(f'error: /len {arg}: {e}')
           return True
       self.say(f'max_new_tokens = {self.max_new}', 'dim')
     elif name == '/ckpt':
@@ -174,25 +177,25 @@ class Chat:
     elif name == '/save':
       self._save(arg)
     else:
-      self.say(f'unknown command {name}; /help lists them', 'red')
+      self.error(f'unknown command {name}; /help lists them')
     return True
 
   def _ckpt(self, arg: str):
     from minillm_jax import backend
     if not self.loader.get('workdir'):
-      self.say('error: /ckpt needs a run directory (--workdir); this model was loaded from one file', 'red')
+      self.error('error: /ckpt needs a run directory (--workdir); this model was loaded from one file')
       return
     step = arg or 'best'
     if step not in ('best', 'latest'):
       try:
         step = int(step)
       except ValueError:
-        self.say(f'error: /ckpt {arg}: use best, latest or a step number', 'red')
+        self.error(f'error: /ckpt {arg}: use best, latest or a step number')
         return
     try:
       be = backend.load(step=step, **self.loader)
     except UserError as e:
-      self.say(f'error: {e}', 'red')
+      self.error(f'error: {e}')
       return
     self.be, self.conv.templated = be, be.instruction_tuned
     self.say(f'loaded {be.describe()}', 'dim')
@@ -209,7 +212,7 @@ class Chat:
         else:
           f.write(''.join(f'{m["role"]}: {m["content"]}\n\n' for m in msgs))
     except OSError as e:
-      self.say(f'error: cannot write {path}: {e.strerror}', 'red')
+      self.error(f'error: cannot write {path}: {e.strerror}')
       return
     self.say(f'saved {len(msgs)} messages to {path}', 'dim')
 

@@ -32,7 +32,8 @@ _NUMERIC = ('train_loss', 'val_loss', 'lr', 'tokens_per_s', 'time')
 def summarize(workdir: str) -> dict:
   from minillm_jax import monitor
   if not os.path.isdir(workdir):
-    raise UserError(f'workdir {workdir!r} does not exist')
+    raise UserError(f'workdir {workdir!r} ' + ('is a file, not a run directory' if os.path.exists(workdir)
+                                              else 'does not exist'))
   cfg_path = os.path.join(workdir, 'config.json')
   if not os.path.exists(cfg_path):
     raise UserError(f'{workdir!r} is not a run directory (no config.json)')
@@ -45,7 +46,8 @@ def summarize(workdir: str) -> dict:
   train = [r for r in rows if 'train_loss' in r]
   val = [r for r in rows if 'val_loss' in r]
   ckdir = os.path.join(workdir, 'checkpoints')
-  ckpts = sorted(int(d) for d in os.listdir(ckdir) if d.isdigit()) if os.path.isdir(ckdir) else []
+  ckpts = sorted(int(d) for d in os.listdir(ckdir)  # an empty step directory is not a checkpoint
+                 if d.isdigit() and os.listdir(os.path.join(ckdir, d))) if os.path.isdir(ckdir) else []
   step, steps = (train[-1]['step'] if train else 0), cfg['train']['steps']
   speeds = [r['tokens_per_s'] for r in train[-20:] if r.get('tokens_per_s')]
   tps = sum(speeds) / len(speeds) if speeds else None

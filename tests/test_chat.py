@@ -64,8 +64,8 @@ def test_history_drops_oldest_exchanges_with_a_notice():
 
 
 def test_commands_in_process(tmp_path):
-  out = io.StringIO()
-  c = chat.Chat(backend(False), SampleParams(), 8, 0, out=out)
+  out, err = io.StringIO(), io.StringIO()
+  c = chat.Chat(backend(False), SampleParams(), 8, 0, out=out, err=err)
   assert c.command('/temp 0.25') and c.sp.temperature == 0.25
   assert c.command('/topk 7') and c.sp.top_k == 7
   assert c.command('/topp 0.5') and c.sp.top_p == 0.5
@@ -81,8 +81,9 @@ def test_commands_in_process(tmp_path):
   assert c.command('/ckpt best')  # loaded from memory: refused with a message, session goes on
   assert c.command('/clear') and c.conv.exchanges == []
   assert not c.command('/exit')
-  text = out.getvalue()
-  assert 'top_p=3.0 must be in (0, 1]' in text and '/ckpt needs a run directory' in text and 'saved 2 messages' in text
+  text, errors = out.getvalue(), err.getvalue()
+  assert 'top_p=3.0 must be in (0, 1]' in errors and '/ckpt needs a run directory' in errors
+  assert 'saved 2 messages' in text and 'error' not in text  # errors go to stderr, replies and notes to stdout
 
 
 def test_ctrl_c_stops_a_reply_and_keeps_the_session(monkeypatch):

@@ -71,6 +71,9 @@ def test_loss_decreases_and_outputs_are_written(tmp_path):
   s = run_module('minillm_jax.status', f'--workdir={tmp}/run', '--json')
   st = json.loads(s.stdout)
   assert st['step'] == 60 and st['status'] == 'finished' and st['checkpoints'] == [20, 40, 60]
+  os.makedirs(os.path.join(tmp, 'run', 'checkpoints', '80'))  # an empty step directory is not a checkpoint
+  assert json.loads(run_module('minillm_jax.status', f'--workdir={tmp}/run', '--json').stdout)['checkpoints'] == [
+      20, 40, 60]
   assert st['best_val_loss'] == min(r['val_loss'] for r in rows if 'val_loss' in r)
   p = run_module('minillm_jax.plot', f'--workdir={tmp}/run', f'--workdir={tmp}/run', f'--out={tmp}/c.png')
   assert p.returncode == 0 and os.path.getsize(f'{tmp}/c.png') > 10_000

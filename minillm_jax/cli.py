@@ -62,8 +62,7 @@ def _parse(argv):
   except flags.Error as e:
     if 'Error whilst parsing config file' in str(e):  # config_flags wraps the file's own exception and traceback
       last = [ln for ln in str(e).splitlines() if ln.strip()][-1]
-      path = next((a.split('=', 1)[1].split(':')[0] for a in argv if a.startswith('--config=')), '?')
-      die(f'cannot load config {path}: ' + re.sub(r'^[\w.]+\.(\w+):', r'\1:', last.strip()))
+      die(f'cannot load config {_config_path(argv)}: ' + re.sub(r'^[\w.]+\.(\w+):', r'\1:', last.strip()))
     hint = ''
     if "flag 'config." in str(e):
       hint = ' (config overrides need --config=FILE; a run\'s own config is <workdir>/config.py)'
@@ -71,7 +70,7 @@ def _parse(argv):
       hint = ' (run with --helpfull to see all flags)'
     die(f'{e}{hint}')
   except Exception as e:  # noqa: BLE001 - config_flags raises AttributeError/KeyError/TypeError for bad overrides
-    path = next((a.split('=', 1)[1].split(':')[0] for a in argv if a.startswith('--config=')), None)
+    path = _config_path(argv)
     where = _line_in(e, path) if path else None
     if where is not None:  # the config file itself failed (syntax error, get_config raised)
       die(f'cannot load config {path}{where}: {_one_line(e)}')
@@ -81,6 +80,11 @@ def _parse(argv):
     if isinstance(e, KeyError) and sec is not None and sec not in _sections():
       die(f'bad config override: no config section {sec!r} (sections: {", ".join(_sections())})')
     die(f'bad config override: {_one_line(e)}')
+
+
+def _config_path(argv) -> str | None:
+  """The file of --config=file.py[:variant], as given."""
+  return next((a.split('=', 1)[1].split(':')[0] for a in argv if a.startswith('--config=')), None)
 
 
 def _line_in(e: BaseException, path: str) -> str | None:

@@ -290,6 +290,15 @@ def get_config(variant: str = ''):
 '''
 
 
+def write_atomic(path: str, text: str) -> None:
+  """Written beside `path`, then renamed over it: an interrupted write leaves the old file whole."""
+  import os
+  tmp = os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}.tmp{os.getpid()}')
+  with open(tmp, 'w', encoding='utf-8') as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
 def write_run_config(workdir: str, cfg: ConfigDict) -> None:
   """<workdir>/config.json (the resolved config) and config.py (loads it: a --config file for overrides)."""
   import json
@@ -297,8 +306,17 @@ def write_run_config(workdir: str, cfg: ConfigDict) -> None:
   os.makedirs(workdir, exist_ok=True)
   for name, text in (('config.json', json.dumps(to_plain(cfg), indent=1)),
                      ('config.py', _RUN_CONFIG_PY.format(path=os.path.join(workdir, 'config.py'), workdir=workdir))):
-    tmp = os.path.join(workdir, f'.{name}.tmp{os.getpid()}')
-    with open(tmp, 'w') as f:
-      f.write(text)
-    os.replace(tmp, os.path.join(workdir, name))
+    write_atomic(os.path.join(workdir, name), text)
+
+
+def read_run_config(workdir: str) -> ConfigDict:
+  """<workdir>/config.json back as a validated config; UserError naming the file when it is unreadable."""
+  import json
+  import os
+  path = os.path.join(workdir, 'config.json')
+  try:
+    with open(path) as f:
+      return from_plain(json.load(f))
+  except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:
+    raise UserError(f'cannot read the run config {path} ({type(e).__name__}: {e})') from None
 

@@ -175,7 +175,7 @@ def _materialized(xs, q):
   other branch is taken only when q is NaN, where it gives NaN as the attention would (10 interleaved step pairs:
   8 faster, median ratio 0.89-0.91)."""
   q0 = q.reshape(-1)[0]
-  return jax.lax.cond(q0 == q0, lambda xs: xs, lambda xs: jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), xs), xs)
+  return jax.lax.cond(~jnp.isnan(q0), lambda xs: xs, lambda xs: jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), xs), xs)
 
 
 def _bdot(a, b, b_contract: int, a_contract: int = 3):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from minillm_jax.config import UserError, write_run_config
+from minillm_jax.config import UserError, write_atomic, write_run_config
 
 
 def _pid_alive(pid: int) -> bool:
@@ -41,10 +41,7 @@ def run_alive(run: dict) -> bool:
 
 
 def _write_json(path: str, obj: dict):
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
+  write_atomic(path, json.dumps(obj, indent=1))
 
 
 _LOCKS: dict[str, int] = {}
@@ -80,7 +77,6 @@ def release_workdir(workdir: str) -> None:
 def claim_workdir(workdir: str, cfg) -> None:
   """Marks the run as running and writes its resolved config (config.json + config.py), once every check passed."""
   check_workdir_free(workdir)
-  os.makedirs(workdir, exist_ok=True)
   _write_json(os.path.join(workdir, 'run.json'), {'pid': os.getpid(), 'host': socket.gethostname(),
                                                   'status': 'running', 'started': time.time()})
   write_run_config(workdir, cfg)
@@ -153,19 +149,8 @@ class Monitor:
   def _truncate_after(self, step: int):
     if not os.path.exists(self.path):
       return
-    rows = []
-    with open(self.path) as f:
-      for ln in f:
-        try:  # a line cut off by a kill or a full disk is dropped, not fatal
-          row = json.loads(ln)
-        except ValueError:
-          continue
-        if isinstance(row, dict) and isinstance(row.get('step', 0), int) and row.get('step', 0) <= step:
-          rows.append(json.dumps(row) + '\n')
-    tmp = f'{self.path}.tmp{os.getpid()}'
-    with open(tmp, 'w') as f:  # replaced in one step: an interrupted rewrite keeps the old file
-      f.writelines(rows)
-    os.replace(tmp, self.path)
+    from minillm_jax.status import read_metrics  # it drops a row cut off by a kill or a full disk
+    write_atomic(self.path, ''.join(json.dumps(r) + '\n' for r in read_metrics(self.workdir) if r['step'] <= step))
 
   def _write(self, row: dict):
     with open(self.path, 'a') as f:

@@ -37,11 +37,7 @@ def summarize(workdir: str) -> dict:
   cfg_path = os.path.join(workdir, 'config.json')
   if not os.path.exists(cfg_path):
     raise UserError(f'{workdir!r} is not a run directory (no config.json)')
-  try:
-    with open(cfg_path) as f:
-      cfg = config_lib.to_plain(config_lib.from_plain(json.load(f)))
-  except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:
-    raise UserError(f'cannot read the run config {cfg_path} ({type(e).__name__}: {e})') from None
+  cfg = config_lib.to_plain(config_lib.read_run_config(workdir))
   rows, run = read_metrics(workdir), monitor.read_run(workdir)
   train = [r for r in rows if 'train_loss' in r]
   val = [r for r in rows if 'val_loss' in r]

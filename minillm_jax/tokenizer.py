@@ -24,7 +24,7 @@ from collections.abc import Iterable
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from minillm_jax.config import BPE_MAX_VOCAB, BPE_MIN_VOCAB, UserError
+from minillm_jax.config import BPE_MAX_VOCAB, BPE_MIN_VOCAB, UserError, write_atomic
 
 EOT, PAD = '<|endoftext|>', '<|pad|>'
 CHAT = ('<|system|>', '<|user|>', '<|assistant|>', '<|end|>')
@@ -92,10 +92,7 @@ class Tok:
       raise UserError(f'{path}: {e} (a Hugging Face tokenizers file is expected)') from None
 
   def save(self, path: str):
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w', encoding='utf-8') as f:
-      f.write(self.to_json_str())
-    os.replace(tmp, path)
+    write_atomic(path, self.to_json_str())
 
   @functools.cached_property
   def hash(self) -> str:

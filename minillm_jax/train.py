@@ -6,7 +6,6 @@ the same device count). Read top to bottom: optimizer, loss and steps (pure func
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import signal
@@ -171,11 +170,9 @@ def load_run_config(workdir: str, cfg):
     if not os.path.exists(path):
       raise UserError(f'no --config given and {path} does not exist; pass --config=configs/<name>.py')
     try:
-      with open(path) as f:
-        return config_lib.from_plain(json.load(f))
-    except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:
-      raise UserError(f'cannot read the run config {path} ({type(e).__name__}: {e}); pass --config=<the file '
-                      'it was trained with> to resume') from None
+      return config_lib.read_run_config(workdir)
+    except UserError as e:
+      raise UserError(f'{e}; pass --config=<the file it was trained with> to resume') from None
   return cfg
 
 
@@ -196,16 +193,15 @@ def check_same_model(old: dict, new: config_lib.ModelConfig, where: str):
 
 def prepare_data(cfg, workdir: str, tok_json: str | None):
   from minillm_jax import prepare
+  from minillm_jax.checkpoint import ckpt_dir
   if tok_json:  # fine-tuning: the text must be tokenized the way the weights were trained
     path = os.path.join(os.path.abspath(workdir), 'tokenizer.json')
-    ck = os.path.join(workdir, 'checkpoints')
+    ck = ckpt_dir(workdir)
     if os.path.exists(path) and Path(path).read_text() != tok_json and os.path.isdir(ck) and os.listdir(ck):
       raise UserError(f'{workdir!r} was trained with another tokenizer than train.init_from={cfg.train.init_from!r} '
                       'has; fine-tune into a new --workdir')
     os.makedirs(workdir, exist_ok=True)
-    with open(f'{path}.tmp', 'w') as f:
-      f.write(tok_json)
-    os.replace(f'{path}.tmp', path)
+    config_lib.write_atomic(path, tok_json)
     with cfg.unlocked():
       cfg.data.tokenizer = path
   return prepare.prepare(cfg)

@@ -189,7 +189,15 @@ def cached_attention(q_BxTxNxH, k_CxSxH, v_CxSxH, pos):
   One batch axis with no unit dimensions: with [B, K, S, H] at batch 1, XLA:CPU copied every layer's cache on
   every decode step (half of the `tiny` decode time)."""
   T, S = q_BxTxNxH.shape[1], k_CxSxH.shape[1]
-  return _grouped_attention(q_BxTxNxH, k_CxSxH, v_CxSxH, jnp.arange(S)[None, :] <= pos + jnp.arange(T)[:, None])
+
+  def upto(L):  # attention over the first L cache slots only
+    return lambda: _grouped_attention(q_BxTxNxH, k_CxSxH[:, :L], v_CxSxH[:, :L],
+                                      jnp.arange(L)[None, :] <= pos + jnp.arange(T)[:, None])
+
+  # Decoding is bound by memory traffic, and the cache of `tiny` (25 MB at batch 1) is read on every token: read
+  # only the shortest prefix S/2^i (i < 5, at least 64 slots) that holds [0, pos+T); one switch branch runs.
+  Ls = sorted({max(T, S >> i) for i in range(5) if S >> i >= 64} | {S})
+  return jax.lax.switch(jnp.sum(pos + T > jnp.array(Ls[:-1], jnp.int32)), [upto(L) for L in Ls])
 
 
 def _grouped_attention(q_BxTxNxH, k_CxSxH, v_CxSxH, mask_TxS):

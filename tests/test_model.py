@@ -55,6 +55,20 @@ def test_kv_cache_decode_equals_full_forward(fam):
   assert float(jnp.abs(jnp.concatenate(outs, 1) - full).max()) <= 1e-5
 
 
+def test_kv_cache_decode_reads_the_right_cache_prefix():
+  # a 256-slot cache is attended through prefixes of 64, 128 or 256 slots: chunks that end exactly on, and one
+  # past, each prefix boundary must match the full forward (jitted: two chunk shapes, a traced position)
+  m = init_model(dataclasses.replace(LLAMAISH, block_size=256, max_positions=256), 0)
+  x = tokens(T=192)
+  full = nnx.jit(lambda m, x: m(x))(m, x)
+  dec = nnx.jit(lambda m, x, cache, pos: m.decode(x, cache, pos))
+  cache, outs = m.init_cache(2), []
+  for a, b in [(0, 63), (63, 64), (64, 65), (65, 128), (128, 129), (129, 192)]:
+    out, cache = dec(m, x[:, a:b], cache, jnp.int32(a))
+    outs.append(out)
+  assert float(jnp.abs(jnp.concatenate(outs, 1) - full).max()) <= 1e-5
+
+
 @pytest.mark.parametrize('fam', FAMILIES)
 def test_bfloat16_forward_is_finite_and_close(fam):
   c = FAMILIES[fam]

@@ -102,8 +102,8 @@ class Checkpointer:
           raise ValueError('meta item unreadable')
         got = self.restore(step, params, opt_state if full else None, data_iter if full else None)
       except Exception as e:  # any unreadable checkpoint: fall back to an older one
-        if isinstance(e, MemoryError):  # not the checkpoint's fault: keep it where it is
-          raise
+        if isinstance(e, (MemoryError, UserError)):  # not the checkpoint's fault (e.g. the data iterator's state
+          raise                                       # does not fit a changed batch_size): keep it where it is
         _quiet_failed_reads()
         moved = self._set_aside(step)
         older = 'trying the previous one' if step != steps[0] else 'no older one is left'

@@ -102,7 +102,8 @@ class _Tagged(grain.DatasetIterator):
       was = ', '.join(f'{k}={a}' for k, (a, _) in diff.items())
       now = ', '.join(f'{k}={b}' for k, (_, b) in diff.items())
       raise UserError(f'data iterator state was saved with {was} but this pipeline has {now}; resume with the '
-                      'same settings (grain state depends on them), or start the data stream afresh')
+                      'saved settings (the data order depends on them), or continue from these weights in a new '
+                      'workdir with --config.train.init_from')
     self._parent.set_state(state['grain'])
 
 

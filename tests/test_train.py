@@ -195,6 +195,10 @@ def test_refused_resume_leaves_the_workdir_as_it_was(tmp_path):
   assert r.returncode == 2 and 'was trained with a different model (n_layer: checkpoint 1 vs config 2)' in r.stderr
   r = run_module('minillm_jax.train', *args(tmp, **{'train.steps': 40, 'data.path': f'{tmp}/missing.txt'}))
   assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'missing.txt' in r.stderr, r.stderr
+  r = run_module('minillm_jax.train', *args(tmp, **{'train.steps': 40, 'train.batch_size': 4}))  # other data order
+  assert r.returncode == 2 and r.stderr.count('\n') == 1, r.stderr[-2000:]
+  assert 'saved with batch_size=8 but this pipeline has batch_size=4' in r.stderr
+  assert not os.path.exists(f'{tmp}/run/corrupt_checkpoints')  # healthy checkpoints are not set aside
   assert {n: pathlib.Path(tmp, 'run', n).read_text() for n in files} == files
   r = run_module('minillm_jax.train', f'--workdir={tmp}/run', '--nosample')  # resumes from config.json as it was
   assert r.returncode == 0 and 'resuming from step 20' in r.stdout, r.stderr[-2000:]

@@ -223,7 +223,8 @@ def _datasets(offline: bool):
   if offline:
     datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
   datasets.disable_progress_bars()
-  datasets.logging.set_verbosity_error()
+  # its loaders log a parse error (twice: its handler and absl's) before raising it; we report the exception once
+  datasets.logging.set_verbosity(datasets.logging.CRITICAL)
   return datasets
 
 

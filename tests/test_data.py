@@ -321,10 +321,12 @@ def test_bad_inputs_each_give_a_clear_error(tmp_path, caplog):
     (['--config.data.path=PATH', '--config.data.tokenizer=wordpiece'], "error: unknown tokenizer 'wordpiece'"),
     (['--config.data.corpus=hub', '--config.data.hub_name=someone/x'], "error: hub dataset 'someone/x'"),
     (['--config.data.corpus=wiki'], "error: config: data.corpus='wiki' is not one of"),
+    (['--config.data.path=BADJSON'], 'error: cannot load json files'),  # datasets logs nothing of its own
 ])
 def test_prepare_cli_errors_are_one_line(tmp_path, args, msg):
   (tmp_path / 'a.txt').write_text('some text\n' * 50)
-  args = [a.replace('PATH', str(tmp_path / 'a.txt')) for a in args]
+  (tmp_path / 'b.jsonl').write_text('{"text": "hello"}\n{"text": broken\n')
+  args = [a.replace('PATH', str(tmp_path / 'a.txt')).replace('BADJSON', str(tmp_path / 'b.jsonl')) for a in args]
   r = subprocess.run([sys.executable, '-m', 'minillm_jax.prepare', '--config=configs/shakespeare_char.py',
                       '--config.data.corpus=local', f'--config.data.cache_dir={tmp_path / "cache"}', *args],
                      check=False, capture_output=True, text=True, cwd=REPO, env={**os.environ, 'HF_HUB_OFFLINE': '1'})

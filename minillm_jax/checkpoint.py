@@ -235,10 +235,11 @@ def init_workdir(workdir: str, cfg_plain: dict | None, model_cfg: ModelConfig, m
   from minillm_jax import config as config_lib
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f'--workdir={workdir!r} is a file, not a directory')
-  if os.path.isdir(ckpt_dir(workdir)) and os.listdir(ckpt_dir(workdir)):
+  if os.path.isdir(ckpt_dir(workdir)) and any(n.isdigit() for n in os.listdir(ckpt_dir(workdir))):
     raise UserError(f'{workdir!r} already has checkpoints; import into a new --workdir')
   # Another run's config.json and metrics would be replaced. What an interrupted import itself leaves (these
-  # files, an empty checkpoints/) is fine, so the import can be run again.
+  # files, a checkpoints/ without a finished step: Orbax removes its <step>.orbax-checkpoint-tmp dirs when it
+  # opens the directory) is fine, so the import can be run again.
   leftovers = {'tokenizer.json', 'config.json', 'config.py', 'checkpoints', '.lock'}
   other = sorted(set(os.listdir(workdir)) - leftovers) if os.path.isdir(workdir) else []
   if other:

@@ -525,6 +525,12 @@ def test_cli_export_import_round_trip(tmp_path):
     import_ckpt(str(tmp_path / 'm.pt'), str(tmp_path / 'other'))
   assert {n: pathlib.Path(src, n).read_text() for n in run_files} == run_files
   assert (tmp_path / 'other' / 'metrics.jsonl').read_text() == '{"step": 5}\n'
+  half = tmp_path / 'half'  # what an import killed during its checkpoint save leaves: it can be run again
+  os.makedirs(half / 'checkpoints' / '0.orbax-checkpoint-tmp' / 'params.orbax-checkpoint-tmp')
+  (half / 'config.json').write_text('{}')
+  import_ckpt(str(tmp_path / 'm.pt'), str(half))
+  assert_flat_equal(convert.flax_flat(checkpoint.load_for_inference(str(half), 'latest')[1]), flat)
+  assert os.listdir(half / 'checkpoints') == ['0']
 
 
 def test_one_table_covers_every_layout():

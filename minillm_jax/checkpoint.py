@@ -34,6 +34,12 @@ def ckpt_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 
+def has_steps(workdir: str) -> bool:
+  """A finished step directory exists (what a killed save leaves, <step>.orbax-checkpoint-tmp, does not count)."""
+  d = ckpt_dir(workdir)
+  return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+
+
 def _abstract(tree):
   """Restore target with the shapes, dtypes and shardings of `tree` (arrays or ShapeDtypeStructs)."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)), tree)
@@ -235,7 +241,7 @@ def init_workdir(workdir: str, cfg_plain: dict | None, model_cfg: ModelConfig, m
   from minillm_jax import config as config_lib
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f'--workdir={workdir!r} is a file, not a directory')
-  if os.path.isdir(ckpt_dir(workdir)) and any(n.isdigit() for n in os.listdir(ckpt_dir(workdir))):
+  if has_steps(workdir):
     raise UserError(f'{workdir!r} already has checkpoints; import into a new --workdir')
   # Another run's config.json and metrics would be replaced. What an interrupted import itself leaves (these
   # files, a checkpoints/ without a finished step: Orbax removes its <step>.orbax-checkpoint-tmp dirs when it

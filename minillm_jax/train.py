@@ -193,11 +193,10 @@ def check_same_model(old: dict, new: config_lib.ModelConfig, where: str):
 
 def prepare_data(cfg, workdir: str, tok_json: str | None):
   from minillm_jax import prepare
-  from minillm_jax.checkpoint import ckpt_dir
+  from minillm_jax.checkpoint import has_steps
   if tok_json:  # fine-tuning: the text must be tokenized the way the weights were trained
     path = os.path.join(os.path.abspath(workdir), 'tokenizer.json')
-    ck = ckpt_dir(workdir)
-    if os.path.exists(path) and Path(path).read_text() != tok_json and os.path.isdir(ck) and os.listdir(ck):
+    if os.path.exists(path) and Path(path).read_text() != tok_json and has_steps(workdir):
       raise UserError(f'{workdir!r} was trained with another tokenizer than train.init_from={cfg.train.init_from!r} '
                       'has; fine-tune into a new --workdir')
     os.makedirs(workdir, exist_ok=True)

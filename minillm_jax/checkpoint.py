@@ -54,7 +54,10 @@ class Checkpointer:
         ocp.checkpoint_managers.LatestN(n=keep),
         ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m['val_loss'], reverse=True, n=1,
                                       keep_checkpoints_without_metrics=False)])
-    opts = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=async_save,
+    # best_fn only makes Orbax write each step's metrics to disk (its best_step is not used): without them a
+    # reopened manager sees no metrics, BestN protects nothing, and a resumed run's first save deleted the best.
+    opts = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=lambda m: m['val_loss'],
+                                        best_mode='min', enable_async_checkpointing=async_save,
                                         create=not read_only, cleanup_tmp_directories=not read_only)
     self.mngr = ocp.CheckpointManager(self.dir, options=opts)
 

@@ -307,6 +307,24 @@ def test_weight_decay_mask_excludes_norms_biases_embeddings():
   assert moved == set(decayed)
 
 
+def test_best_checkpoint_survives_a_reopened_manager(tmp_path):
+  # keep=1 keeps the latest step plus the best by val_loss; a resumed run opens a new manager, whose first save
+  # must not delete the best (it did while the metrics lived only in the saving process)
+  from minillm_jax import checkpoint
+  _, _, params = _tiny_state()
+  ck = checkpoint.Checkpointer(str(tmp_path), keep=1, async_save=False)
+  for step, val in ((10, 1.0), (20, 2.0), (30, 3.0)):
+    ck.save(step, params, {'val_loss': val}, val_loss=val)
+  ck.close()
+  assert checkpoint.Checkpointer(str(tmp_path), read_only=True).steps() == [10, 30]
+  ck = checkpoint.Checkpointer(str(tmp_path), keep=1, async_save=False)
+  ck.save(40, params, {'val_loss': 4.0}, val_loss=4.0)
+  assert ck.steps() == [10, 40] and ck.best_step() == 10
+  ck.save(50, params, {'val_loss': 0.5}, val_loss=0.5)
+  assert ck.steps() == [50]
+  ck.close()
+
+
 def test_nonfinite_step_keeps_weights_finite():
   mc, gdef, params = _tiny_state()
   tx, _ = train.make_optimizer(default_config().optim, 100)

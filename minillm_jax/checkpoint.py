@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 for _name in ('absl', 'orbax', 'orbax.checkpoint'):  # orbax logs every save/restore at INFO through absl
   logging.getLogger(_name).setLevel(logging.WARNING)
+# A step without a val loss (an import's step 0, a non-finite eval) is saved without metrics on purpose.
+logging.getLogger('absl').addFilter(lambda r: not str(r.msg).startswith('Requested `tracked_metric`'))
 
 
 def ckpt_dir(workdir: str) -> str:
@@ -255,6 +257,7 @@ def init_workdir(workdir: str, cfg_plain: dict | None, model_cfg: ModelConfig, m
     raise UserError(f'{workdir!r} already holds files ({", ".join(other[:4])}); import into a new or empty '
                     '--workdir')
   cfg = config_lib.default_config() if cfg_plain is None else config_lib.from_plain(cfg_plain)
+  cfg.train.init_from = ''  # the source's own base run (a path on another machine, maybe) is not this run's
   for k, v in model_cfg.to_dict().items():
     if k in cfg.model:
       cfg.model[k] = v

@@ -213,13 +213,17 @@ def run(cfg, workdir: str) -> dict:
   cfg = load_run_config(workdir, cfg)
   t, o = cfg.train, cfg.optim
   monitor.check_workdir_free(workdir)
-  src = None
-  if t.init_from:  # fine-tuning: another run's best weights (and its tokenizer)
+  src, tok0 = None, None
+  if t.init_from and checkpoint.has_steps(workdir):  # a fine-tune resumes from its own weights and tokenizer,
+    own = os.path.join(workdir, 'tokenizer.json')    # so the base run may since have moved or gone
+    tok0 = Path(own).read_text() if os.path.isfile(own) else None
+  elif t.init_from:  # fine-tuning: another run's best weights (and its tokenizer)
     if not os.path.isdir(t.init_from):
       raise UserError(f'train.init_from={t.init_from!r} is not a workdir; convert other formats with '
                       'python -m torch_compat.import_ckpt first')
     src = checkpoint.load_for_inference(t.init_from, 'best')
-  prep = prepare_data(cfg, workdir, src[2] if src else None)
+    tok0 = src[2]
+  prep = prepare_data(cfg, workdir, tok0)
   mc = config_lib.model_config(cfg, prep.vocab_size)
   if prep.vocab_size > mc.vocab_size:
     raise UserError(f'the tokenizer has {prep.vocab_size} tokens but model.vocab_size={mc.vocab_size}; '
@@ -263,9 +267,22 @@ def run(cfg, workdir: str) -> dict:
     state['params'] = items['params']
     if items['full']:
       state['opt'], start, meta0 = items['opt'], step0, items['meta']
+      if start > t.steps:  # the loop would not run, and config.json would say steps={t.steps} from now on
+        raise UserError(f'{workdir!r} is already at step {start}, past train.steps={t.steps}; resume with '
+                        f'--config.train.steps={start} or more')
       print(f'resuming from step {start} of {workdir}', flush=True)
     else:
       print(f'starting from the imported weights in {workdir} (step {step0}, fresh optimizer)', flush=True)
+
+  if start == t.steps and start > 0:  # nothing to train: leave run.json, config and metrics as they are
+    ck.close()
+    monitor.release_workdir(workdir)
+    best = meta0.get('best_val_loss')
+    print(f'{workdir} has finished its {start} steps (best val loss {best if best is None else round(best, 4)} at '
+          f'step {meta0.get("best_step")}); raise --config.train.steps to train further', flush=True)
+    return {'steps': start, 'best_val_loss': float('nan') if best is None else best, 'status': 'finished',
+            'best_step': meta0.get('best_step'), 'last_train_loss': meta0.get('last_train_loss'),
+            'tokens_per_s': None, 'workdir': workdir, 'signal': None}
 
   monitor.claim_workdir(workdir, cfg)
   dp_mesh = flat_dp_mesh(mesh, t.fsdp, mc.dropout)

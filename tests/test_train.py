@@ -350,6 +350,26 @@ def test_bad_inputs_one_line(tmp_path):
   assert r.returncode == 2 and "workdir" in r.stderr and 'Traceback' not in r.stderr
 
 
+def test_fine_tune_starts_from_the_base_and_resumes_without_it(tmp_path):
+  tmp = str(tmp_path)
+  assert run_module('minillm_jax.train', *args(tmp, 'base', **{'train.steps': 20})).returncode == 0
+  ft = args(tmp, 'ft', **{'train.init_from': f'{tmp}/base', 'train.steps': 20})
+  assert run_module('minillm_jax.train', *ft).returncode == 0
+  assert losses(tmp, 'ft')[1] < losses(tmp, 'base')[1] - 0.3  # starts from the trained weights
+  os.rename(f'{tmp}/base', f'{tmp}/base_moved')  # a fine-tune resumes from its own checkpoints and tokenizer
+  r = run_module('minillm_jax.train', *args(tmp, 'ft', **{'train.init_from': f'{tmp}/base', 'train.steps': 30}))
+  assert r.returncode == 0 and 'resuming from step 20' in r.stdout, r.stderr[-2000:]
+  assert max(losses(tmp, 'ft')) == 30
+  run_json = pathlib.Path(tmp, 'ft', 'run.json').read_text()
+  r = run_module('minillm_jax.train', f'--workdir={tmp}/ft', '--nosample')  # finished: nothing is rewritten
+  assert r.returncode == 0 and 'has finished its 30 steps' in r.stdout, r.stderr[-2000:]
+  assert pathlib.Path(tmp, 'ft', 'run.json').read_text() == run_json
+  r = run_module('minillm_jax.train', f'--config={tmp}/ft/config.py', f'--workdir={tmp}/ft', '--nosample',
+                 '--config.train.steps=25')
+  assert r.returncode == 2 and r.stderr.strip().endswith(
+      'is already at step 30, past train.steps=25; resume with --config.train.steps=30 or more'), r.stderr[-2000:]
+
+
 def test_resume_refuses_another_tokenizer(tmp_path):
   tmp = str(tmp_path)
   assert run_module('minillm_jax.train', *args(tmp, **{'train.steps': 20})).returncode == 0

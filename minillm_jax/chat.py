@@ -93,7 +93,7 @@ class Conversation:
       ids = be.tok.encode(self.render(self.exchanges[k:], user))
       if len(ids) <= room:
         return ids, k
-    return gen.encode_prompt(be, self.render([], user)), len(self.exchanges)
+    return gen.encode_prompt(be, self.render([], user), be.context - room), len(self.exchanges)
 
   def stops(self, be: Backend) -> tuple[list[str], list[int]]:
     if self.templated:

@@ -25,15 +25,15 @@ DEFAULT_MAX_NEW = 256
 
 # ------------------------------------------------------------------------------------------- text layer
 
-def encode_prompt(be: Backend, text: str, max_new_tokens: int = 1, warn: bool = True) -> list[int]:
-  """Token ids of a non-empty prompt, cropped from the left (with a warning) to leave room for at least one
-  new token; longer generations slide the context (backend.generate_ids)."""
+def encode_prompt(be: Backend, text: str, reserve: int = 1, warn: bool = True) -> list[int]:
+  """Token ids of a non-empty prompt, cropped from the left (with a warning) to leave room for `reserve` new
+  tokens; longer generations slide the context (backend.generate_ids)."""
   if not text:
     raise UserError('empty prompt: give some text to continue')
   ids = be.tok.encode(text)
   if not ids:
     raise UserError(f'prompt {text!r} encodes to no tokens')
-  kept, dropped = be.crop(ids, 1)
+  kept, dropped = be.crop(ids, reserve)
   if dropped and warn:
     print(f'warning: the prompt is {len(ids)} tokens, longer than the context ({be.context}); kept the last '
           f'{len(kept)}', file=sys.stderr, flush=True)
@@ -232,7 +232,7 @@ def stop_strings() -> list[str]:
 # ---------------------------------------------------------------------------------------------------- CLI
 
 def _one(be: Backend, prompt: str, sp, max_new, seed, stop, style: Style):
-  ids = encode_prompt(be, prompt, max_new)
+  ids = encode_prompt(be, prompt)
   sys.stdout.write(style(prompt, 'bold'))
   _, interrupted = print_stream(stream(be, ids, max_new, sp, seed, stop), style)
   print(style(' [interrupted]', 'yellow') if interrupted else '', flush=True)
@@ -283,7 +283,7 @@ def main(argv):
   if f.num_samples == 1:
     _one(be, prompt, sp, max_new, seed, stop, style)
     return
-  ids = encode_prompt(be, prompt, max_new)
+  ids = encode_prompt(be, prompt)
   for i, text in enumerate(complete(be, [ids] * f.num_samples, max_new, sp, seed, stop)):
     print(style(f'--- sample {i + 1} ---', 'cyan'))
     print(style(prompt, 'bold') + text, flush=True)

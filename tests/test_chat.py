@@ -61,6 +61,8 @@ def test_history_drops_oldest_exchanges_with_a_notice():
   c.reply('third')
   assert 'dropped the 1 oldest exchange' in out.getvalue()
   assert [u for u, _ in c.conv.exchanges] == ['second question', 'third']
+  ids, dropped = c.conv.prompt_ids(be, 'x' * 100, 8)  # one message past the context: cropped, room kept
+  assert dropped == 2 and len(ids) == be.context - 8 and be.tok.decode(ids).endswith('xxx<|end|><|assistant|>')
 
 
 def test_commands_in_process(tmp_path):

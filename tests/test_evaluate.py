@@ -1,4 +1,4 @@
-"""Evaluation: the sandboxed execution check, the scoring helpers, perplexity against a direct computation on
+"""Evaluation: the guarded execution check, the scoring helpers, perplexity against a direct computation on
 both backends, and the CLI writing JSON with every category plus a comparison table and PNG."""
 import json
 import math
@@ -26,12 +26,21 @@ def test_execution_check_pass_fail_and_isolation(tmp_path):
   r = ev.run_tests('def add(a, b):\n    return a - b\n', 'assert add(2, 3) == 5')
   assert r['status'] == 'fail' and 'AssertionError' in r['detail']
   assert ev.run_tests('def add(a, b)\n    return a\n', '')['status'] == 'syntax_error'
-  # runs in a child: its side effects do not reach this process or this directory
-  marker = tmp_path / 'x'
-  assert ev.run_tests(f'import os\nos.environ["EVAL_LEAK"] = "1"\nopen({str(marker)!r}, "w").write("1")\n',
-                      '')['status'] == 'pass'
+  # runs in a child: its environment changes do not reach this process
+  assert ev.run_tests('import os\nos.environ["EVAL_LEAK"] = "1"\n', '')['status'] == 'pass'
   import os
   assert 'EVAL_LEAK' not in os.environ
+  # leaving before the tests finish is a failure, not a pass (exit code 0 alone is not enough)
+  for body in ('exit()', 'import sys; sys.exit(0)', 'import os; os._exit(0)'):
+    assert ev.run_tests(f'def add(a, b):\n    {body}\n', 'assert add(2, 3) == 5')['status'] == 'fail', body
+  assert ev.run_tests('def add(a, b):\n    print("x" * 20000)\n    return a + b\n', 'assert add(2, 3) == 5'
+                      )['status'] == 'pass'  # its own output does not hide the harness's token
+  # destructive calls are disabled; output floods stop at the file-size limit, not in this process's memory
+  marker = tmp_path / 'keep'
+  marker.write_text('1')
+  r = ev.run_tests(f'import os, shutil\nos.remove({str(marker)!r})\n', '')
+  assert r['status'] == 'fail' and marker.exists()
+  assert ev.run_tests('import sys\nwhile True:\n    sys.stdout.write("x" * 100000)\n', '')['status'] == 'fail'
   r = ev.run_tests('x = bytearray(4 << 30)\n', '')  # over the 1 GiB address-space limit
   assert r['status'] == 'fail' and 'MemoryError' in r['detail']
 

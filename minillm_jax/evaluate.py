@@ -267,22 +267,39 @@ def val_tokens(be: Backend) -> list[int]:
     raise UserError(f'{be.source} carries no run config, so its validation split is unknown; pass --text=FILE')
   cfg = config_lib.from_plain(plain)
   _, val, _ = corpora.split_docs(corpora.load(cfg.data).docs, cfg.data.val_fraction)
-  out = []
-  for ids in be.tok.encode_batch(val):
-    out += ids + [be.tok.eot_id]
-  return out
+  return tokens_and_bytes(be.tok, val, eot=True)
 
 
-def perplexity(be: Backend, tokens: list[int], max_tokens: int = 16384, batch: int = 8) -> dict:
+def tokens_and_bytes(tok, docs: list[str], eot: bool = False) -> tuple[list[int], list[int]]:
+  """Token ids of the documents (each followed by end-of-text when `eot`, 0 bytes) and the UTF-8 bytes of the
+  original text each token ends (from the tokenizer's offsets; every byte counted once). Decoding the tokens
+  instead would count '<|unk|>' or a U+FFFD for what the text held."""
+  ids, nbytes = [], []
+  for doc, e in zip(docs, tok.tok.encode_batch(docs, add_special_tokens=False)):
+    end = 0
+    for i, (_, b) in zip(e.ids, e.offsets):
+      ids.append(i)
+      nbytes.append(len(doc[end:b].encode('utf-8')) if b > end else 0)
+      end = max(end, b)
+    if nbytes and end < len(doc):  # text no token covers (a normalizer dropped it) goes to the last token
+      nbytes[-1] += len(doc[end:].encode('utf-8'))
+    if eot:
+      ids.append(tok.eot_id)
+      nbytes.append(0)
+  return ids, nbytes
+
+
+def perplexity(be: Backend, tokens: tuple[list[int], list[int]], max_tokens: int = 16384, batch: int = 8) -> dict:
   """Mean NLL over windows of context + 1 tokens with stride context (every token but the first is predicted
   once, with up to a full context before it); bits per byte divide the total NLL by the UTF-8 bytes of the
-  predicted text, which makes tokenizers comparable."""
+  predicted text (`tokens` = tokens_and_bytes(...)), which makes tokenizers comparable."""
   T = be.context
+  tokens, nb = tokens
   tokens = list(tokens)[:max_tokens + 1]
   if len(tokens) < 2:
     raise UserError('perplexity needs at least 2 tokens of text')
   wins = [tokens[i:i + T + 1] for i in range(0, len(tokens) - 1, T)]
-  total, count, nbytes = 0.0, 0, 0
+  total, count = 0.0, 0
   for b in range(0, len(wins), batch):
     group = wins[b:b + batch]
     x = np.zeros((batch, T + 1), np.int32)  # fixed shape: one compile whatever the text length
@@ -292,7 +309,7 @@ def perplexity(be: Backend, tokens: list[int], max_tokens: int = 16384, batch: i
     for i, w in enumerate(group):
       total += float(nll[i, :len(w) - 1].sum())
       count += len(w) - 1
-      nbytes += len(be.tok.decode(w[1:]).encode('utf-8'))
+  nbytes = sum(nb[1:len(tokens)])
   mean = total / count
   return {'tokens': count, 'bytes': nbytes, 'nll': mean, 'perplexity': math.exp(min(mean, 700.0)),
           'bits_per_byte': total / math.log(2) / max(nbytes, 1), 'window': T}
@@ -312,7 +329,7 @@ def evaluate(be: Backend, suites=SUITES, text_path: str | None = None, max_token
       except OSError as e:
         raise UserError(f'cannot read --text {text_path!r}: {e.strerror}') from None
       text = text[:64 * (max_tokens + 1)]  # more characters than any tokenizer packs into max_tokens tokens
-      out['perplexity'] = {'data': text_path, **perplexity(be, be.tok.encode(text), max_tokens)}
+      out['perplexity'] = {'data': text_path, **perplexity(be, tokens_and_bytes(be.tok, [text]), max_tokens)}
     else:
       out['perplexity'] = {'data': 'val', **perplexity(be, val_tokens(be), max_tokens)}
   if 'code' in suites:

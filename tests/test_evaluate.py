@@ -10,6 +10,7 @@ from conftest import run_module
 from test_sample import char_tok, config, make_pt, make_workdir, random_flat
 
 from minillm_jax import evaluate as ev
+from minillm_jax import tokenizer as toklib
 from minillm_jax.backend import JaxBackend, TorchBackend
 from torch_compat import convert
 from torch_compat import model as tmodel
@@ -64,7 +65,7 @@ def test_perplexity_matches_a_direct_computation_on_both_backends():
   jb, tb = JaxBackend(convert.load_into_flax(c, flat), tok), TorchBackend(m.eval(), tok)
   text = 'to be or not to be: that is the question, said the quick brown fox'
   ids = tok.encode(text)
-  r = ev.perplexity(jb, ids, batch=2)
+  r = ev.perplexity(jb, ev.tokens_and_bytes(tok, [text]), batch=2)
   want = []
   for i in range(0, len(ids) - 1, 16):  # windows of 17 tokens, stride 16
     w = np.asarray([ids[i:i + 17]])
@@ -75,7 +76,13 @@ def test_perplexity_matches_a_direct_computation_on_both_backends():
   assert r['nll'] == pytest.approx(np.mean(want), rel=1e-4)
   assert r['perplexity'] == pytest.approx(math.exp(np.mean(want)), rel=1e-4)
   assert r['bits_per_byte'] == pytest.approx(np.sum(want) / math.log(2) / len(text[1:].encode()), rel=1e-4)
-  assert ev.perplexity(tb, ids, batch=2)['nll'] == pytest.approx(r['nll'], rel=1e-4)
+  assert ev.perplexity(tb, ev.tokens_and_bytes(tok, [text]), batch=2)['nll'] == pytest.approx(r['nll'], rel=1e-4)
+  # bytes are the text's own: a character the tokenizer lacks ('<|unk|>') or one split across byte-level BPE
+  # tokens counts its UTF-8 bytes once, whatever the tokens decode to
+  for t in (tok, toklib.train_bpe(['x'], toklib.BPE_MIN_VOCAB)):  # bytes only: multi-byte chars split
+    for doc in ('café naïve 日本語 🙂 ok', 'x'):
+      got, nb = ev.tokens_and_bytes(t, [doc, doc], eot=True)
+      assert got == (t.encode(doc) + [t.eot_id]) * 2 and sum(nb) == 2 * len(doc.encode()) and nb[-1] == 0
 
 
 def test_cli_writes_json_with_every_category_and_compares_runs(tmp_path):

@@ -299,6 +299,23 @@ def write_atomic(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
+def absolute_paths(cfg: ConfigDict) -> ConfigDict:
+  """Relative data.path entries, data.cache_dir, a data.tokenizer file and train.init_from, made absolute from
+  the current directory: a run's config.json must mean the same files from anywhere (resume, evaluate)."""
+  import os
+  full = lambda p: os.path.abspath(os.path.expanduser(p))
+  d = cfg.data
+  if d.path:
+    d.path = ','.join(full(e.strip()) for e in d.path.split(',') if e.strip())
+  if d.cache_dir:
+    d.cache_dir = full(d.cache_dir)
+  if d.tokenizer not in ('char', 'bpe') and not d.tokenizer.startswith('hub:'):
+    d.tokenizer = full(d.tokenizer)
+  if cfg.train.init_from:
+    cfg.train.init_from = full(cfg.train.init_from)
+  return cfg
+
+
 def write_run_config(workdir: str, cfg: ConfigDict) -> None:
   """<workdir>/config.json (the resolved config) and config.py (loads it: a --config file for overrides)."""
   import json

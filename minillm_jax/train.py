@@ -210,7 +210,7 @@ def run(cfg, workdir: str) -> dict:
   """Trains (or resumes) the run in workdir; returns a summary dict."""
   from minillm_jax import checkpoint, data, monitor
   t_start = time.time()
-  cfg = load_run_config(workdir, cfg)
+  cfg = config_lib.absolute_paths(load_run_config(workdir, cfg))
   t, o = cfg.train, cfg.optim
   monitor.check_workdir_free(workdir)
   src, tok0 = None, None

@@ -91,3 +91,18 @@ def test_preset_variant_typo_is_refused():
   r = run_module('minillm_jax.model', '--config=configs/tiny.py:big')
   assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
   assert "cannot load config configs/tiny.py: ConfigError: unknown variant 'big'" in r.stderr, r.stderr
+
+
+def test_relative_paths_become_absolute(tmp_path, monkeypatch):
+  # a run's config.json must name the same files from any directory (resume, evaluate)
+  from minillm_jax.config import absolute_paths
+  monkeypatch.chdir(tmp_path)
+  c = default_config()
+  c.data.update(path='a.txt, docs/*.md', cache_dir='cache', tokenizer='tok.json')
+  c.train.init_from = 'runs/base'
+  absolute_paths(c)
+  assert c.data.path == f'{tmp_path}/a.txt,{tmp_path}/docs/*.md' and c.data.cache_dir == f'{tmp_path}/cache'
+  assert c.data.tokenizer == f'{tmp_path}/tok.json' and c.train.init_from == f'{tmp_path}/runs/base'
+  for spec in ('char', 'bpe', 'hub:gpt2'):
+    c.data.tokenizer = spec
+    assert absolute_paths(c).data.tokenizer == spec

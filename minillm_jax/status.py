@@ -88,14 +88,15 @@ def format_summary(s: dict) -> str:
 def main(argv):
   del argv
   from absl import flags
-  s = summarize(flags.FLAGS.workdir)
-  print(json.dumps(s, indent=1) if flags.FLAGS.json else format_summary(s))
+  ss = [summarize(w) for w in flags.FLAGS.workdir]
+  print(json.dumps(ss[0] if len(ss) == 1 else ss, indent=1) if flags.FLAGS.json
+        else '\n\n'.join(format_summary(s) for s in ss))
 
 
 if __name__ == '__main__':
   from absl import flags
 
   from minillm_jax import cli
-  cli.define_workdir()
-  flags.DEFINE_bool('json', False, 'Print the summary as JSON.')
+  flags.DEFINE_multi_string('workdir', None, 'Run directory (repeat the flag for several runs).', required=True)
+  flags.DEFINE_bool('json', False, 'Print the summary as JSON (a list for several runs).')
   cli.run(main)

@@ -74,6 +74,8 @@ def test_loss_decreases_and_outputs_are_written(tmp_path):
   os.makedirs(os.path.join(tmp, 'run', 'checkpoints', '80'))  # an empty step directory is not a checkpoint
   assert json.loads(run_module('minillm_jax.status', f'--workdir={tmp}/run', '--json').stdout)['checkpoints'] == [
       20, 40, 60]
+  both = run_module('minillm_jax.status', f'--workdir={tmp}/run', f'--workdir={tmp}/run', '--json')
+  assert [x['step'] for x in json.loads(both.stdout)] == [60, 60]  # every --workdir given, not the last only
   assert st['best_val_loss'] == min(r['val_loss'] for r in rows if 'val_loss' in r)
   p = run_module('minillm_jax.plot', f'--workdir={tmp}/run', f'--workdir={tmp}/run', f'--out={tmp}/c.png')
   assert p.returncode == 0 and os.path.getsize(f'{tmp}/c.png') > 10_000

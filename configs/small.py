@@ -1,4 +1,4 @@
-"""small: GPT-2 style, 512 d, 8 layers, 8 heads, vocab 50257, block 1024: ~51.4M parameters."""
+"""small: GPT-2 style, 512 d, 8 layers, 8 heads, vocab 50257, block 1024: ~51.5M parameters."""
 from minillm_jax.config import default_config, no_variant
 
 

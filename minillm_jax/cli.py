@@ -143,5 +143,8 @@ def run(main):
       die(f'{e.strerror or type(e).__name__}: {paths}' if paths else f'{type(e).__name__}: {e}')
     except KeyboardInterrupt:
       die('interrupted', 130)
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+      sys.exit(141)
 
   app.run(wrapped, flags_parser=_parse)

@@ -416,8 +416,8 @@ def _main(argv):
   cfg = cli.config()
   note = ''
   if cfg.model.vocab_size is None and cfg.data.vocab_size is None:
-    note = ' (vocab_size comes from the tokenizer at prepare time; counted here with 65, Shakespeare\'s characters)'
-  c = cli.model_config_or_exit(cfg, 65)
+    note = ' (vocab_size comes from the tokenizer at prepare time; counted here with 91, the characters of the embedded Shakespeare text)'
+  c = cli.model_config_or_exit(cfg, 91)
   n, f = param_counts(c), flops_per_token(c)
   print(f'parameters      {n["total"]:,}')
   print(f'non-embedding   {n["non_embedding"]:,}')

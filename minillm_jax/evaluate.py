@@ -433,6 +433,8 @@ def main(argv):
   if f.plot:
     from minillm_jax.plot import figure_path
     figure_path(f.plot, 'plot')
+    if not {'ppl', 'code'} & set(suites):
+      raise UserError(f'--plot draws the ppl and code suites; --suites={f.suites} has neither')
   runs = []
   for kind, path in sources:
     be = backend.load(**{kind: path}, step=step if kind == 'workdir' else 'best', backend=f.backend,

@@ -114,6 +114,7 @@ def test_cli_writes_json_with_every_category_and_compares_runs(tmp_path):
                     # checked before the first run is evaluated, so no work is thrown away
                     ([f'--workdir={a}', f'--workdir={tmp_path}/none'], f'--workdir={tmp_path}/none does not exist'),
                     ([f'--workdir={a}', f'--out={text}/e.json'], f'cannot write {text}/e.json'),
-                    ([f'--workdir={a}', f'--out={tmp_path}'], 'it is a directory')):
+                    ([f'--workdir={a}', f'--out={tmp_path}'], 'it is a directory'),
+                    ([f'--workdir={a}', '--suites=text', f'--plot={tmp_path}/p.png'], 'has neither')):
     r = run_module('minillm_jax.evaluate', *args)
     assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

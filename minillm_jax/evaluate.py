@@ -87,23 +87,23 @@ def run_tests(source: str, tests: str, timeout: float = 3.0) -> dict:
   token = secrets.token_hex(16)
   program = (_HARNESS.format(cpu=math.ceil(timeout) + 1) + source + '\n\n' + tests +
              f'\n\n_so.flush()\n_w(1, b"\\n{token}\\n")\n')
-  with tempfile.TemporaryDirectory() as d:
-    # output goes to files under the 1 MB file-size limit, not to pipes read into this process's memory
-    with open(os.path.join(d, '.out'), 'w+b') as out, open(os.path.join(d, '.err'), 'w+b') as err:
-      p = subprocess.Popen([sys.executable, '-I', '-c', program], cwd=d, stdin=subprocess.DEVNULL, stdout=out,
-                           stderr=err, start_new_session=True,
-                           env={'PATH': os.environ.get('PATH', ''), 'PYTHONHASHSEED': '0'})
-      try:
-        p.wait(timeout=timeout)
-      except subprocess.TimeoutExpired:
-        pass
-      try:  # the whole session, always: the function may have left children running
-        os.killpg(p.pid, 9)
-      except ProcessLookupError:
-        pass
-      rc = p.wait()
-      tail = lambda f: (f.seek(max(0, f.seek(0, 2) - 4096)), f.read().decode('utf-8', 'replace'))[1]
-      stdout, stderr = tail(out), tail(err)
+  # output goes to files under the 1 MB file-size limit, not to pipes read into this process's memory
+  with tempfile.TemporaryDirectory() as d, open(os.path.join(d, '.out'), 'w+b') as out, \
+       open(os.path.join(d, '.err'), 'w+b') as err:
+    p = subprocess.Popen([sys.executable, '-I', '-c', program], cwd=d, stdin=subprocess.DEVNULL, stdout=out,
+                         stderr=err, start_new_session=True,
+                         env={'PATH': os.environ.get('PATH', ''), 'PYTHONHASHSEED': '0'})
+    try:
+      p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      pass
+    try:  # the whole session, always: the function may have left children running
+      os.killpg(p.pid, 9)
+    except ProcessLookupError:
+      pass
+    rc = p.wait()
+    tail = lambda f: (f.seek(max(0, f.seek(0, 2) - 4096)), f.read().decode('utf-8', 'replace'))[1]
+    stdout, stderr = tail(out), tail(err)
   if rc == -9 and token not in stdout:
     return {'status': 'timeout', 'detail': f'killed after {timeout}s'}
   if rc == 0 and token in stdout:

@@ -418,9 +418,10 @@ def test_damaged_checkpoint_is_one_line_naming_an_older_step(tmp_path):
 
 def test_detached_launcher_paths_and_refusals(tmp_path):
   script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'launch', 'train_bg.sh')
-  r = subprocess.run([script, '--help'], capture_output=True, text=True, cwd=tmp_path)
+  r = subprocess.run([script, '--help'], capture_output=True, text=True, cwd=tmp_path, check=False)
   assert r.returncode == 0 and r.stdout.startswith('usage:')
   (tmp_path / 'bad.py').write_text('def get_config(:\n')  # relative to the caller's directory, not the repo's
-  r = subprocess.run([script, 'bad.py', 'myrun'], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+  r = subprocess.run([script, 'bad.py', 'myrun'], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                     check=False)
   assert r.returncode == 1 and 'training stopped at once' in r.stderr, r.stderr
   assert 'bad.py' in (tmp_path / 'myrun' / 'train.log').read_text()

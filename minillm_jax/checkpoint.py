@@ -23,6 +23,7 @@ from flax import nnx
 
 from minillm_jax.config import ModelConfig, UserError
 from minillm_jax.model import GPT
+from minillm_jax.status import finished_steps
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +35,6 @@ logging.getLogger('absl').addFilter(lambda r: not str(r.msg).startswith('Request
 
 def ckpt_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
-
-
-def has_steps(workdir: str) -> bool:
-  """A finished step directory exists (what a killed save leaves, <step>.orbax-checkpoint-tmp, does not count)."""
-  d = ckpt_dir(workdir)
-  return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
 
 
 def _abstract(tree):
@@ -246,7 +241,7 @@ def init_workdir(workdir: str, cfg_plain: dict | None, model_cfg: ModelConfig, m
   from minillm_jax import config as config_lib
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f'--workdir={workdir!r} is a file, not a directory')
-  if has_steps(workdir):
+  if finished_steps(workdir):
     raise UserError(f'{workdir!r} already has checkpoints; import into a new --workdir')
   # Another run's config.json and metrics would be replaced. What an interrupted import itself leaves (these
   # files, a checkpoints/ without a finished step: Orbax removes its <step>.orbax-checkpoint-tmp dirs when it

@@ -29,6 +29,14 @@ def read_metrics(workdir: str) -> list[dict]:
 _NUMERIC = ('train_loss', 'val_loss', 'lr', 'tokens_per_s', 'time')
 
 
+def finished_steps(workdir: str) -> list[int]:
+  """Step directories under <workdir>/checkpoints that hold something: a killed save's
+  <step>.orbax-checkpoint-tmp and an empty step directory are not checkpoints."""
+  d = os.path.join(workdir, 'checkpoints')
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit() and os.listdir(os.path.join(d, n))) \
+      if os.path.isdir(d) else []
+
+
 def summarize(workdir: str) -> dict:
   from minillm_jax import monitor
   if not os.path.isdir(workdir):
@@ -41,9 +49,7 @@ def summarize(workdir: str) -> dict:
   rows, run = read_metrics(workdir), monitor.read_run(workdir)
   train = [r for r in rows if 'train_loss' in r]
   val = [r for r in rows if 'val_loss' in r]
-  ckdir = os.path.join(workdir, 'checkpoints')
-  ckpts = sorted(int(d) for d in os.listdir(ckdir)  # an empty step directory is not a checkpoint
-                 if d.isdigit() and os.listdir(os.path.join(ckdir, d))) if os.path.isdir(ckdir) else []
+  ckpts = finished_steps(workdir)
   step, steps = (train[-1]['step'] if train else 0), cfg['train']['steps']
   speeds = [r['tokens_per_s'] for r in train[-20:] if r.get('tokens_per_s')]
   tps = sum(speeds) / len(speeds) if speeds else None

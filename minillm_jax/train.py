@@ -193,10 +193,10 @@ def check_same_model(old: dict, new: config_lib.ModelConfig, where: str):
 
 def prepare_data(cfg, workdir: str, tok_json: str | None):
   from minillm_jax import prepare
-  from minillm_jax.checkpoint import has_steps
+  from minillm_jax.status import finished_steps
   if tok_json:  # fine-tuning: the text must be tokenized the way the weights were trained
     path = os.path.join(os.path.abspath(workdir), 'tokenizer.json')
-    if os.path.exists(path) and Path(path).read_text() != tok_json and has_steps(workdir):
+    if os.path.exists(path) and Path(path).read_text() != tok_json and finished_steps(workdir):
       raise UserError(f'{workdir!r} was trained with another tokenizer than train.init_from={cfg.train.init_from!r} '
                       'has; fine-tune into a new --workdir')
     os.makedirs(workdir, exist_ok=True)
@@ -209,13 +209,14 @@ def prepare_data(cfg, workdir: str, tok_json: str | None):
 def run(cfg, workdir: str) -> dict:
   """Trains (or resumes) the run in workdir; returns a summary dict."""
   from minillm_jax import checkpoint, data, monitor
+  from minillm_jax.status import finished_steps
   t_start = time.time()
   cfg = config_lib.absolute_paths(load_run_config(workdir, cfg))
   t, o = cfg.train, cfg.optim
   monitor.check_workdir_free(workdir)
   src, tok0 = None, None
-  if t.init_from and checkpoint.has_steps(workdir):  # a fine-tune resumes from its own weights and tokenizer,
-    own = os.path.join(workdir, 'tokenizer.json')    # so the base run may since have moved or gone
+  if t.init_from and finished_steps(workdir):  # a fine-tune resumes from its own weights and tokenizer,
+    own = os.path.join(workdir, 'tokenizer.json')  # so the base run may since have moved or gone
     tok0 = Path(own).read_text() if os.path.isfile(own) else None
   elif t.init_from:  # fine-tuning: another run's best weights (and its tokenizer)
     if not os.path.isdir(t.init_from):

@@ -258,7 +258,7 @@ def text_suite(be: Backend, max_new: int = 128, seed: int = 0) -> dict:
 
 # ------------------------------------------------------------------------------------------- perplexity
 
-def val_tokens(be: Backend) -> list[int]:
+def val_tokens(be: Backend, limit: int | None = None) -> tuple[list[int], list[int]]:
   """The run's validation split, rebuilt from its config as prepare builds it (each document + end-of-text)."""
   from minillm_jax import config as config_lib
   from minillm_jax import corpora
@@ -267,25 +267,30 @@ def val_tokens(be: Backend) -> list[int]:
     raise UserError(f'{be.source} carries no run config, so its validation split is unknown; pass --text=FILE')
   cfg = config_lib.from_plain(plain)
   _, val, _ = corpora.split_docs(corpora.load(cfg.data).docs, cfg.data.val_fraction)
-  return tokens_and_bytes(be.tok, val, eot=True)
+  return tokens_and_bytes(be.tok, val, eot=True, limit=limit)
 
 
-def tokens_and_bytes(tok, docs: list[str], eot: bool = False) -> tuple[list[int], list[int]]:
+def tokens_and_bytes(tok, docs: list[str], eot: bool = False, limit: int | None = None
+                     ) -> tuple[list[int], list[int]]:
   """Token ids of the documents (each followed by end-of-text when `eot`, 0 bytes) and the UTF-8 bytes of the
   original text each token ends (from the tokenizer's offsets; every byte counted once). Decoding the tokens
-  instead would count '<|unk|>' or a U+FFFD for what the text held."""
+  instead would count '<|unk|>' or a U+FFFD for what the text held. Stops after the first `limit` tokens."""
+  limit = limit or float('inf')
   ids, nbytes = [], []
-  for doc, e in zip(docs, tok.tok.encode_batch(docs, add_special_tokens=False)):
-    end = 0
-    for i, (_, b) in zip(e.ids, e.offsets):
-      ids.append(i)
-      nbytes.append(len(doc[end:b].encode('utf-8')) if b > end else 0)
-      end = max(end, b)
-    if nbytes and end < len(doc):  # text no token covers (a normalizer dropped it) goes to the last token
-      nbytes[-1] += len(doc[end:].encode('utf-8'))
-    if eot:
-      ids.append(tok.eot_id)
-      nbytes.append(0)
+  for a in range(0, len(docs), 256):  # in batches, so a long split is encoded only as far as it is used
+    for doc, (doc_ids, spans) in zip(docs[a:a + 256], tok.encode_batch_offsets(docs[a:a + 256])):
+      end = 0
+      for i, (_, b) in zip(doc_ids, spans):
+        if len(ids) == limit:
+          return ids, nbytes
+        ids.append(i)
+        nbytes.append(len(doc[end:b].encode('utf-8')) if b > end else 0)
+        end = max(end, b)
+      if nbytes and end < len(doc):  # text no token covers (a normalizer dropped it) goes to the last token
+        nbytes[-1] += len(doc[end:].encode('utf-8'))
+      if eot and len(ids) < limit:
+        ids.append(tok.eot_id)
+        nbytes.append(0)
   return ids, nbytes
 
 
@@ -329,9 +334,10 @@ def evaluate(be: Backend, suites=SUITES, text_path: str | None = None, max_token
       except OSError as e:
         raise UserError(f'cannot read --text {text_path!r}: {e.strerror}') from None
       text = text[:64 * (max_tokens + 1)]  # more characters than any tokenizer packs into max_tokens tokens
-      out['perplexity'] = {'data': text_path, **perplexity(be, tokens_and_bytes(be.tok, [text]), max_tokens)}
+      out['perplexity'] = {'data': text_path,
+                           **perplexity(be, tokens_and_bytes(be.tok, [text], limit=max_tokens + 1), max_tokens)}
     else:
-      out['perplexity'] = {'data': 'val', **perplexity(be, val_tokens(be), max_tokens)}
+      out['perplexity'] = {'data': 'val', **perplexity(be, val_tokens(be, max_tokens + 1), max_tokens)}
   if 'code' in suites:
     out['code'] = code_suite(be, max_new, timeout)
   if 'text' in suites:

@@ -56,6 +56,10 @@ class Tok:
     # Rust threads (rayon) encode the texts in parallel.
     return [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
 
+  def encode_batch_offsets(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """(ids, character spans of the text each token came from) per text."""
+    return [(e.ids, e.offsets) for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
   def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
     # Kept by default: exact round trip also for text that contains '<|endoftext|>' or chat markers.
     return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)

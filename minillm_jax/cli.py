@@ -107,14 +107,19 @@ def _one_line(e: BaseException) -> str:
   return f'{type(e).__name__}: ' + ' '.join(text.split()) if text.strip() else type(e).__name__
 
 
+def cache_dir() -> str:
+  """The user cache: compiled XLA programs, the fused attention library, measured matmul peaks."""
+  return os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache'),
+                      'minillm_jax')
+
+
 def use_compilation_cache():
   """Reuses compiled XLA programs across runs: the second run of a config skips compiling its train step (~1.5 s
   of a shakespeare_char start). JAX_COMPILATION_CACHE_DIR overrides the place; set it empty to turn it off."""
   if 'JAX_COMPILATION_CACHE_DIR' in os.environ:  # jax reads it itself
     return
   import jax
-  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-  path = os.path.join(base, 'minillm_jax', 'xla')
+  path = os.path.join(cache_dir(), 'xla')
   try:  # a read-only home: run without the cache rather than warn on every compile
     os.makedirs(path, exist_ok=True)
   except OSError:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from minillm_jax import cpu_attention
 from minillm_jax.config import ModelConfig
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -151,12 +152,21 @@ class Attention(nnx.Module):
 
 def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH):
   """Causal self-attention, float32 logits and softmax. Accelerators use jax.nn.dot_product_attention
-  (GQA-aware; implementation='cudnn' can be plugged in there for flash attention). On CPU, short sequences
+  (GQA-aware; implementation='cudnn' can be plugged in there for flash attention). On CPU, float32 takes the
+  fused C++ kernel of cpu_attention (tiny, T=1024, one layer forward and backward: 256 ms against 540 ms for
+  the pure-JAX path below and about 300 ms for torch's SDPA; shakespeare_char: 2.5 against 5.2 ms)."""
+  if jax.default_backend() != 'cpu':
+    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, is_causal=True)
+  if cpu_attention.supported(q_BxTxNxH):
+    return cpu_attention.causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
+  return blockwise_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
+
+
+def blockwise_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH):
+  """The pure-JAX CPU attention (bfloat16 compute, or no C++ compiler for the fused kernel). Short sequences
   (T <= ATTN_BLOCK) are plain batched matmuls whose backward keeps the [T, T] probabilities (small there, and
   5-10% faster per shakespeare_char step than recomputing them); longer ones use the blockwise
   `causal_attention` with a recomputing backward."""
-  if jax.default_backend() != 'cpu':
-    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, is_causal=True)
   B, T, N, H = q_BxTxNxH.shape
   K = k_BxTxKxH.shape[2]
   if T <= ATTN_BLOCK:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from minillm_jax import cli
 from minillm_jax.config import UserError, write_atomic, write_run_config
 
 
@@ -85,7 +86,7 @@ def claim_workdir(workdir: str, cfg) -> None:
 def matmul_peak_flops(dtype: str) -> float:
   """Measured FLOP/s of a large matmul on device 0 in the compute dtype (float32 accumulation), cached."""
   dev = jax.devices()[0]
-  cache = os.path.join(os.path.expanduser('~'), '.cache', 'minillm_jax', 'peak_flops.json')
+  cache = os.path.join(cli.cache_dir(), 'peak_flops.json')
   key = f'{dev.platform}:{dev.device_kind}:{jax.device_count()}:{dtype}'
   try:
     with open(cache) as f:

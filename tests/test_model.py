@@ -2,6 +2,9 @@ import dataclasses
 import importlib.util
 import math
 import os
+import subprocess
+import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +13,18 @@ import pytest
 from conftest import ROOT, run_module
 from flax import nnx
 
+from minillm_jax import cpu_attention
 from minillm_jax.config import ModelConfig, model_config
-from minillm_jax.model import ATTN_BLOCK, GPT, attention, init_model, mm, normalize, param_counts
+from minillm_jax.model import (
+  ATTN_BLOCK,
+  GPT,
+  attention,
+  blockwise_attention,
+  init_model,
+  mm,
+  normalize,
+  param_counts,
+)
 
 GPT2ISH = ModelConfig(vocab_size=61, n_layer=2, n_head=4, n_kv_head=4, d_model=32, d_ff=128, block_size=16,
                       max_positions=16, pos='learned', norm='layernorm', mlp='gelu', bias=True, tie_embeddings=True)
@@ -97,22 +110,84 @@ def test_mm_custom_vjp_matches_autodiff():
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
+def plain_attention(q, k, v):
+  T, H, G = q.shape[1], q.shape[3], q.shape[2] // k.shape[2]
+  kk, vv = (jnp.repeat(x, G, axis=2) for x in (k, v))
+  s = jnp.einsum('btnh,bsnh->bnts', q, kk, precision='highest') / math.sqrt(H)
+  s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, -jnp.inf)
+  return jnp.einsum('bnts,bsnh->btnh', jax.nn.softmax(s, -1), vv, precision='highest')
+
+
+def check_attention(f, B, T, N, K, H, atol):
+  q, k, v, w = (jax.random.normal(jax.random.key(i), (B, T, n, H)) for i, n in enumerate((N, K, K, N)))
+  loss = lambda f: lambda q, k, v: (f(q, k, v) * w).sum()
+  np.testing.assert_allclose(f(q, k, v), plain_attention(q, k, v), atol=atol)
+  grads = zip(jax.grad(loss(f), (0, 1, 2))(q, k, v), jax.grad(loss(plain_attention), (0, 1, 2))(q, k, v))
+  for name, (got, want) in zip('qkv', grads):
+    np.testing.assert_allclose(got, want, atol=10 * atol, err_msg=f'd{name}')
+
+
 @pytest.mark.parametrize('T', [ATTN_BLOCK + 1, 2 * ATTN_BLOCK + 44])
 def test_blockwise_attention_and_its_gradients_match_plain_attention(T):
-  """Sequences longer than ATTN_BLOCK take the blockwise path with its own backward (on CPU), GQA included."""
-  q, k, v = (jax.random.normal(jax.random.key(i), (2, T, n, 8)) for i, n in enumerate((4, 2, 2)))
-  w = jax.random.normal(jax.random.key(9), (2, T, 4, 8))
+  """The pure-JAX CPU attention (bfloat16 compute, no C++ compiler): blockwise above ATTN_BLOCK with its own
+  backward, GQA included."""
+  check_attention(blockwise_attention, 2, T, 4, 2, 8, atol=2e-6)
 
-  def plain(q, k, v):
-    kk, vv = (jnp.repeat(x, 2, axis=2) for x in (k, v))
-    s = jnp.einsum('btnh,bsnh->bnts', q, kk) / math.sqrt(8)
-    s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, -jnp.inf)
-    return jnp.einsum('bnts,bsnh->btnh', jax.nn.softmax(s, -1), vv)
 
-  loss = lambda f: lambda q, k, v: (f(q, k, v) * w).sum()
-  np.testing.assert_allclose(attention(q, k, v), plain(q, k, v), atol=2e-6)
-  for got, want in zip(jax.grad(loss(attention), (0, 1, 2))(q, k, v), jax.grad(loss(plain), (0, 1, 2))(q, k, v)):
-    np.testing.assert_allclose(got, want, atol=2e-5)
+@pytest.mark.parametrize('B,T,N,K,H', [
+    (2, 1, 4, 4, 16), (1, 7, 3, 3, 8), (2, 64, 4, 2, 32), (2, 65, 4, 1, 24),   # one partial key block; H % 16 != 0
+    (1, 130, 2, 2, 64), (3, 200, 6, 3, 40)])                                  # several query and key blocks, GQA
+def test_fused_cpu_attention_and_its_gradients_match_plain_attention(B, T, N, K, H):
+  """The C++ kernel (cpu_attention.cc) CPU training uses: block edges, the masked diagonal, GQA, head sizes off
+  the vector width. It must build here: CI runs it (a missing compiler fails, not skips, this test)."""
+  assert cpu_attention.available()
+  check_attention(cpu_attention.causal_attention, B, T, N, K, H, atol=2e-6)
+
+
+def test_cpu_attention_dispatch():
+  q = jnp.ones((1, 4, 2, 8))
+  fused = jax.make_jaxpr(attention)(q, q, q)
+  assert 'custom_partitioning' in str(fused)   # float32 on CPU takes the kernel
+  assert 'custom_partitioning' not in str(jax.make_jaxpr(attention)(*[q.astype(jnp.bfloat16)] * 3))
+
+
+def test_fused_attention_is_split_along_the_batch_on_several_devices():
+  """With the batch sharded over 2 devices each runs the kernel on its own rows: no all-gather in the
+  compiled step (custom_partitioning), and the same result as one device."""
+  code = """if 1:
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from minillm_jax import cpu_attention
+    q, k, v, w = (jax.random.normal(jax.random.key(i), (4, 70, 4, 16)) for i in range(4))
+    f = jax.jit(jax.grad(lambda q, k, v: (cpu_attention.causal_attention(q, k, v) * w).sum(), (0, 1, 2)))
+    want = f(q, k, v)
+    sh = NamedSharding(Mesh(np.array(jax.devices()), ('d',)), P('d'))
+    args = [jax.device_put(x, sh) for x in (q, k, v)]
+    got = f(*args)
+    hlo = f.lower(*args).compile().as_text()
+    print(len(jax.devices()), 'all-gather' in hlo, hlo.count('custom_call_target="minillm_attention'),
+          max(float(jnp.abs(a - b).max()) for a, b in zip(got, want)), got[0].sharding.spec)
+  """
+  r = subprocess.run([sys.executable, '-c', code], check=False, capture_output=True, text=True, cwd=ROOT,
+                     env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
+  assert r.returncode == 0, r.stderr[-2000:]
+  n, gathered, calls, diff, spec = r.stdout.split(maxsplit=4)
+  assert (n, gathered, calls, spec.strip()) == ('2', 'False', '2', "P('d',)"), r.stdout
+  assert float(diff) < 1e-5
+
+
+def test_fused_attention_falls_back_when_it_cannot_build():
+  """No compiler: one warning, available() False, and the model runs on the pure-JAX attention."""
+  code = """if 1:
+    import jax.numpy as jnp
+    from minillm_jax import cpu_attention, model
+    q = jnp.ones((1, 4, 2, 8))
+    print(cpu_attention.available(), 'custom_partitioning' in str(__import__('jax').make_jaxpr(model.attention)(q, q, q)))
+  """
+  r = subprocess.run([sys.executable, '-c', code], check=False, capture_output=True, text=True, cwd=ROOT,
+                     env={**os.environ, 'CXX': '/bin/false', 'XDG_CACHE_HOME': tempfile.mkdtemp()})
+  assert r.returncode == 0 and r.stdout.split() == ['False', 'False'], r.stdout + r.stderr[-2000:]
+  assert 'fused CPU attention unavailable, using the pure-JAX attention' in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize('center', [True, False])

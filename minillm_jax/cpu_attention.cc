@@ -66,6 +66,7 @@ void matmul(int M, int N, int kd, const float* A, long lda, const float* B, long
     float* c = C + i * ldc;
     int j = 0;
     for (; j + 4 * VL <= N; j += 4 * VL) block<MR, 4>(rows, kd, a, lda, B + j, ldb, c + j, ldc, acc);
+    for (; j + 2 * VL <= N; j += 2 * VL) block<MR, 2>(rows, kd, a, lda, B + j, ldb, c + j, ldc, acc);
     for (; j + VL <= N; j += VL) block<MR, 1>(rows, kd, a, lda, B + j, ldb, c + j, ldc, acc);
     for (; j < N; ++j)  // columns left over when N is not a multiple of VL
       for (int r = 0; r < rows; ++r) {
@@ -158,8 +159,9 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
         int len = a + r + 1;
         float m = sr[0];
         for (int j = 1; j < len; ++j) m = std::max(m, sr[j]);
+        for (int j = 0; j < len; ++j) sr[j] = std::exp(sr[j] - m);
         float l = 0.f;
-        for (int j = 0; j < len; ++j) l += (sr[j] = std::exp(sr[j] - m));
+        for (int j = 0; j < len; ++j) l += sr[j];
         for (int j = len; j < L; ++j) sr[j] = 0.f;
         float inv = 1.f / l;
         for (int j = 0; j < len; ++j) sr[j] *= inv;
@@ -214,10 +216,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
         for (int r = 0; r < nr; ++r) {
           float *pr = p + r * L, *dr = ds + r * L, m = lse_n[a + r], dl = delta[a + r];
           int len = a + r + 1;
-          for (int j = 0; j < len; ++j) {
-            pr[j] = std::exp(pr[j] - m);
-            dr[j] = pr[j] * (dr[j] - dl);                            // dS (of the scaled scores)
-          }
+          for (int j = 0; j < len; ++j) pr[j] = std::exp(pr[j] - m);
+          for (int j = 0; j < len; ++j) dr[j] = pr[j] * (dr[j] - dl);  // dS (of the scaled scores)
           for (int j = len; j < L; ++j) pr[j] = dr[j] = 0.f;
         }
         matmul(nr, H, L, ds, L, k_, H, dq_ + a * H, H, false);        // dQ = dS . K (times scale below)

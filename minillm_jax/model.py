@@ -8,6 +8,7 @@ Run `python -m minillm_jax.model --config=configs/tiny.py` for a preset's parame
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -381,7 +382,13 @@ class GPT(nnx.Module):
     x_BxTxD = jnp.take(self.wte[...], tokens_BxT, axis=0)
     if self.wpe is not None:
       x_BxTxD = x_BxTxD + jnp.take(self.wpe[...], pos_T, axis=0)[None]
-    rope = rope_tables(pos_T, c.head_dim, c.rope_theta) if c.pos == 'rope' else None
+    rope = None
+    if c.pos == 'rope':
+      # Known positions (training, full forward): tables computed once at trace time and embedded. Traced,
+      # XLA:CPU fuses cos/sin into every use and evaluates them per element of q, k and their gradients
+      # (0.6 s of a 10 s `tiny` step).
+      with jax.ensure_compile_time_eval() if isinstance(pos, int) else contextlib.nullcontext():
+        rope = rope_tables(pos + jnp.arange(T), c.head_dim, c.rope_theta)
     keys = list(jax.random.split(key, c.n_layer + 1)) if key is not None else [None] * (c.n_layer + 1)
     x_NxD = dropout(x_BxTxD.reshape(B * T, c.d_model), c.dropout, keys[-1])
     new_cache = []

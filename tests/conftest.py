@@ -1,12 +1,17 @@
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
-# one XLA compilation cache for the session's runs (not the user's ~/.cache): repeated shapes compile once
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='minillm-xla-'))
+# one XLA compilation cache for the session's runs (not the user's ~/.cache): repeated shapes compile once;
+# made by the process that starts the session (xdist workers inherit it) and removed when that one exits
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='minillm-xla-')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

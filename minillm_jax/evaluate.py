@@ -28,7 +28,7 @@ import numpy as np
 
 from minillm_jax import generate as gen
 from minillm_jax.backend import Backend, SampleParams
-from minillm_jax.config import UserError
+from minillm_jax.config import UserError, write_atomic
 
 SUITES = ('ppl', 'code', 'text')
 CODE_CATEGORIES = ('bracket_completion', 'keyword_completion', 'indentation', 'function_completion', 'docstring',
@@ -443,13 +443,17 @@ def main(argv):
       raise UserError(f'--plot draws the ppl and code suites; --suites={f.suites} has neither')
   runs = []
   for kind, path in sources:
-    be = backend.load(**{kind: path}, step=step if kind == 'workdir' else 'best', backend=f.backend,
-                      device=f.device)
-    print(f'evaluating {be.describe()} ...', file=sys.stderr, flush=True)
-    runs.append(evaluate(be, suites, f.text, f.max_eval_tokens, f.max_new_tokens, f.exec_timeout, f.seed))
-    del be
-  with open(out, 'w', encoding='utf-8') as fh:
-    json.dump({'suites': suites, 'runs': runs}, fh, indent=1, ensure_ascii=False)
+    try:
+      be = backend.load(**{kind: path}, step=step if kind == 'workdir' else 'best', backend=f.backend,
+                        device=f.device)
+      print(f'evaluating {be.describe()} ...', file=sys.stderr, flush=True)
+      runs.append(evaluate(be, suites, f.text, f.max_eval_tokens, f.max_new_tokens, f.exec_timeout, f.seed))
+      del be
+    except UserError as e:  # a source that fails late (its corpus deleted, ...) keeps the finished ones
+      if runs:
+        raise UserError(f'{e} (the {len(runs)} run(s) evaluated before --{kind}={path} are saved in {out})') from None
+      raise
+    write_atomic(out, json.dumps({'suites': suites, 'runs': runs}, indent=1, ensure_ascii=False))  # after each
   print(table(runs))
   print(f'wrote {out}')
   png = f.plot or (os.path.splitext(out)[0] + '.png' if len(runs) > 1 and set(suites) & {'ppl', 'code'} else '')

@@ -118,3 +118,19 @@ def test_cli_writes_json_with_every_category_and_compares_runs(tmp_path):
                     ([f'--workdir={a}', '--suites=text', f'--plot={tmp_path}/p.png'], 'has neither')):
     r = run_module('minillm_jax.evaluate', *args)
     assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_cli_keeps_finished_runs_when_a_later_source_fails(tmp_path):
+  """Sources are evaluated in turn and eval.json is written after each: a checkpoint that turns out unreadable
+  only when its turn comes (it exists, so the up-front checks pass) loses nothing already done."""
+  a = make_workdir(tmp_path / 'base', seed=0)
+  bad = tmp_path / 'broken.pt'
+  bad.write_bytes(b'not a checkpoint')
+  out = tmp_path / 'eval.json'
+  r = run_module('minillm_jax.evaluate', f'--workdir={a}', f'--ckpt={bad}', '--suites=ppl', '--max_eval_tokens=100',
+                 f'--out={out}')
+  last = r.stderr.strip().splitlines()[-1]
+  assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr
+  assert last.endswith(f'(the 1 run(s) evaluated before --ckpt={bad} are saved in {out})'), r.stderr
+  runs = json.loads(out.read_text())['runs']
+  assert len(runs) == 1 and runs[0]['perplexity']['perplexity'] > 1

@@ -55,6 +55,9 @@ def build() -> pathlib.Path:
     if r.returncode != 0:
       raise RuntimeError(f'{" ".join(cmd)} failed:\n{r.stderr[-2000:]}')
     os.replace(so, out)
+  for old in out.parent.glob('cpu_attention-*.so'):  # builds of earlier sources (a process using one keeps it open)
+    if old != out:
+      old.unlink(missing_ok=True)
   return out
 
 

@@ -1,7 +1,7 @@
 """Fused causal attention on CPU: cpu_attention.cc compiled on first use and called as an XLA FFI custom call.
 
 The library is built with the machine's C++ compiler into a cache keyed by the source, jaxlib's version and the
-CPU, once per machine (about 10 s). Without a compiler (or with MINILLM_CPU_ATTENTION=0) `available()` is False
+CPU, once per machine (3-7 s on 2 cores). Without a compiler (or with MINILLM_CPU_ATTENTION=0) `available()` is False
 and the model keeps its pure-JAX blockwise attention, which computes the same function.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ import hashlib
 import os
 import pathlib
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -27,7 +28,8 @@ from jax.sharding import PartitionSpec as P
 from minillm_jax import cli
 
 SRC = pathlib.Path(__file__).with_name('cpu_attention.cc')
-FLAGS = ['-O3', '-march=native', '-ffast-math', '-mprefer-vector-width=512', '-std=c++17', '-shared', '-fPIC', '-w']
+# No -ffast-math: with GCC < 13 it links code into the library that sets flush-to-zero for the whole process.
+FLAGS = ['-O3', '-march=native', '-fno-math-errno', '-mprefer-vector-width=512', '-std=c++17', '-shared', '-fPIC', '-w']
 
 
 def _cpu_id() -> str:
@@ -41,7 +43,7 @@ def build() -> pathlib.Path:
   """Path of the compiled library, building it if this source/jaxlib/CPU has none yet. Raises on failure."""
   cxx = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++') or shutil.which('clang++')
   if cxx is None:
-    raise RuntimeError('no C++ compiler (g++, c++ or clang++) on PATH')
+    raise RuntimeError('no C++ compiler (g++, c++ or clang++) on PATH; set CXX to one')
   key = hashlib.sha256(b'\0'.join(x.encode() for x in [SRC.read_text(), jaxlib.__version__, _cpu_id(),
                                                          ' '.join(FLAGS), cxx])).hexdigest()[:16]
   out = pathlib.Path(cli.cache_dir()) / f'cpu_attention-{key}.so'
@@ -50,14 +52,13 @@ def build() -> pathlib.Path:
   out.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # built aside, then renamed: parallel builds are safe
     so = pathlib.Path(tmp) / out.name
-    cmd = [cxx, *FLAGS, f'-I{jax.ffi.include_dir()}', str(SRC), '-o', str(so)]
+    cmd = [*shlex.split(cxx), *FLAGS, f'-I{jax.ffi.include_dir()}', str(SRC), '-o', str(so)]  # CXX='ccache g++'
     r = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if r.returncode != 0:
-      raise RuntimeError(f'{" ".join(cmd)} failed:\n{r.stderr[-2000:]}')
+      lines = r.stderr.splitlines()
+      why = next((l for l in lines if 'error' in l), lines[-1] if lines else f'exit status {r.returncode}')
+      raise RuntimeError(f'{cxx} could not build {SRC.name}: {why.strip()}')
     os.replace(so, out)
-  for old in out.parent.glob('cpu_attention-*.so'):  # builds of earlier sources (a process using one keeps it open)
-    if old != out:
-      old.unlink(missing_ok=True)
   return out
 
 
@@ -67,7 +68,12 @@ def available() -> bool:
   if os.environ.get('MINILLM_CPU_ATTENTION', '1') == '0':
     return False
   try:
-    lib = ctypes.cdll.LoadLibrary(str(build()))
+    path = build()
+    try:
+      lib = ctypes.cdll.LoadLibrary(str(path))
+    except OSError:  # e.g. built by a C compiler (CXX=gcc): unloadable, so rebuilt next time rather than kept
+      path.unlink(missing_ok=True)
+      raise
   except (RuntimeError, OSError) as e:
     logging.warning('fused CPU attention unavailable, using the pure-JAX attention (same results, slower): %s',
                     str(e).splitlines()[0])

@@ -144,6 +144,24 @@ def test_fused_cpu_attention_and_its_gradients_match_plain_attention(B, T, N, K,
   check_attention(cpu_attention.causal_attention, B, T, N, K, H, atol=2e-6)
 
 
+def test_fused_attention_propagates_nan_and_leaves_float_modes_alone():
+  """A NaN key reaches every query that sees it (fast-math let the compiler drop it for the row that sees only
+  that key), and loading the library leaves the process's float mode alone: built with -ffast-math, GCC < 13
+  linked code that turned on flush-to-zero for the whole process (1e-39 became 0 in numpy)."""
+  code = """if 1:
+    import jax, jax.numpy as jnp, numpy as np
+    from minillm_jax import cpu_attention
+    tiny = np.array([1e-39], np.float32)
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 70, 2, 16)) for i in range(3))
+    k = k.at[0, 0].set(jnp.nan)  # key 0 of batch 0: every query of batch 0 sees it
+    o = np.asarray(cpu_attention.causal_attention(q, k, v))
+    print(cpu_attention.available(), float((tiny * np.float32(1))[0]) > 0,  # (XLA's own programs flush anyway)
+          np.isnan(o[0]).all(), np.isfinite(o[1]).all())
+  """
+  r = subprocess.run([sys.executable, '-c', code], check=False, capture_output=True, text=True, cwd=ROOT)
+  assert r.returncode == 0 and r.stdout.split() == ['True'] * 4, r.stdout + r.stderr[-2000:]
+
+
 def test_cpu_attention_dispatch():
   q = jnp.ones((1, 4, 2, 8))
   fused = jax.make_jaxpr(attention)(q, q, q)
@@ -188,6 +206,7 @@ def test_fused_attention_falls_back_when_it_cannot_build():
                      env={**os.environ, 'CXX': '/bin/false', 'XDG_CACHE_HOME': tempfile.mkdtemp()})
   assert r.returncode == 0 and r.stdout.split() == ['False', 'False'], r.stdout + r.stderr[-2000:]
   assert 'fused CPU attention unavailable, using the pure-JAX attention' in r.stderr, r.stderr
+  assert '/bin/false could not build cpu_attention.cc: exit status 1' in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize('center', [True, False])

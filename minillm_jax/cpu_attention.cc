@@ -191,7 +191,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   parallel_for(pool, d.B * d.N, [=](int item) {
     long b = item / d.N, n = item % d.N, kh = n / (d.N / d.K), T = d.T, H = d.H;
     thread_local std::vector<float> buf;
-    buf.resize(3 * padded(T) * H + QB * T + QB * H);
+    buf.resize(padded(T) * H + 2 * T * H + QB * T + QB * H);  // the pointers below, in order
     float *q_ = buf.data(), *kT = q_ + T * H, *v_ = kT + padded(T) * H, *s = v_ + T * H, *acc = s + QB * T;
     for (long t = 0; t < T; ++t) {
       const float* qr = Q + ((b * T + t) * d.N + n) * H;
@@ -233,7 +233,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   parallel_for(pool, d.B * d.K, [=](int item) {
     long b = item / d.K, kh = item % d.K, T = d.T, H = d.H;
     thread_local std::vector<float> buf;
-    buf.resize(9 * padded(T) * H + 4 * QB * T + T);
+    buf.resize(2 * padded(T) * H + 6 * T * H + T + 4 * QB * T);  // the pointers below, in order
     float *k_ = buf.data(), *kT = k_ + T * H, *vT = kT + padded(T) * H, *q_ = vT + padded(T) * H, *do_ = q_ + T * H;
     float *dk_ = do_ + T * H, *dv_ = dk_ + T * H, *dq_ = dv_ + T * H, *delta = dq_ + T * H;
     float *p = delta + T, *ds = p + QB * T, *pT = ds + QB * T, *dsT = pT + QB * T;

@@ -16,16 +16,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
-import datetime
 import functools
 import gc
 import importlib.util
 import json
 import os
-import platform
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,11 +34,11 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from minillm_jax import cli, parallel, train
+from minillm_jax import bench_report, cli, parallel, train
 from minillm_jax import config as config_lib
 from minillm_jax.model import GPT, flops_per_token, init_model, param_counts
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = bench_report.ROOT
 TRAIN_VARIANTS = ('jax_float32', 'jax_float32_dp', 'jax_bfloat16', 'torch_eager_fp32', 'torch_compile_fp32',
                   'torch_compile_bf16')
 DEFAULT_CONFIGS = ('configs/tiny.py', 'configs/shakespeare_char.py')
@@ -110,28 +106,6 @@ def _tsync():
     torch.cuda.synchronize()
 
 
-def environment() -> dict:
-  import flax
-  import torch
-  import transformers
-  txt = Path('/proc/cpuinfo').read_text() if os.path.exists('/proc/cpuinfo') else ''
-  cpu = re.search(r'(?:model name|Hardware)\s*:\s*(.*)', txt)
-  fl = set(re.search(r'(?:flags|Features)\s*:\s*(.*)', txt).group(1).split()) if 'lags' in txt else set()
-  git = lambda *a: subprocess.run(['git', *a], cwd=ROOT, capture_output=True, text=True,
-                                  check=False).stdout.strip()
-  dev = jax.devices()[0]
-  return {'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
-          'git_commit': git('rev-parse', 'HEAD'),
-          'git_modified': git('status', '--porcelain', '-uno').splitlines(),
-          'python': platform.python_version(), 'jax': jax.__version__, 'flax': flax.__version__,
-          'torch': torch.__version__, 'transformers': transformers.__version__, 'jax_platform': dev.platform,
-          'device_kind': dev.device_kind, 'device_count': jax.device_count(),
-          'cpu_model': cpu.group(1).strip() if cpu else platform.processor(),
-          'cpu_flags': sorted(fl & {'avx2', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_bf16', 'amx_tile'}),
-          'cores': len(os.sched_getaffinity(0)), 'torch_threads': torch.get_num_threads(),
-          'torch_device': str(_tdev()), 'loadavg_start': os.getloadavg()}
-
-
 def matmul_runs(n: int) -> dict[str, Run]:
   """n^3 matmuls with float32 accumulation, JAX (dot, preferred_element_type) and torch (mm), float32 and
   bfloat16, warmed up. Timed in the same rounds as the train steps, they give the device's peak under the
@@ -195,44 +169,8 @@ def _jax_train(cfg, mc, dtype: str, params0, batch: dict, dp: bool = False) -> t
   return run, extra
 
 
-def _torch_train(cfg, mc, flat: dict, variant: str, batch_np: dict) -> Run:
-  """The torch mirror with the same weights, batch and AdamW/clipping hyper-parameters (fused AdamW, decay on
-  the tensors the JAX mask decays); torch.compile on the model as nanoGPT does; bf16 through autocast."""
-  import torch
-  import torch.nn.functional as tF
-
-  from torch_compat import convert
-  from torch_compat import model as tmodel
-  dev, o = _tdev(), cfg.optim
-  m = tmodel.GPT(mc.to_dict())
-  m.load_state_dict(convert.flax_to_torch(mc, flat, 'pt'))
-  m = m.to(dev).train()
-  emb = ('transformer.wte.', 'transformer.wpe.')
-  decay = {n for n, p in m.named_parameters()
-           if p.ndim >= 2 and (o.decay_embeddings or not n.startswith(emb))}
-  groups = [{'params': [p for n, p in m.named_parameters() if (n in decay) == d],
-             'weight_decay': o.weight_decay if d else 0.0} for d in (True, False)]
-  opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, fused=True)
-  f = torch.compile(m) if 'compile' in variant else m
-  x, y = (torch.from_numpy(batch_np[k]).long().to(dev) for k in ('inputs', 'targets'))
-  amp = functools.partial(torch.autocast, dev.type, torch.bfloat16, enabled=variant.endswith('bf16'))
-
-  def run(k: int) -> float:
-    for _ in range(k):
-      with amp():
-        loss = tF.cross_entropy(f(x).float().flatten(0, 1), y.flatten())
-      loss.backward()
-      if o.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(m.parameters(), o.grad_clip)
-      opt.step()
-      opt.zero_grad(set_to_none=True)
-    _tsync()
-    return loss.item()
-  return run
-
-
 def train_bench(cfg, mc, a: dict) -> dict:
-  from torch_compat import convert
+  from torch_compat import convert, train_step
   B, T, gpu = a['batch_size'], mc.block_size, jax.devices()[0].platform != 'cpu'
   toks = np.random.default_rng(0).integers(0, mc.vocab_size, (B, T + 1)).astype(np.int32)
   batch_np = {'inputs': toks[:, :-1], 'targets': toks[:, 1:]}
@@ -245,7 +183,7 @@ def train_bench(cfg, mc, a: dict) -> dict:
       if v.startswith('jax_'):
         runs[v], extra[v] = _jax_train(cfg, mc, v[4:].removesuffix('_dp'), params0, batch_np, v.endswith('_dp'))
       else:
-        runs[v] = _torch_train(cfg, mc, flat, v, batch_np)
+        runs[v] = train_step.torch_train_run(mc, flat, cfg.optim, v, batch_np, _tdev())
       first[v], loss0[v] = _timed(runs[v], 1)  # compiles; the loss of the same weights and batch everywhere
     except Exception as e:  # noqa: BLE001 - a failing torch.compile is a result to record, not a crash
       errors[v] = f'{type(e).__name__}: {" ".join(str(e).split())[:300]}'
@@ -455,7 +393,7 @@ def main(argv):
   if F.torch_threads:
     import torch
     torch.set_num_threads(F.torch_threads)
-  env = environment()
+  env = bench_report.environment()
   print(f'bench on {env["cpu_model"] or env["device_kind"]} ({env["jax_platform"]})', flush=True)
   try:
     runs = [run_config(n, o, c, a) for n, o, c in jobs]
@@ -467,107 +405,12 @@ def main(argv):
   out = Path(F.out)
   out.mkdir(parents=True, exist_ok=True)
   (out / 'bench.json').write_text(json.dumps(res, indent=1))
-  md = markdown(res)
+  md = bench_report.markdown(res)
   (out / 'bench.md').write_text(md + '\n')
   print(md, flush=True)
   if F.update_md:
-    update_md(Path(F.md), 'gpu' if env['jax_platform'] != 'cpu' else 'cpu', md)
+    bench_report.update_md(Path(F.md), 'gpu' if env['jax_platform'] != 'cpu' else 'cpu', md)
     print(f'updated {F.md}', flush=True)
-
-
-# ------------------------------------------------------------------------------------------------- markdown
-def _table(head: list[str], rows: list[list]) -> list[str]:
-  return ['', '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)] + [
-      '| ' + ' | '.join(map(str, r)) + ' |' for r in rows]
-
-
-def _train_md(t: dict) -> list[str]:
-  st = sorted({k for v, k in t['steps'].items() if not v.startswith('matmul')}) or [0]
-  g = lambda k: f'{t["matmul_flops"][k] / 1e9:,.0f}'
-  worst = max((d['spread'] for d in t['variants'].values()), default=0)
-  L = ['', (f'Train step, batch {t["batch"][0]} x {t["batch"][1]} tokens, {t["flops_per_token"] / 1e6:.1f} '
-            f'MFLOP/token; median of {t["repeats"]} interleaved repeats of {st[0]}-{st[-1]} steps; load '
-            f'average {t["loadavg"][0]:.1f} -> {t["loadavg"][1]:.1f}, largest spread {100 * worst:.0f}%. '
-            f'Matmul peak timed in the same rounds ({t["matmul_n"]}^3, GFLOP/s): float32 JAX '
-            f'{g("jax_float32")}, torch {g("torch_float32")}; bfloat16 JAX {g("jax_bfloat16")}, torch '
-            f'{g("torch_bfloat16")}; MFU is against the faster one for the compute dtype. Step peak MB: '
-            f'{t["memory_method"]}.')]
-  rows = []
-  for v, d in t['variants'].items():
-    pm = '-' if d['step_peak_mb'] is None else f'{d["step_peak_mb"]:,.0f}'
-    pm += f' (XLA {d["xla_step_mb"]:,.0f})' if 'xla_step_mb' in d else ''
-    name = f'{v} ({d["devices"]} dev, {d["steps_per_call"]} steps/call)' if d.get('devices', 1) > 1 else v
-    rows.append([name, f'{d["ms"]:,.1f}', f'{100 * d["spread"]:.0f}%', f'{d["tokens_per_s"]:,.0f}',
-                 '-' if 'eager' in v else f'{d["compile_s"]:.1f}', f'{d["flops_per_s"] / 1e9:,.1f}',
-                 f'{100 * d["mfu"]:.1f}%', pm,
-                 f'{d["loss_step0"]:.4f}'])
-  rows += [[v, f'failed: {err}'] + [''] * 7 for v, err in t['errors'].items()]
-  L += _table(['variant', 'ms/step', 'spread', 'tokens/s', 'compile s', 'GFLOP/s', 'MFU', 'step peak MB',
-               'loss at step 0'], rows)
-  disp = ', '.join(f'{v} {d["dispatch_ms"]:.2f} ms' for v, d in t['variants'].items() if 'dispatch_ms' in d)
-  L += ['', (f'Host time per JAX step in the call (Python, pytree flattening, launch; with several devices '
-             f'the launch waits for the previous call): {disp}.')] if disp else []
-  tv = [v for v in t['variants'] if v.startswith('torch')]
-  if t['speedup'] and tv:
-    L += _table(['JAX speedup = torch ms / JAX ms', *tv],
-                [[j, *(f'{s[v]:.2f}x' for v in tv)] for j, s in t['speedup'].items()])
-  return L
-
-
-def _decode_md(d: dict) -> list[str]:
-  bs, ag = list(d['impls']['jax']), d.get('greedy_agree_tokens', {})
-  names = {'jax': 'JAX sample.measure_decode', 'torch': 'torch mirror generate',
-           'hf': f'transformers {d["hf_class"]}'}
-  same = ', '.join(f'{names[o]} {n} of {d["new_tokens"]}' for o, n in ag.items()) or '-'
-  worst = max(v[b]['spread'] for v in d['impls'].values() for b in bs)
-  L = ['', (f'Decode, greedy, prompt {d["prompt_len"]} + {d["new_tokens"]} new tokens, KV cache of '
-            f'{d["context"]}; median of {len(next(iter(d["samples_s"].values())))} interleaved repeats, '
-            f'largest spread {100 * worst:.0f}%. tokens/s: batch x (new - 1) / the decode time after the '
-            'first token; TTFT: prefill + first token; e2e: batch x new / total time. Greedy tokens equal to '
-            f'JAX\'s at batch 1: {same}.')]
-  rows = [[names[k], *(x for b in bs for x in (
-      f'{v[b]["decode_tokens_per_s"]:,.1f}', f'{v[b]["ttft_ms"]:,.1f}', f'{v[b]["ms_per_token"]:,.2f}',
-      f'{v[b]["end_to_end_tokens_per_s"]:,.1f}'))] for k, v in d['impls'].items()]
-  rows += [[f'JAX speedup vs {names[o]}', *(x for b in bs for x in (f'{s[b]:.2f}x', '', '', ''))]
-           for o, s in d['speedup'].items()]
-  head = [x for b in bs for x in (f'B={b} tokens/s', 'TTFT ms', 'ms/token', 'e2e tokens/s')]
-  return L + _table(['decode', *head], rows)
-
-
-def markdown(res: dict) -> str:
-  e = res['env']
-  mods = f' + uncommitted {", ".join(m.split()[-1] for m in e["git_modified"])}' if e['git_modified'] else ''
-  cmd = ' '.join(['python -m minillm_jax.bench', *res['settings']['argv']])
-  L = [(f'Measured {e["date"]} on **{e["cpu_model"] or e["device_kind"]}** (jax platform '
-        f'{e["jax_platform"]}, {e["cores"]} cores, {" ".join(e["cpu_flags"]) or "-"}); commit '
-        f'`{e["git_commit"][:10]}`{mods}; jax {e["jax"]}, torch {e["torch"]} ({e["torch_threads"]} threads, '
-        f'{e["torch_device"]}), transformers {e["transformers"]}. Load average '
-        f'{e["loadavg_start"][0]:.1f} at the start, {e["loadavg_end"][0]:.1f} at the end. `{cmd}`')]
-  for r in res['runs']:
-    m = r['model']
-    L += ['', (f'### {Path(r["config"]).stem}: {r["params"] / 1e6:.2f}M parameters, {m["n_layer"]} '
-               f'layers, d_model {m["d_model"]}, vocab {m["vocab_size"]} '
-               f'(`{" ".join([r["config"], *r["overrides"]])}`)')]
-    L += _train_md(r['train']) if 'train' in r else []
-    L += _decode_md(r['decode']) if 'decode' in r else []
-    if 'data' in r:
-      d = r['data']
-      hr = (f', {d["headroom_vs_train"]:,.0f}x the rate the fastest JAX train step consumes'
-            if 'headroom_vs_train' in d else '')
-      L += ['', (f'Data pipeline ({d["corpus"]}, {d["num_workers"]} workers): {d["batches_per_s"]:,.1f} '
-                 f'batches/s ({d["tokens_per_s"]:,.0f} tokens/s){hr}.')]
-  return '\n'.join(L)
-
-
-def update_md(path: Path, section: str, body: str) -> None:
-  """Replaces the text between this section's markers (appends the section when missing), keeping the rest."""
-  start, end = f'<!-- bench:{section}:start -->', f'<!-- bench:{section}:end -->'
-  text = path.read_text() if path.exists() else '# Benchmarks\n'
-  if start in text and end in text:
-    text = text[:text.index(start) + len(start)] + f'\n{body}\n' + text[text.index(end):]
-  else:
-    text = text.rstrip('\n') + f'\n\n## {section.upper()}\n\n{start}\n{body}\n{end}\n'
-  path.write_text(text)
 
 
 if __name__ == '__main__':

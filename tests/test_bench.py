@@ -6,7 +6,7 @@ import os
 import pytest
 from conftest import run_module
 
-from minillm_jax import bench
+from minillm_jax import bench, bench_report
 
 TEXT = ''.join(f'{w} the quick brown fox {i % 7} jumps over the lazy dog number {i % 13}.\n'
                for i, w in enumerate(['alpha', 'beta', 'gamma', 'delta', 'omega'] * 200))
@@ -79,8 +79,8 @@ def test_quick_smoke(tmp_path):
 def test_update_md_appends_a_missing_section(tmp_path):
   md = tmp_path / 'B.md'
   md.write_text('# Benchmarks\n')
-  bench.update_md(md, 'gpu', 'table one')
-  bench.update_md(md, 'gpu', 'table two')
+  bench_report.update_md(md, 'gpu', 'table one')
+  bench_report.update_md(md, 'gpu', 'table two')
   text = md.read_text()
   assert text.count('## GPU') == 1 and 'table two' in text and 'table one' not in text
 

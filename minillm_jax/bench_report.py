@@ -1,0 +1,130 @@
+"""What a benchmark run reports: the environment it ran in, and its results as markdown tables (bench.md and
+the device's section of BENCHMARKS.md)."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+import jax
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def environment() -> dict:
+  import flax
+  import torch
+  import transformers
+  txt = Path('/proc/cpuinfo').read_text() if os.path.exists('/proc/cpuinfo') else ''
+  cpu = re.search(r'(?:model name|Hardware)\s*:\s*(.*)', txt)
+  fl = set(re.search(r'(?:flags|Features)\s*:\s*(.*)', txt).group(1).split()) if 'lags' in txt else set()
+  git = lambda *a: subprocess.run(['git', *a], cwd=ROOT, capture_output=True, text=True,
+                                  check=False).stdout.strip()
+  dev = jax.devices()[0]
+  return {'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
+          'git_commit': git('rev-parse', 'HEAD'),
+          'git_modified': git('status', '--porcelain', '-uno').splitlines(),
+          'python': platform.python_version(), 'jax': jax.__version__, 'flax': flax.__version__,
+          'torch': torch.__version__, 'transformers': transformers.__version__, 'jax_platform': dev.platform,
+          'device_kind': dev.device_kind, 'device_count': jax.device_count(),
+          'cpu_model': cpu.group(1).strip() if cpu else platform.processor(),
+          'cpu_flags': sorted(fl & {'avx2', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_bf16', 'amx_tile'}),
+          'cores': len(os.sched_getaffinity(0)), 'torch_threads': torch.get_num_threads(),
+          'torch_device': 'cuda' if torch.cuda.is_available() else 'cpu', 'loadavg_start': os.getloadavg()}
+
+
+def _table(head: list[str], rows: list[list]) -> list[str]:
+  return ['', '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)] + [
+      '| ' + ' | '.join(map(str, r)) + ' |' for r in rows]
+
+
+def _train_md(t: dict) -> list[str]:
+  st = sorted({k for v, k in t['steps'].items() if not v.startswith('matmul')}) or [0]
+  g = lambda k: f'{t["matmul_flops"][k] / 1e9:,.0f}'
+  worst = max((d['spread'] for d in t['variants'].values()), default=0)
+  L = ['', (f'Train step, batch {t["batch"][0]} x {t["batch"][1]} tokens, {t["flops_per_token"] / 1e6:.1f} '
+            f'MFLOP/token; median of {t["repeats"]} interleaved repeats of {st[0]}-{st[-1]} steps; load '
+            f'average {t["loadavg"][0]:.1f} -> {t["loadavg"][1]:.1f}, largest spread {100 * worst:.0f}%. '
+            f'Matmul peak timed in the same rounds ({t["matmul_n"]}^3, GFLOP/s): float32 JAX '
+            f'{g("jax_float32")}, torch {g("torch_float32")}; bfloat16 JAX {g("jax_bfloat16")}, torch '
+            f'{g("torch_bfloat16")}; MFU is against the faster one for the compute dtype. Step peak MB: '
+            f'{t["memory_method"]}.')]
+  rows = []
+  for v, d in t['variants'].items():
+    pm = '-' if d['step_peak_mb'] is None else f'{d["step_peak_mb"]:,.0f}'
+    pm += f' (XLA {d["xla_step_mb"]:,.0f})' if 'xla_step_mb' in d else ''
+    name = f'{v} ({d["devices"]} dev, {d["steps_per_call"]} steps/call)' if d.get('devices', 1) > 1 else v
+    rows.append([name, f'{d["ms"]:,.1f}', f'{100 * d["spread"]:.0f}%', f'{d["tokens_per_s"]:,.0f}',
+                 '-' if 'eager' in v else f'{d["compile_s"]:.1f}', f'{d["flops_per_s"] / 1e9:,.1f}',
+                 f'{100 * d["mfu"]:.1f}%', pm,
+                 f'{d["loss_step0"]:.4f}'])
+  rows += [[v, f'failed: {err}'] + [''] * 7 for v, err in t['errors'].items()]
+  L += _table(['variant', 'ms/step', 'spread', 'tokens/s', 'compile s', 'GFLOP/s', 'MFU', 'step peak MB',
+               'loss at step 0'], rows)
+  disp = ', '.join(f'{v} {d["dispatch_ms"]:.2f} ms' for v, d in t['variants'].items() if 'dispatch_ms' in d)
+  L += ['', (f'Host time per JAX step in the call (Python, pytree flattening, launch; with several devices '
+             f'the launch waits for the previous call): {disp}.')] if disp else []
+  tv = [v for v in t['variants'] if v.startswith('torch')]
+  if t['speedup'] and tv:
+    L += _table(['JAX speedup = torch ms / JAX ms', *tv],
+                [[j, *(f'{s[v]:.2f}x' for v in tv)] for j, s in t['speedup'].items()])
+  return L
+
+
+def _decode_md(d: dict) -> list[str]:
+  bs, ag = list(d['impls']['jax']), d.get('greedy_agree_tokens', {})
+  names = {'jax': 'JAX sample.measure_decode', 'torch': 'torch mirror generate',
+           'hf': f'transformers {d["hf_class"]}'}
+  same = ', '.join(f'{names[o]} {n} of {d["new_tokens"]}' for o, n in ag.items()) or '-'
+  worst = max(v[b]['spread'] for v in d['impls'].values() for b in bs)
+  L = ['', (f'Decode, greedy, prompt {d["prompt_len"]} + {d["new_tokens"]} new tokens, KV cache of '
+            f'{d["context"]}; median of {len(next(iter(d["samples_s"].values())))} interleaved repeats, '
+            f'largest spread {100 * worst:.0f}%. tokens/s: batch x (new - 1) / the decode time after the '
+            'first token; TTFT: prefill + first token; e2e: batch x new / total time. Greedy tokens equal to '
+            f'JAX\'s at batch 1: {same}.')]
+  rows = [[names[k], *(x for b in bs for x in (
+      f'{v[b]["decode_tokens_per_s"]:,.1f}', f'{v[b]["ttft_ms"]:,.1f}', f'{v[b]["ms_per_token"]:,.2f}',
+      f'{v[b]["end_to_end_tokens_per_s"]:,.1f}'))] for k, v in d['impls'].items()]
+  rows += [[f'JAX speedup vs {names[o]}', *(x for b in bs for x in (f'{s[b]:.2f}x', '', '', ''))]
+           for o, s in d['speedup'].items()]
+  head = [x for b in bs for x in (f'B={b} tokens/s', 'TTFT ms', 'ms/token', 'e2e tokens/s')]
+  return L + _table(['decode', *head], rows)
+
+
+def markdown(res: dict) -> str:
+  e = res['env']
+  mods = f' + uncommitted {", ".join(m.split()[-1] for m in e["git_modified"])}' if e['git_modified'] else ''
+  cmd = ' '.join(['python -m minillm_jax.bench', *res['settings']['argv']])
+  L = [(f'Measured {e["date"]} on **{e["cpu_model"] or e["device_kind"]}** (jax platform '
+        f'{e["jax_platform"]}, {e["cores"]} cores, {" ".join(e["cpu_flags"]) or "-"}); commit '
+        f'`{e["git_commit"][:10]}`{mods}; jax {e["jax"]}, torch {e["torch"]} ({e["torch_threads"]} threads, '
+        f'{e["torch_device"]}), transformers {e["transformers"]}. Load average '
+        f'{e["loadavg_start"][0]:.1f} at the start, {e["loadavg_end"][0]:.1f} at the end. `{cmd}`')]
+  for r in res['runs']:
+    m = r['model']
+    L += ['', (f'### {Path(r["config"]).stem}: {r["params"] / 1e6:.2f}M parameters, {m["n_layer"]} '
+               f'layers, d_model {m["d_model"]}, vocab {m["vocab_size"]} '
+               f'(`{" ".join([r["config"], *r["overrides"]])}`)')]
+    L += _train_md(r['train']) if 'train' in r else []
+    L += _decode_md(r['decode']) if 'decode' in r else []
+    if 'data' in r:
+      d = r['data']
+      hr = (f', {d["headroom_vs_train"]:,.0f}x the rate the fastest JAX train step consumes'
+            if 'headroom_vs_train' in d else '')
+      L += ['', (f'Data pipeline ({d["corpus"]}, {d["num_workers"]} workers): {d["batches_per_s"]:,.1f} '
+                 f'batches/s ({d["tokens_per_s"]:,.0f} tokens/s){hr}.')]
+  return '\n'.join(L)
+
+
+def update_md(path: Path, section: str, body: str) -> None:
+  """Replaces the text between this section's markers (appends the section when missing), keeping the rest."""
+  start, end = f'<!-- bench:{section}:start -->', f'<!-- bench:{section}:end -->'
+  text = path.read_text() if path.exists() else '# Benchmarks\n'
+  if start in text and end in text:
+    text = text[:text.index(start) + len(start)] + f'\n{body}\n' + text[text.index(end):]
+  else:
+    text = text.rstrip('\n') + f'\n\n## {section.upper()}\n\n{start}\n{body}\n{end}\n'
+  path.write_text(text)

@@ -9,6 +9,7 @@ import pytest
 from conftest import run_module
 from test_sample import char_tok, config, make_pt, make_workdir, random_flat
 
+from minillm_jax import code_eval as ce
 from minillm_jax import evaluate as ev
 from minillm_jax import tokenizer as toklib
 from minillm_jax.backend import JaxBackend, TorchBackend
@@ -18,39 +19,39 @@ from torch_compat import model as tmodel
 
 def test_execution_check_times_out_an_endless_function():
   t0 = time.time()
-  r = ev.run_tests('def f(x):\n    while True:\n        pass\n', 'assert f(1) == 1', timeout=1.0)
+  r = ce.run_tests('def f(x):\n    while True:\n        pass\n', 'assert f(1) == 1', timeout=1.0)
   assert r['status'] == 'timeout' and time.time() - t0 < 15
 
 
 def test_execution_check_pass_fail_and_isolation(tmp_path):
-  assert ev.run_tests('def add(a, b):\n    return a + b\n', 'assert add(2, 3) == 5')['status'] == 'pass'
-  r = ev.run_tests('def add(a, b):\n    return a - b\n', 'assert add(2, 3) == 5')
+  assert ce.run_tests('def add(a, b):\n    return a + b\n', 'assert add(2, 3) == 5')['status'] == 'pass'
+  r = ce.run_tests('def add(a, b):\n    return a - b\n', 'assert add(2, 3) == 5')
   assert r['status'] == 'fail' and 'AssertionError' in r['detail']
-  assert ev.run_tests('def add(a, b)\n    return a\n', '')['status'] == 'syntax_error'
+  assert ce.run_tests('def add(a, b)\n    return a\n', '')['status'] == 'syntax_error'
   # runs in a child: its environment changes do not reach this process
-  assert ev.run_tests('import os\nos.environ["EVAL_LEAK"] = "1"\n', '')['status'] == 'pass'
+  assert ce.run_tests('import os\nos.environ["EVAL_LEAK"] = "1"\n', '')['status'] == 'pass'
   import os
   assert 'EVAL_LEAK' not in os.environ
   # leaving before the tests finish is a failure, not a pass (exit code 0 alone is not enough)
   for body in ('exit()', 'import sys; sys.exit(0)', 'import os; os._exit(0)'):
-    assert ev.run_tests(f'def add(a, b):\n    {body}\n', 'assert add(2, 3) == 5')['status'] == 'fail', body
-  assert ev.run_tests('def add(a, b):\n    print("x" * 20000)\n    return a + b\n', 'assert add(2, 3) == 5'
+    assert ce.run_tests(f'def add(a, b):\n    {body}\n', 'assert add(2, 3) == 5')['status'] == 'fail', body
+  assert ce.run_tests('def add(a, b):\n    print("x" * 20000)\n    return a + b\n', 'assert add(2, 3) == 5'
                       )['status'] == 'pass'  # its own output does not hide the harness's token
   # destructive calls are disabled; output floods stop at the file-size limit, not in this process's memory
   marker = tmp_path / 'keep'
   marker.write_text('1')
-  r = ev.run_tests(f'import os, shutil\nos.remove({str(marker)!r})\n', '')
+  r = ce.run_tests(f'import os, shutil\nos.remove({str(marker)!r})\n', '')
   assert r['status'] == 'fail' and marker.exists()
-  assert ev.run_tests('import sys\nwhile True:\n    sys.stdout.write("x" * 100000)\n', '')['status'] == 'fail'
-  r = ev.run_tests('x = bytearray(4 << 30)\n', '')  # over the 1 GiB address-space limit
+  assert ce.run_tests('import sys\nwhile True:\n    sys.stdout.write("x" * 100000)\n', '')['status'] == 'fail'
+  r = ce.run_tests('x = bytearray(4 << 30)\n', '')  # over the 1 GiB address-space limit
   assert r['status'] == 'fail' and 'MemoryError' in r['detail']
 
 
 def test_scoring_helpers():
-  assert ev.balanced('x = f(a[1], {"k": "(("})') and not ev.balanced('x = f(a[1]') and not ev.balanced('f(]')
+  assert ce.balanced('x = f(a[1], {"k": "(("})') and not ce.balanced('x = f(a[1]') and not ce.balanced('f(]')
   src = 'def f(x):\n    y = x\n\n    return y\nprint(f(1))\n'
-  assert ev.extract_function(src) == 'def f(x):\n    y = x\n\n    return y\n'
-  assert ev.extract_function('    def m(self):\n        return 1\n    x = 2') == '    def m(self):\n        return 1\n'
+  assert ce.extract_function(src) == 'def f(x):\n    y = x\n\n    return y\n'
+  assert ce.extract_function('    def m(self):\n        return 1\n    x = 2') == '    def m(self):\n        return 1\n'
   assert ev.distinct_n(['a b a b'], 1) == 0.5 and ev.distinct_n(['a b', 'a c'], 2) == 1.0
   assert ev.repetition_rate('a b c d a b c d') == pytest.approx(1 / 5)
   assert ev.repetition_rate('one two three four five') == 0.0
@@ -97,11 +98,11 @@ def test_cli_writes_json_with_every_category_and_compares_runs(tmp_path):
   d = json.loads(out.read_text())
   assert [x['backend'] for x in d['runs']] == ['jax', 'torch'] and d['suites'] == list(ev.SUITES)
   for run in d['runs']:
-    assert set(run['code']['categories']) == set(ev.CODE_CATEGORIES)
+    assert set(run['code']['categories']) == set(ce.CODE_CATEGORIES)
     assert all(0 <= v <= 1 for v in run['code']['categories'].values()) and 0 <= run['code']['overall'] <= 1
     assert run['perplexity']['data'] == 'val' and run['perplexity']['perplexity'] > 1
     assert len(run['text']['samples']) == len(ev.TEXT_PROMPTS) and 0 <= run['text']['distinct_2'] <= 1
-    assert len(run['code']['details']['execution']) == len(ev.EXEC)
+    assert len(run['code']['details']['execution']) == len(ce.EXEC)
   assert 'base@0' in r.stdout and 'later.pt' in r.stdout and 'bpb' in r.stdout
   png = out.with_suffix('.png')
   assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

@@ -14,12 +14,10 @@ from conftest import ROOT, run_module
 from flax import nnx
 
 from minillm_jax import cpu_attention
+from minillm_jax.attention import ATTN_BLOCK, attention, blockwise_attention
 from minillm_jax.config import ModelConfig, model_config
 from minillm_jax.model import (
-  ATTN_BLOCK,
   GPT,
-  attention,
-  blockwise_attention,
   init_model,
   mm,
   normalize,
@@ -198,9 +196,9 @@ def test_fused_attention_falls_back_when_it_cannot_build():
   """No compiler: one warning, available() False, and the model runs on the pure-JAX attention."""
   code = """if 1:
     import jax.numpy as jnp
-    from minillm_jax import cpu_attention, model
+    from minillm_jax import attention, cpu_attention
     q = jnp.ones((1, 4, 2, 8))
-    print(cpu_attention.available(), 'custom_partitioning' in str(__import__('jax').make_jaxpr(model.attention)(q, q, q)))
+    print(cpu_attention.available(), 'custom_partitioning' in str(__import__('jax').make_jaxpr(attention.attention)(q, q, q)))
   """
   r = subprocess.run([sys.executable, '-c', code], check=False, capture_output=True, text=True, cwd=ROOT,
                      env={**os.environ, 'CXX': '/bin/false', 'XDG_CACHE_HOME': tempfile.mkdtemp()})

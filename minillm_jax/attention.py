@@ -1,0 +1,152 @@
+"""Causal self-attention kernels of the model: the dispatch per backend (accelerators: jax.nn's fused attention;
+CPU float32: the C++ kernel of cpu_attention), the pure-JAX blockwise CPU attention with a recomputing backward
+(bfloat16 compute, or no C++ compiler), and the attention over a KV cache for decoding. Shapes: B batch, T query
+positions, S key positions, N query heads, K kv heads, G = N / K, H head size; C = B * K cache rows."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from minillm_jax import cpu_attention
+
+
+def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH):
+  """Causal self-attention, float32 logits and softmax. Accelerators use jax.nn.dot_product_attention
+  (GQA-aware; implementation='cudnn' can be plugged in there for flash attention). On CPU, float32 takes the
+  fused C++ kernel of cpu_attention (tiny, T=1024, one layer forward and backward: 256 ms against 540 ms for
+  the pure-JAX path below and about 300 ms for torch's SDPA; shakespeare_char: 1.6 against 5.2 ms)."""
+  if jax.default_backend() != 'cpu':
+    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, is_causal=True)
+  if cpu_attention.supported(q_BxTxNxH):
+    return cpu_attention.causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
+  return blockwise_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
+
+
+def blockwise_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH):
+  """The pure-JAX CPU attention (bfloat16 compute, or no C++ compiler for the fused kernel). Short sequences
+  (T <= ATTN_BLOCK) are plain batched matmuls whose backward keeps the [T, T] probabilities (small there, and
+  5-10% faster per shakespeare_char step than recomputing them); longer ones use the blockwise
+  `causal_attention` with a recomputing backward."""
+  B, T, N, H = q_BxTxNxH.shape
+  K = k_BxTxKxH.shape[2]
+  if T <= ATTN_BLOCK:
+    k_CxTxH, v_CxTxH = (x.transpose(0, 2, 1, 3).reshape(B * K, T, H) for x in (k_BxTxKxH, v_BxTxKxH))
+    return _grouped_attention(q_BxTxNxH, k_CxTxH, v_CxTxH, jnp.tril(jnp.ones((T, T), bool)))
+  q_BxKxGxTxH = q_BxTxNxH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
+  kv = _materialized((k_BxTxKxH.transpose(0, 2, 1, 3), v_BxTxKxH.transpose(0, 2, 1, 3)), q_BxKxGxTxH)
+  o_BxKxGxTxH = causal_attention(q_BxKxGxTxH, *kv)
+  return o_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q_BxTxNxH.dtype)
+
+
+def _materialized(xs, q):
+  """xs written to memory once. Otherwise XLA:CPU fuses the k/v transpose (and RoPE) into each query block's
+  key-prefix slice and recomputes it over the prefix, 4.5x in all (1.25 s of a 13 s `tiny` step); an
+  optimization_barrier is dropped before fusion, and a cond with equal branches is simplified away. This cond's
+  other branch is taken only when q is NaN, where it gives NaN as the attention would (10 interleaved step pairs:
+  8 faster, median ratio 0.89-0.91)."""
+  q0 = q.reshape(-1)[0]
+  return jax.lax.cond(~jnp.isnan(q0), lambda xs: xs, lambda xs: jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), xs), xs)
+
+
+def _bdot(a, b, b_contract: int, a_contract: int = 3):
+  """Matmul batched over the leading (B, K) axes of 4-D a and b, float32 result."""
+  return jax.lax.dot_general(a, b, (((a_contract,), (b_contract,)), ((0, 1), (0, 1))),
+                             preferred_element_type=jnp.float32)
+
+
+def cached_attention(q_BxTxNxH, k_CxSxH, v_CxSxH, pos):
+  """Queries at positions [pos, pos+T) against a cache laid out [C = B*K, S, H] whose [0, pos+T) is written.
+  One batch axis with no unit dimensions: with [B, K, S, H] at batch 1, XLA:CPU copied every layer's cache on
+  every decode step (half of the `tiny` decode time)."""
+  T, S = q_BxTxNxH.shape[1], k_CxSxH.shape[1]
+
+  def upto(L):  # attention over the first L cache slots only
+    return lambda: _grouped_attention(q_BxTxNxH, k_CxSxH[:, :L], v_CxSxH[:, :L],
+                                      jnp.arange(L)[None, :] <= pos + jnp.arange(T)[:, None])
+
+  # Decoding is bound by memory traffic, and the cache of `tiny` (25 MB at batch 1) is read on every token: read
+  # only the shortest prefix S/2^i (i < 5, at least 64 slots) that holds [0, pos+T); one switch branch runs.
+  Ls = sorted({max(T, S >> i) for i in range(5) if S >> i >= 64} | {S})
+  return jax.lax.switch(jnp.sum(pos + T > jnp.array(Ls[:-1], jnp.int32)), [upto(L) for L in Ls])
+
+
+def _grouped_attention(q_BxTxNxH, k_CxSxH, v_CxSxH, mask_TxS):
+  """Softmax attention of q against keys/values laid out [C = B*K, S, H] (K kv heads, G = N/K queries each)."""
+  B, T, N, H = q_BxTxNxH.shape
+  C, S = k_CxSxH.shape[0], k_CxSxH.shape[1]
+  K = C // B
+  G = N // K
+  q_CxGTxH = q_BxTxNxH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(C, G * T, H)
+  s = jax.lax.dot_general(q_CxGTxH, k_CxSxH, (((2,), (2,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+  s = (s * (1.0 / math.sqrt(H))).reshape(C, G, T, S)
+  s = jnp.where(mask_TxS, s, jnp.finfo(jnp.float32).min)
+  p = jax.nn.softmax(s, axis=-1).astype(v_CxSxH.dtype).reshape(C, G * T, S)
+  o = jax.lax.dot_general(p, v_CxSxH, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+  return o.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q_BxTxNxH.dtype)
+
+
+ATTN_BLOCK = 128  # query rows per block: measured fastest of 64/128/256 for T=1024 on CPU
+
+
+def _causal_block(q_BxKxGxTxH, k_BxKxSxH, a: int, b: int):
+  """Scaled scores of query rows [a, b) against keys [0, b) (the later keys are all masked), masked."""
+  B, K, G, _, H = q_BxKxGxTxH.shape
+  qb = q_BxKxGxTxH[:, :, :, a:b].reshape(B, K, G * (b - a), H)
+  s = _bdot(qb, k_BxKxSxH[:, :, :b], 3).reshape(B, K, G, b - a, b) * (1.0 / math.sqrt(H))
+  causal_nxb = jnp.arange(b)[None, :] <= jnp.arange(a, b)[:, None]
+  return qb, s, causal_nxb
+
+
+@jax.custom_vjp
+def causal_attention(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH):
+  """Causal attention in blocks of query rows, each against only the keys it can see (about half the work of
+  a full T x T product), flash-style: the backward recomputes the probabilities from a saved logsumexp instead
+  of keeping [T, T] per head alive (at T=1024 that was 1.6 GB and 5x torch's time)."""
+  return _causal_fwd(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH)[0]
+
+
+def _causal_fwd(q, k, v):
+  B, K, G, T, H = q.shape
+  outs, lses = [], []
+  for a in range(0, T, ATTN_BLOCK):
+    b = min(a + ATTN_BLOCK, T)
+    _, s, causal = _causal_block(q, k, a, b)
+    s = jnp.where(causal, s, -jnp.inf)
+    m = s.max(-1, keepdims=True)
+    e = jnp.exp(s - m)
+    l = e.sum(-1, keepdims=True)
+    o = _bdot(e.astype(v.dtype).reshape(B, K, G * (b - a), b), v[:, :, :b], 2).reshape(B, K, G, b - a, H)
+    outs.append(o / l)  # normalising the [n, H] output, not the [n, b] probabilities
+    lses.append(m + jnp.log(l))
+  o = jnp.concatenate(outs, 3).astype(q.dtype)
+  return o, (q, k, v, o, jnp.concatenate(lses, 3))
+
+
+def _causal_bwd(res, do_BxKxGxTxH):
+  q, k, v, o, lse = res
+  B, K, G, T, H = q.shape
+  do = do_BxKxGxTxH.astype(jnp.float32)
+  delta = (do * o.astype(jnp.float32)).sum(-1, keepdims=True)  # rowsum(dO * O) = rowsum(P * dP)
+  dqs, dks, dvs = [], [], []  # block i's dK, dV cover keys [0, b_i)
+  for a in range(0, T, ATTN_BLOCK):
+    b = min(a + ATTN_BLOCK, T)
+    n = b - a
+    qb, s, causal = _causal_block(q, k, a, b)
+    p = jnp.where(causal, jnp.exp(s - lse[:, :, :, a:b]), 0.0)
+    dob = do[:, :, :, a:b].reshape(B, K, G * n, H).astype(v.dtype)
+    dp = _bdot(dob, v[:, :, :b], 3).reshape(B, K, G, n, b)
+    ds = (p * (dp - delta[:, :, :, a:b]) * (1.0 / math.sqrt(H))).astype(q.dtype).reshape(B, K, G * n, b)
+    dqs.append(_bdot(ds, k[:, :, :b], 2).reshape(B, K, G, n, H))
+    dks.append(_bdot(ds, qb, 2, a_contract=2))
+    dvs.append(_bdot(p.astype(v.dtype).reshape(B, K, G * n, b), dob, 2, a_contract=2))
+  # Summed per key block, each from the query blocks that see it: one small fusion per block. Accumulating
+  # with dk.at[:, :, :b].add rewrote the whole [B, K, T, H] buffer once per block (0.4 s of a `tiny` step).
+  def per_key_block(parts):
+    return jnp.concatenate([sum(x[:, :, a:a + ATTN_BLOCK] for x in parts[a // ATTN_BLOCK:])
+                            for a in range(0, T, ATTN_BLOCK)], 2)
+  return jnp.concatenate(dqs, 3).astype(q.dtype), per_key_block(dks).astype(k.dtype), per_key_block(dvs).astype(v.dtype)
+
+
+causal_attention.defvjp(_causal_fwd, _causal_bwd)

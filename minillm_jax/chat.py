@@ -300,4 +300,5 @@ if __name__ == '__main__':
   flags.DEFINE_string('prompt', None, 'One-shot: reply to this message, print the reply and exit.')
   flags.DEFINE_string('system', '', 'System message (kept when old exchanges are dropped).')
   flags.DEFINE_string('history_file', '~/.minillm_chat_history', 'Input history for line editing (\'\' = none).')
+  flags.adopt_module_key_flags(gen)  # --workdir, --ckpt, sampling: defined in generate, shown in chat's --help
   cli.run(main)

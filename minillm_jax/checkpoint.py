@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import warnings
 
@@ -57,6 +58,12 @@ class Checkpointer:
                                         best_mode='min', enable_async_checkpointing=async_save,
                                         create=not read_only, cleanup_tmp_directories=not read_only)
     self.mngr = ocp.CheckpointManager(self.dir, options=opts)
+    # Orbax removes a killed save's temporary directories on a background thread that its close() does not
+    # join (it waits only before a save): a run that fails right after opening the manager exited under it, and
+    # the thread's traceback followed the one-line error. Wait here (milliseconds; private, hence getattr).
+    wait = getattr(self.mngr, '_maybe_await_cleanup_tmp_directory', None)
+    if wait is not None:
+      wait()
 
   def steps(self) -> list[int]:
     return sorted(self.mngr.all_steps())
@@ -113,8 +120,9 @@ class Checkpointer:
         _quiet_failed_reads()
         moved = self._set_aside(step)
         older = 'trying the previous one' if step != steps[0] else 'no older one is left'
-        warnings.warn(f'checkpoint step {step} is unreadable ({type(e).__name__}: {str(e)[:160]}); moved it to '
-                      f'{moved}; {older}', stacklevel=2)
+        why = (str(e).strip().splitlines() or [''])[0][:160]
+        print(f'warning: checkpoint step {step} is unreadable ({type(e).__name__}: {why}); moved it to {moved}; '
+              f'{older}', file=sys.stderr, flush=True)
         continue
       got['full'] = full
       return step, got

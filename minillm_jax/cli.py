@@ -21,6 +21,8 @@ def die(msg: str, code: int = EXIT_USER_ERROR):
 
 
 def define_config(default: str | None = 'configs/shakespeare_char.py'):
+  if default and not os.path.isfile(default):  # a preset named from outside the repository
+    default = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), default)
   config_flags.DEFINE_config_file(
       'config', default, 'Config file (configs/*.py), optionally file.py:variant; override fields with '
       '--config.section.field=value, e.g. --config.optim.lr=3e-4.', lock_config=True)
@@ -57,6 +59,10 @@ def model_config_or_exit(cfg, vocab_size: int | None = None):
 
 
 def _parse(argv):
+  path = _config_path(argv)
+  if path and not os.path.isfile(path):  # before config_flags loads it for an override and fails deep inside
+    die(f'config file {path!r} {"is a directory" if os.path.isdir(path) else "not found"}; pass a configs/*.py '
+        'file (the presets) or a run\'s <workdir>/config.py')
   try:
     return FLAGS(argv)
   except flags.Error as e:
@@ -74,6 +80,8 @@ def _parse(argv):
     where = _line_in(e, path) if path else None
     if where is not None:  # the config file itself failed (syntax error, get_config raised)
       die(f'cannot load config {path}{where}: {_one_line(e)}')
+    if isinstance(e, AttributeError) and 'get_config' in str(e):
+      die(f'cannot load config {path}: it defines no get_config() (see configs/*.py)')
     if _one_line(e) == 'AttributeError: workdir':
       die('bad config override: the run directory is not a config field; pass it as --workdir=DIR')
     sec = next((a[len('--config.'):].split('.')[0] for a in argv if a.startswith('--config.')), None)

@@ -277,16 +277,14 @@ def from_plain(d: dict) -> ConfigDict:
 _RUN_CONFIG_PY = '''"""This run's config: config.json beside this file. Use it to resume with overrides:
   python -m minillm_jax.train --config={path} --workdir={workdir} --config.train.steps=5000
 """
-import json
 import os
 
-from minillm_jax.config import from_plain, no_variant
+from minillm_jax.config import no_variant, read_run_config
 
 
 def get_config(variant: str = ''):
   no_variant(variant)
-  with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config.json')) as f:
-    return from_plain(json.load(f))
+  return read_run_config(os.path.dirname(os.path.abspath(__file__)))
 '''
 
 

@@ -240,6 +240,7 @@ def main(argv):
   out = f.out or (os.path.join(f.workdir[0], 'eval.json') if f.workdir else 'eval.json')
   for p in (out, f.plot):
     _check_writable(p)
+  _check_replaceable(out)
   if f.plot:
     from minillm_jax.plot import figure_path
     figure_path(f.plot, 'plot')
@@ -275,6 +276,20 @@ def _check_writable(path: str | None):
     raise UserError(f'cannot write {path}: {e.strerror} ({parent})') from None
   if os.path.isdir(path) or not os.access(parent, os.W_OK):
     raise UserError(f'cannot write {path}: {"it is a directory" if os.path.isdir(path) else "no permission"}')
+
+
+def _check_replaceable(out: str):
+  """--out may replace an earlier evaluate result, never another file (a run's config.json, metrics)."""
+  if not os.path.isfile(out):
+    return
+  try:
+    with open(out, encoding='utf-8') as fh:
+      old = json.load(fh)
+    ok = isinstance(old, dict) and {'suites', 'runs'} <= set(old)
+  except (OSError, UnicodeDecodeError, ValueError):
+    ok = False
+  if not ok:
+    raise UserError(f'--out={out} exists and is not an evaluate result; refusing to overwrite it (pick a new path)')
 
 
 def _int_step(s: str) -> int:

@@ -14,11 +14,11 @@ def read_metrics(workdir: str) -> list[dict]:
   if not os.path.exists(path):
     return []
   rows = []
-  with open(path) as f:
+  with open(path, encoding='utf-8', errors='replace') as f:
     for ln in f:
       try:
         row = json.loads(ln)
-      except ValueError:  # a line cut by a kill mid-write
+      except ValueError:  # a line cut by a kill mid-write, or damaged bytes
         continue
       if isinstance(row, dict) and isinstance(row.get('step'), int) and all(
           isinstance(row[k], (int, float)) for k in _NUMERIC if row.get(k) is not None):

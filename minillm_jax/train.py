@@ -262,15 +262,20 @@ def run(cfg, workdir: str) -> dict:
     check_same_model(meta.get('model_config', {}), mc, f'{workdir!r}')
     check_same_tokenizer(meta, tok_json, f'{workdir!r}')
 
-  got = ck.restore_latest_good(state['params'], state['opt'], it, check)
+  try:
+    got = ck.restore_latest_good(state['params'], state['opt'], it, check)
+    # past train.steps the loop would not run, and config.json would say the lower steps from now on
+    if got is not None and got[1]['full'] and got[0] > t.steps:
+      raise UserError(f'{workdir!r} is already at step {got[0]}, past train.steps={t.steps}; resume with '
+                      f'--config.train.steps={got[0]} or more')
+  except BaseException:
+    ck.close()  # Orbax's background cleanup thread must end before the interpreter does
+    raise
   if got is not None:
     step0, items = got
     state['params'] = items['params']
     if items['full']:
       state['opt'], start, meta0 = items['opt'], step0, items['meta']
-      if start > t.steps:  # the loop would not run, and config.json would say steps={t.steps} from now on
-        raise UserError(f'{workdir!r} is already at step {start}, past train.steps={t.steps}; resume with '
-                        f'--config.train.steps={start} or more')
       print(f'resuming from step {start} of {workdir}', flush=True)
     else:
       print(f'starting from the imported weights in {workdir} (step {step0}, fresh optimizer)', flush=True)
@@ -332,9 +337,15 @@ def run(cfg, workdir: str) -> dict:
     if row_done or final:
       bad = mon.flush(t.log_every, final)  # losses of finished calls (all calls when final)
       if bad is not None:
-        ck.wait()
-        raise UserError(f'loss is {bad[1]} at step {bad[0]}; the run is stopped and the last good checkpoint '
-                        f'(step {ck.latest_step()}) is kept. Lower optim.lr or raise optim.warmup_steps.')
+        kept = ck.latest_step()
+        ck.close()
+        mon.close('stopped_nonfinite')  # run.json: a deliberate stop, not a crash
+        monitor.release_workdir(workdir)
+        kept = (f'the last good checkpoint (step {kept}) is kept' if kept is not None and kept > start
+                else f'checkpoint step {kept} (where this run started) is kept' if kept is not None
+                else 'no checkpoint had been saved')
+        raise UserError(f'loss is {bad[1]} at step {bad[0]}; the run is stopped and {kept}. Lower optim.lr or '
+                        'raise optim.warmup_steps.')
     row_done = ends_row and not final
     val_loss = None
     if final:  # every checkpoint step is an evaluation step, so each checkpoint carries its val loss

@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_module
 from test_sample import char_tok, config, make_pt, make_workdir, random_flat
 
 from minillm_jax import chat
@@ -176,3 +176,10 @@ def test_scripted_tty_session(workdir):
     if s.p.poll() is None:
       s.p.kill()
     os.close(s.master)
+
+
+def test_chat_help_lists_the_model_and_sampling_flags():
+  """They are defined in generate; chat's --help (not only --helpfull) must show them."""
+  out = run_module('minillm_jax.chat', '--help').stdout
+  for flag in ('--workdir', '--ckpt', '--backend', '--step', '--temperature', '--top_p', '--prompt', '--system'):
+    assert f'  {flag}:' in out, flag

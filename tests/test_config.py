@@ -71,9 +71,14 @@ def test_plain_round_trip_and_model_config():
     (['--config=configs/tiny.py', '--config.train.workdir=x'], 'pass it as --workdir=DIR'),
     (['--config={tmp}/syntax.py'], 'error: cannot load config {tmp}/syntax.py:2: SyntaxError'),
     (['--config={tmp}/raises.py'], 'error: cannot load config {tmp}/raises.py:3: RuntimeError: no data here'),
+    (['--config=configs/nope.py', '--config.optim.lr=1'], "error: config file 'configs/nope.py' not found"),
+    (['--config=configs', '--config.optim.lr=1'], "error: config file 'configs' is a directory"),
+    (['--config={tmp}/empty.py', '--config.optim.lr=1'], 'error: cannot load config {tmp}/empty.py: it defines no '
+                                                        'get_config()'),
 ])
 def test_cli_bad_config_is_one_line_exit_2(args, message, tmp_path):
   (tmp_path / 'syntax.py').write_text('# a config\ndef get_config(:\n  pass\n')
+  (tmp_path / 'empty.py').write_text('x = 1\n')
   (tmp_path / 'raises.py').write_text('def get_config(variant=""):\n  del variant\n  raise RuntimeError("no data here")\n')
   args, message = [a.format(tmp=tmp_path) for a in args], message.format(tmp=tmp_path)
   r = run_module('minillm_jax.model', *args)

@@ -2,6 +2,7 @@
 both backends, and the CLI writing JSON with every category plus a comparison table and PNG."""
 import json
 import math
+import pathlib
 import time
 
 import numpy as np
@@ -135,3 +136,10 @@ def test_cli_keeps_finished_runs_when_a_later_source_fails(tmp_path):
   assert last.endswith(f'(the 1 run(s) evaluated before --ckpt={bad} are saved in {out})'), r.stderr
   runs = json.loads(out.read_text())['runs']
   assert len(runs) == 1 and runs[0]['perplexity']['perplexity'] > 1
+  # --out replaces an earlier evaluate result, never another file (here the run's own config.json)
+  cfg = pathlib.Path(a, 'config.json')
+  before = cfg.read_bytes()
+  r = run_module('minillm_jax.evaluate', f'--workdir={a}', '--suites=ppl', f'--out={cfg}')
+  assert r.returncode == 2 and cfg.read_bytes() == before, r.stderr
+  assert r.stderr.strip().splitlines()[-1] == (f'error: --out={cfg} exists and is not an evaluate result; refusing '
+                                               'to overwrite it (pick a new path)'), r.stderr

@@ -519,6 +519,13 @@ def test_cli_export_import_round_trip(tmp_path):
   export(src, str(tmp_path / 'hf_dir'), 'hf', 'latest')  # a previous export's directory may be rewritten
   with pytest.raises(UserError, match=r'is a directory; this format writes a file'):
     export(src, str(tmp_path / 'hf_dir'), 'pt', 'latest')
+  for fmt, victim in (('pt', 'config.json'), ('pt', 'config.py'), ('pt', 'hf_dir/config.json')):
+    path = tmp_path / victim if victim.startswith('hf_dir') else pathlib.Path(src, victim)
+    before = path.read_bytes()
+    with pytest.raises(UserError, match=r'exists and is not a torch checkpoint; refusing to overwrite it'):
+      export(src, str(path), fmt, 'latest')
+    assert path.read_bytes() == before
+  export(src, str(tmp_path / 'm.pt'), 'pt', 'latest')  # an earlier torch export may be replaced
   os.makedirs(tmp_path / 'other' / 'checkpoints')
   (tmp_path / 'other' / 'metrics.jsonl').write_text('{"step": 5}\n')
   with pytest.raises(UserError, match=r"already holds files \(metrics.jsonl\); import into a new"):

@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import pickle
+import zipfile
 
 import numpy as np
 import torch
@@ -235,6 +236,9 @@ def _keys(obj) -> list:
 def _mkparent(path: str):
   if not path or os.path.isdir(path):
     raise UserError(f'--out={path!r} is {"a directory" if path else "empty"}; this format writes a file')
+  if os.path.exists(path) and not zipfile.is_zipfile(path):  # a torch.save archive may be replaced, nothing else
+    raise UserError(f'--out={path} exists and is not a torch checkpoint; refusing to overwrite it (pick a new '
+                    'path)')
   parent = os.path.dirname(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)
 

@@ -38,8 +38,7 @@ def config():
   if FLAGS['config'].value is None and not FLAGS['config'].present:
     die('no config given: pass --config=configs/<name>.py (see configs/)')
   path = FLAGS['config'].config_filename.split(':')[0]
-  if not os.path.isfile(path):
-    die(f'config file {path!r} not found; the presets are in configs/')
+  _check_config_file(path)
   try:
     cfg = FLAGS.config
     cfg.keys()  # a broken file is an _ErrorConfig that raises on first access
@@ -60,9 +59,8 @@ def model_config_or_exit(cfg, vocab_size: int | None = None):
 
 def _parse(argv):
   path = _config_path(argv)
-  if path and not os.path.isfile(path):  # before config_flags loads it for an override and fails deep inside
-    die(f'config file {path!r} {"is a directory" if os.path.isdir(path) else "not found"}; pass a configs/*.py '
-        'file (the presets) or a run\'s <workdir>/config.py')
+  if path:  # before config_flags loads it for an override and fails deep inside
+    _check_config_file(path)
   try:
     return FLAGS(argv)
   except flags.Error as e:
@@ -88,6 +86,12 @@ def _parse(argv):
     if isinstance(e, KeyError) and sec is not None and sec not in _sections():
       die(f'bad config override: no config section {sec!r} (sections: {", ".join(_sections())})')
     die(f'bad config override: {_one_line(e)}')
+
+
+def _check_config_file(path: str):
+  if not os.path.isfile(path):
+    die(f'config file {path!r} {"is a directory" if os.path.isdir(path) else "not found"}; pass a configs/*.py '
+        'file (the presets) or a run\'s <workdir>/config.py')
 
 
 def _config_path(argv) -> str | None:

@@ -336,16 +336,9 @@ def run(cfg, workdir: str) -> dict:
     # the one that completes it has been launched.
     if row_done or final:
       bad = mon.flush(t.log_every, final)  # losses of finished calls (all calls when final)
-      if bad is not None:
-        kept = ck.latest_step()
-        ck.close()
-        mon.close('stopped_nonfinite')  # run.json: a deliberate stop, not a crash
-        monitor.release_workdir(workdir)
-        kept = (f'the last good checkpoint (step {kept}) is kept' if kept is not None and kept > start
-                else f'checkpoint step {kept} (where this run started) is kept' if kept is not None
-                else 'no checkpoint had been saved')
-        raise UserError(f'loss is {bad[1]} at step {bad[0]}; the run is stopped and {kept}. Lower optim.lr or '
-                        'raise optim.warmup_steps.')
+      if bad is not None:  # closed like any other end (run.json: a deliberate stop, not a crash), then raised
+        status = 'stopped_nonfinite'
+        break
     row_done = ends_row and not final
     val_loss = None
     if final:  # every checkpoint step is an evaluation step, so each checkpoint carries its val loss
@@ -359,8 +352,16 @@ def run(cfg, workdir: str) -> dict:
     if stopped_early:
       status = 'early_stopped'
       break
+  kept = ck.latest_step()
   ck.close()
   summary = mon.close(status)
+  if status == 'stopped_nonfinite':
+    monitor.release_workdir(workdir)
+    kept = (f'the last good checkpoint (step {kept}) is kept' if kept is not None and kept > start
+            else f'checkpoint step {kept} (where this run started) is kept' if kept is not None
+            else 'no checkpoint had been saved')
+    raise UserError(f'loss is {bad[1]} at step {bad[0]}; the run is stopped and {kept}. Lower optim.lr or '
+                    'raise optim.warmup_steps.')
   if status == 'interrupted':
     print(f'\n{stop.reason}: saved step {step}. Resume with: python -m minillm_jax.train --workdir={workdir}',
           flush=True)

@@ -36,7 +36,7 @@ from flax import nnx
 
 from minillm_jax import bench_report, cli, parallel, train
 from minillm_jax import config as config_lib
-from minillm_jax.model import GPT, flops_per_token, init_model, param_counts
+from minillm_jax.model import GPT, flops_per_token, init_model, mm, param_counts
 
 ROOT = bench_report.ROOT
 TRAIN_VARIANTS = ('jax_float32', 'jax_float32_dp', 'jax_bfloat16', 'torch_eager_fp32', 'torch_compile_fp32',
@@ -107,15 +107,16 @@ def _tsync():
 
 
 def matmul_runs(n: int) -> dict[str, Run]:
-  """n^3 matmuls with float32 accumulation, JAX (dot, preferred_element_type) and torch (mm), float32 and
-  bfloat16, warmed up. Timed in the same rounds as the train steps, they give the device's peak under the
-  same load (the faster framework's, per dtype): MFU then compares like with like on a shared host."""
+  """n^3 matmuls with float32 accumulation, JAX (the model's `mm`: OpenBLAS for float32 on CPU, XLA's dot
+  otherwise) and torch (mm), float32 and bfloat16, warmed up. Timed in the same rounds as the train steps,
+  they give the device's peak under the same load (the faster framework's, per dtype): MFU then compares like
+  with like on a shared host."""
   import torch
-  mm = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+  jmm = jax.jit(mm)
   runs = {}
   for dt in ('float32', 'bfloat16'):
     a, t = jnp.ones((n, n), dt), torch.ones(n, n, dtype=getattr(torch, dt), device=_tdev())
-    runs[f'matmul_jax_{dt}'] = lambda k, a=a: [mm(a, a).block_until_ready() for _ in range(k)]
+    runs[f'matmul_jax_{dt}'] = lambda k, a=a: [jmm(a, a).block_until_ready() for _ in range(k)]
     runs[f'matmul_torch_{dt}'] = lambda k, t=t: ([torch.mm(t, t) for _ in range(k)], _tsync())
   for run in runs.values():
     run(1)

@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from minillm_jax import cli
+from minillm_jax import cli, cpu_matmul
 from minillm_jax.config import UserError, write_atomic, write_run_config
+from minillm_jax.model import mm
 
 
 def _pid_alive(pid: int) -> bool:
@@ -85,12 +86,15 @@ def claim_workdir(workdir: str, cfg) -> None:
 
 def _peak_key(dtype: str) -> tuple[str, str]:
   dev = jax.devices()[0]
-  return os.path.join(cli.cache_dir(), 'peak_flops.json'), f'{dev.platform}:{dev.device_kind}:{jax.device_count()}:{dtype}'
+  lib = ':openblas' if dev.platform == 'cpu' and dtype == 'float32' and cpu_matmul.available() else ''
+  return (os.path.join(cli.cache_dir(), 'peak_flops.json'),
+          f'{dev.platform}:{dev.device_kind}:{jax.device_count()}:{dtype}{lib}')
 
 
 def matmul_peak_flops(dtype: str) -> float:
-  """Measured FLOP/s of a 2048^3 matmul on device 0 in the compute dtype (float32 accumulation), cached: the
-  fastest of the calls in about half a second (on a shared host the slower ones measure the neighbours)."""
+  """Measured FLOP/s of the model's 2048^3 matmul (`model.mm`: OpenBLAS for float32 on CPU) on device 0 in the
+  compute dtype, cached: the fastest of the calls in about half a second (on a shared host the slower ones
+  measure the neighbours)."""
   cache, key = _peak_key(dtype)
   try:
     with open(cache) as f:
@@ -99,7 +103,7 @@ def matmul_peak_flops(dtype: str) -> float:
     pass
   n = 2048
   a = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+  f = jax.jit(mm)
   f(a, a).block_until_ready()
   best, t_end = float('inf'), time.perf_counter() + 0.5
   while time.perf_counter() < t_end:

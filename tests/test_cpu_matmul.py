@@ -1,0 +1,97 @@
+"""The OpenBLAS matmul (cpu_matmul.cc) the model's `mm` takes for float32 on CPU: products, gradients,
+dispatch, the split over several devices, and the fallback without a compiler."""
+import os
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ROOT
+
+from minillm_jax import cpu_matmul
+from minillm_jax.model import mm
+
+
+@pytest.mark.parametrize('M,K,N', [(64, 1, 1), (65, 7, 3), (200, 33, 130), (256, 512, 96)])
+@pytest.mark.parametrize('ta,tb', [(False, False), (False, True), (True, False), (True, True)])
+def test_products_match_float64(M, K, N, ta, tb):
+  """Every operand layout (transposes are read in place), shapes off any block size; built here, as in CI."""
+  assert cpu_matmul.available()
+  r = np.random.default_rng(M + K + N)
+  a64, b64 = r.standard_normal((M, K)), r.standard_normal((K, N))
+  a, b = (a64.T if ta else a64).astype(np.float32), (b64.T if tb else b64).astype(np.float32)
+  got = np.asarray(jax.jit(cpu_matmul.matmul, static_argnums=(2, 3))(a, b, ta, tb))
+  assert got.shape == (M, N) and got.dtype == np.float32
+  np.testing.assert_allclose(got, a64 @ b64, rtol=0, atol=2e-6 * K ** 0.5 * 8)
+
+
+def test_mm_on_blas_matches_xla_values_and_gradients():
+  """mm with >= MIN_ROWS float32 rows runs forward and both gradients on OpenBLAS: the same function as XLA's
+  dots, to float32 rounding."""
+  a = jax.random.normal(jax.random.key(0), (96, 40))
+  b = jax.random.normal(jax.random.key(1), (40, 24))
+  f = lambda a, b: jnp.sin(mm(a, b)).sum()
+  g = lambda a, b: jnp.sin(jnp.dot(a, b, precision='highest')).sum()
+  jaxpr = str(jax.make_jaxpr(jax.grad(f, (0, 1)))(a, b))
+  assert jaxpr.count('custom_partitioning') == 3, jaxpr  # forward, input gradient, weight gradient
+  np.testing.assert_allclose(f(a, b), g(a, b), rtol=1e-5)
+  for x, y in zip(jax.grad(f, (0, 1))(a, b), jax.grad(g, (0, 1))(a, b)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=5e-5)
+
+
+def test_dispatch():
+  a, b = jnp.ones((64, 8)), jnp.ones((8, 4))
+  assert cpu_matmul.supported(a, b)
+  assert not cpu_matmul.supported(a[:63], b)                                     # decoding: XLA's dots
+  assert not cpu_matmul.supported(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))  # bf16: XLA's dots
+  assert 'custom_partitioning' not in str(jax.make_jaxpr(mm)(a[:8], b))
+
+
+def test_split_over_devices_keeps_rows_local():
+  """Rows sharded over 2 devices: forward and input gradient run on each device's rows with no collective,
+  the weight gradient adds the devices' partial products (one all-reduce); all equal one device's result."""
+  code = """if 1:
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from minillm_jax import cpu_matmul
+    r = np.random.default_rng(0)
+    a, g = r.standard_normal((256, 48), np.float32), r.standard_normal((256, 40), np.float32)
+    b = r.standard_normal((48, 40), np.float32)
+    mesh = Mesh(np.array(jax.devices()), ('d',))
+    rows, whole = NamedSharding(mesh, P('d', None)), NamedSharding(mesh, P())
+    for name, ta, tb, x, y, want in [('fwd', 0, 0, a, b, a @ b), ('dx', 0, 1, g, b, g @ b.T),
+                                     ('dw', 1, 0, a, g, a.T @ g)]:
+      f = jax.jit(lambda x, y: cpu_matmul.matmul(x, y, bool(ta), bool(tb)))
+      xs, ys = jax.device_put(x, rows), jax.device_put(y, rows if ta else whole)
+      hlo = f.lower(xs, ys).compile().as_text()
+      got = f(xs, ys)
+      print(name, len(jax.devices()), 'all-gather' in hlo, hlo.count('all-reduce('), got.sharding.spec,
+            float(np.abs(np.asarray(got) - want).max()))
+  """
+  r = subprocess.run([sys.executable, '-c', code], check=False, capture_output=True, text=True, cwd=ROOT,
+                     env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
+  assert r.returncode == 0, r.stderr[-2000:]
+  lines = [l.split(maxsplit=5) for l in r.stdout.splitlines()]
+  assert [l[:4] for l in lines] == [['fwd', '2', 'False', '0'], ['dx', '2', 'False', '0'],
+                                    ['dw', '2', 'False', '1']], r.stdout
+  assert [l[4] for l in lines] == ["P('d',)", "P('d',)", 'P()'], r.stdout
+  assert all(float(l[5]) < 1e-4 for l in lines), r.stdout
+
+
+def test_falls_back_to_xla_without_a_compiler():
+  """No compiler: one warning each for the two kernels, and the model trains on XLA's dots."""
+  code = """if 1:
+    import jax, jax.numpy as jnp
+    from minillm_jax import cpu_matmul
+    from minillm_jax.model import mm
+    a, b = jnp.ones((64, 8)), jnp.ones((8, 4))
+    print(cpu_matmul.available(), 'custom_partitioning' in str(jax.make_jaxpr(mm)(a, b)), float(mm(a, b)[0, 0]))
+  """
+  r = subprocess.run([sys.executable, '-c', code], check=False, capture_output=True, text=True, cwd=ROOT,
+                     env={**os.environ, 'CXX': '/bin/false', 'XDG_CACHE_HOME': tempfile.mkdtemp()})
+  assert r.returncode == 0 and r.stdout.split() == ['False', 'False', '8.0'], r.stdout + r.stderr[-2000:]
+  assert "OpenBLAS matmuls unavailable, using XLA's dots" in r.stderr, r.stderr
+  assert '/bin/false could not build cpu_matmul.cc: exit status 1' in r.stderr, r.stderr

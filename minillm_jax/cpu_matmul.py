@@ -2,19 +2,23 @@
 the scipy-openblas32 wheel) called as an XLA FFI custom call by the model's `mm`, forward and backward.
 
 Measured on the project's 2-core CPUs, `tiny` shapes ([8192, 512] x [512, 1536] and the like, both gradients):
-OpenBLAS 150-230 GFLOP/s against 90-210 for XLA:CPU's dots, 0.92 s against 1.25 s per layer. Decoding's
-matrix-vector products (fewer than MIN_ROWS rows) stay on XLA: reading the weights bounds them either way.
-Without a compiler (or with MINILLM_CPU_MATMUL=0) `available()` is False and `mm` uses XLA's dots.
+OpenBLAS 150-230 GFLOP/s against 90-210 for XLA:CPU's dots, 0.92 s against 1.25 s per layer. Products under
+MIN_MACS multiply-adds stay on XLA: in a `shakespeare_char` step ([384, 128] x [128, 512]) OpenBLAS's per-call
+cost and its threads contending with XLA's made the step slower (46 against 38 ms per step with 2 devices,
+94 against 52 ms with one), and decoding's matrix-vector products are bound by reading the weights anyway.
+Without a compiler (or with MINILLM_CPU_MATMUL=0) `available()` is False and `mm` uses XLA's dots;
+MINILLM_CPU_MATMUL_MIN_MACS moves the threshold (0: every float32 product, as the tests use it).
 """
 from __future__ import annotations
 
 import functools
+import math
 import os
 import pathlib
 
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
@@ -23,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 from minillm_jax import cpu_kernels
 
 SRC = pathlib.Path(__file__).with_name('cpu_matmul.cc')
-MIN_ROWS = 64
+MIN_MACS = int(os.environ.get('MINILLM_CPU_MATMUL_MIN_MACS', 2 ** 28))
 FALLBACK = "OpenBLAS matmuls unavailable, using XLA's dots (same results, slower)"
 
 
@@ -47,7 +51,7 @@ def available() -> bool:
 
 
 def supported(a_NxD: jax.Array, b_DxF: jax.Array) -> bool:
-  return (a_NxD.dtype == b_DxF.dtype == jnp.float32 and a_NxD.shape[0] >= MIN_ROWS
+  return (a_NxD.dtype == b_DxF.dtype == jnp.float32 and math.prod(a_NxD.shape) * b_DxF.shape[1] >= MIN_MACS
           and jax.default_backend() == 'cpu' and available())
 
 

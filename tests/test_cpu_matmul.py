@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_module
 
 from minillm_jax import cpu_matmul
 from minillm_jax.model import mm
@@ -28,9 +28,10 @@ def test_products_match_float64(M, K, N, ta, tb):
   np.testing.assert_allclose(got, a64 @ b64, rtol=0, atol=2e-6 * K ** 0.5 * 8)
 
 
-def test_mm_on_blas_matches_xla_values_and_gradients():
-  """mm with >= MIN_ROWS float32 rows runs forward and both gradients on OpenBLAS: the same function as XLA's
+def test_mm_on_blas_matches_xla_values_and_gradients(monkeypatch):
+  """mm on float32 products of at least MIN_MACS multiply-adds (lowered here) runs forward and both gradients on OpenBLAS: the same function as XLA's
   dots, to float32 rounding."""
+  monkeypatch.setattr(cpu_matmul, 'MIN_MACS', 96 * 40 * 24)
   a = jax.random.normal(jax.random.key(0), (96, 40))
   b = jax.random.normal(jax.random.key(1), (40, 24))
   f = lambda a, b: jnp.sin(mm(a, b)).sum()
@@ -43,11 +44,16 @@ def test_mm_on_blas_matches_xla_values_and_gradients():
 
 
 def test_dispatch():
+  """OpenBLAS from MIN_MACS multiply-adds (a `tiny` layer: 4096 x 512 x 512 per device and up); smaller
+  products (`shakespeare_char`, decoding) and bfloat16 stay on XLA."""
+  f32, bf16 = (lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)), (lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16))
+  assert cpu_matmul.MIN_MACS <= 4096 * 512 * 512
+  assert cpu_matmul.MIN_MACS > 768 * 128 * 512
+  assert cpu_matmul.supported(f32(cpu_matmul.MIN_MACS // 256, 16), f32(16, 16))
+  assert not cpu_matmul.supported(f32(cpu_matmul.MIN_MACS // 256 - 1, 16), f32(16, 16))
+  assert not cpu_matmul.supported(bf16(4096, 512), bf16(512, 512))
   a, b = jnp.ones((64, 8)), jnp.ones((8, 4))
-  assert cpu_matmul.supported(a, b)
-  assert not cpu_matmul.supported(a[:63], b)                                     # decoding: XLA's dots
-  assert not cpu_matmul.supported(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))  # bf16: XLA's dots
-  assert 'custom_partitioning' not in str(jax.make_jaxpr(mm)(a[:8], b))
+  assert 'custom_partitioning' not in str(jax.make_jaxpr(mm)(a, b))
 
 
 def test_split_over_devices_keeps_rows_local():
@@ -87,6 +93,7 @@ def test_falls_back_to_xla_without_a_compiler():
     import jax, jax.numpy as jnp
     from minillm_jax import cpu_matmul
     from minillm_jax.model import mm
+    cpu_matmul.MIN_MACS = 0
     a, b = jnp.ones((64, 8)), jnp.ones((8, 4))
     print(cpu_matmul.available(), 'custom_partitioning' in str(jax.make_jaxpr(mm)(a, b)), float(mm(a, b)[0, 0]))
   """
@@ -95,3 +102,22 @@ def test_falls_back_to_xla_without_a_compiler():
   assert r.returncode == 0 and r.stdout.split() == ['False', 'False', '8.0'], r.stdout + r.stderr[-2000:]
   assert "OpenBLAS matmuls unavailable, using XLA's dots" in r.stderr, r.stderr
   assert '/bin/false could not build cpu_matmul.cc: exit status 1' in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize('fsdp', [False, True])
+def test_training_on_blas_matches_xla_on_one_and_eight_devices(tmp_path, fsdp):
+  """Every float32 product on OpenBLAS (threshold 0): data parallel inside shard_map (one OpenBLAS thread per
+  device) and FSDP through the partitioning rule compute the 1-device XLA run; and two identical runs agree
+  bitwise, which resuming relies on."""
+  from test_train import args, losses
+  tmp = str(tmp_path)
+  over = {'train.steps': 10, 'train.fsdp': fsdp, 'model.d_model': 64, 'model.n_head': 4}
+  blas, eight = {'MINILLM_CPU_MATMUL_MIN_MACS': '0'}, {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  runs = {'xla': (args(tmp, 'xla', **over, **{'train.cpu_devices': 1}), {'MINILLM_CPU_MATMUL': '0'}),
+          'a': (args(tmp, 'a', **over), {**blas, **eight}), 'b': (args(tmp, 'b', **over), {**blas, **eight})}
+  for name, (a, env) in runs.items():
+    r = run_module('minillm_jax.train', *a, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+  ref, a, b = (losses(tmp, n) for n in runs)
+  assert sorted(a) == list(range(1, 11)) and a == b
+  np.testing.assert_allclose([ref[s] for s in range(1, 11)], [a[s] for s in range(1, 11)], rtol=2e-5)

@@ -176,11 +176,15 @@ def load_run_config(workdir: str, cfg):
   return cfg
 
 
-def check_same_tokenizer(meta: dict, tok_json: str, where: str):
+def check_same_tokenizer(meta: dict, tok_json: str, where: str, data=None):
   from minillm_jax.tokenizer import Tok
   if meta.get('tokenizer') and Tok.from_json_str(meta['tokenizer']).hash != Tok.from_json_str(tok_json).hash:
-    raise UserError(f'{where} was trained with another tokenizer than data.tokenizer gives now; set '
-                    f'--config.data.tokenizer=<the run\'s tokenizer.json> or use a new --workdir')
+    old = (meta.get('config') or {}).get('data') or {}  # name a data change: the usual cause of a new tokenizer
+    diff = [f'data.{k}: checkpoint {old[k]!r} vs config {data[k]!r}' for k in ('corpus', 'path', 'tokenizer',
+            'vocab_size') if data is not None and k in old and old[k] != data[k]]
+    raise UserError(f'{where} was trained with another tokenizer than data.tokenizer gives now'
+                    f'{" (" + "; ".join(diff) + ")" if diff else ""}; resume with the run\'s data settings, set '
+                    f'--config.data.tokenizer=<the run\'s tokenizer.json>, or use a new --workdir')
 
 
 def check_same_model(old: dict, new: config_lib.ModelConfig, where: str):
@@ -258,9 +262,9 @@ def run(cfg, workdir: str) -> dict:
 
   ck = checkpoint.Checkpointer(workdir, keep=t.keep)
   start, meta0 = 0, {}
-  def check(meta):
+  def check(meta):  # the tokenizer first: another corpus changes it, and with it the vocabulary size
+    check_same_tokenizer(meta, tok_json, f'{workdir!r}', cfg.data)
     check_same_model(meta.get('model_config', {}), mc, f'{workdir!r}')
-    check_same_tokenizer(meta, tok_json, f'{workdir!r}')
 
   try:
     got = ck.restore_latest_good(state['params'], state['opt'], it, check)

@@ -371,6 +371,8 @@ def test_hf_round_trip_bit_exact(fam, tmp_path):
   hf.save_hf(d, c, flat, TOK, {'step': 9, 'config': {'model': {'n_layer': 2}}})
   assert sorted(os.listdir(d)) == ['config.json', 'model.safetensors', 'tokenizer.json',
                                    'tokenizer_config.json']
+  modes = {n: os.stat(os.path.join(d, n)).st_mode & 0o777 for n in os.listdir(d)}
+  assert len(set(modes.values())) == 1, modes  # the weights as readable as the rest (safetensors wrote 0600)
   assert formats.detect(d) == 'hf'
   imp = formats.load_any(d)
   assert imp.model_config == c and imp.tokenizer_json == TOK and imp.meta['step'] == 9

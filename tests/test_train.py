@@ -392,6 +392,12 @@ def test_resume_refuses_another_tokenizer(tmp_path):
     f.write(TEXT.translate(table))
   r = run_module('minillm_jax.train', *args(tmp, **{'train.steps': 40, 'data.path': other}))
   assert r.returncode == 2 and 'was trained with another tokenizer' in r.stderr, r.stderr[-500:]
+  assert f"data.path: checkpoint {os.path.join(tmp, 'corpus.txt')!r} vs config {other!r}" in r.stderr, r.stderr
+  with open(other, 'w') as f:  # more distinct characters: a larger vocabulary, named as the corpus change it is
+    f.write(TEXT + 'XYZ!\n')
+  r = run_module('minillm_jax.train', *args(tmp, **{'train.steps': 40, 'data.path': other}))
+  assert r.returncode == 2 and 'was trained with another tokenizer' in r.stderr, r.stderr[-500:]
+  assert 'data.path: checkpoint' in r.stderr and 'vocab_size' not in r.stderr, r.stderr[-500:]
 
 
 def test_imported_weights_continue_training(tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import torch
 
@@ -119,6 +120,9 @@ def save_hf(out_dir: str, c: ModelConfig, flat: dict, tokenizer_json: str | None
   save_file(sd, os.path.join(out_dir, 'model.safetensors'), metadata={'format': 'pt'})
   with open(os.path.join(out_dir, 'config.json'), 'w') as f:
     json.dump(cfg, f, indent=2)
+  # safetensors writes its file owner-only (0600); give it the umask's mode, as config.json has, so a shared
+  # export directory is readable by the others who can read the rest of it
+  shutil.copymode(os.path.join(out_dir, 'config.json'), os.path.join(out_dir, 'model.safetensors'))
   if tokenizer_json:
     with open(os.path.join(out_dir, 'tokenizer.json'), 'w') as f:
       f.write(tokenizer_json)

@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 from minillm_jax import cpu_kernels
 
 SRC = pathlib.Path(__file__).with_name('cpu_matmul.cc')
-MIN_MACS = int(os.environ.get('MINILLM_CPU_MATMUL_MIN_MACS', 2 ** 28))
+MIN_MACS = int(os.environ.get('MINILLM_CPU_MATMUL_MIN_MACS', str(2 ** 28)))
 FALLBACK = "OpenBLAS matmuls unavailable, using XLA's dots (same results, slower)"
 
 

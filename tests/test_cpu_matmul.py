@@ -115,7 +115,7 @@ def test_training_on_blas_matches_xla_on_one_and_eight_devices(tmp_path, fsdp):
   blas, eight = {'MINILLM_CPU_MATMUL_MIN_MACS': '0'}, {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
   runs = {'xla': (args(tmp, 'xla', **over, **{'train.cpu_devices': 1}), {'MINILLM_CPU_MATMUL': '0'}),
           'a': (args(tmp, 'a', **over), {**blas, **eight}), 'b': (args(tmp, 'b', **over), {**blas, **eight})}
-  for name, (a, env) in runs.items():
+  for a, env in runs.values():
     r = run_module('minillm_jax.train', *a, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
   ref, a, b = (losses(tmp, n) for n in runs)

@@ -27,7 +27,18 @@ from jax.sharding import PartitionSpec as P
 from minillm_jax import cpu_kernels
 
 SRC = pathlib.Path(__file__).with_name('cpu_matmul.cc')
-MIN_MACS = int(os.environ.get('MINILLM_CPU_MATMUL_MIN_MACS', str(2 ** 28)))
+
+
+def _min_macs(default: int = 2 ** 28) -> int:
+  v = os.environ.get('MINILLM_CPU_MATMUL_MIN_MACS', '')
+  if not v.strip().isdigit():
+    if v:
+      logging.warning('MINILLM_CPU_MATMUL_MIN_MACS=%r is not a non-negative integer; using %d', v, default)
+    return default
+  return int(v)
+
+
+MIN_MACS = _min_macs()
 FALLBACK = "OpenBLAS matmuls unavailable, using XLA's dots (same results, slower)"
 
 

@@ -72,7 +72,8 @@ def _cores() -> int:
 
 def _call(a, b, ta: bool, tb: bool, devices: int):
   M, N = a.shape[1 if ta else 0], b.shape[0 if tb else 1]
-  threads = max(1, _cores() // devices)  # devices of one program run their calls at the same time
+  # this process's devices of one program run their calls at the same time (a multi-host mesh counts all hosts')
+  threads = max(1, _cores() // min(devices, jax.local_device_count()))
   return jax.ffi.ffi_call('minillm_gemm', jax.ShapeDtypeStruct((M, N), jnp.float32))(
       a, b, ta=ta, tb=tb, threads=np.int32(threads))
 

@@ -377,7 +377,7 @@ def main(argv):
                                f'{", ".join(TRAIN_VARIANTS)}; sections are train, decode, data')
   # one JAX device per core for the jax_*_dp variants (what `train` does on a CPU-only machine); the other JAX
   # variants and decoding run on the first device, which keeps every thread for its ops
-  parallel.use_cpu_devices(min(len(os.sched_getaffinity(0)), 8))
+  parallel.use_cpu_devices(min(parallel.host_cores(), 8))
   own_cache = 'TORCHINDUCTOR_CACHE_DIR' not in os.environ
   if own_cache:  # a fresh inductor cache: torch.compile times are cold, like JAX's
     os.environ['TORCHINDUCTOR_CACHE_DIR'] = tempfile.mkdtemp(prefix='bench_inductor_')

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import jax
 
+from minillm_jax import parallel
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -32,7 +34,7 @@ def environment() -> dict:
           'device_kind': dev.device_kind, 'device_count': jax.device_count(),
           'cpu_model': cpu.group(1).strip() if cpu else platform.processor(),
           'cpu_flags': sorted(fl & {'avx2', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_bf16', 'amx_tile'}),
-          'cores': len(os.sched_getaffinity(0)), 'torch_threads': torch.get_num_threads(),
+          'cores': parallel.host_cores(), 'torch_threads': torch.get_num_threads(),
           'torch_device': 'cuda' if torch.cuda.is_available() else 'cpu', 'loadavg_start': os.getloadavg()}
 
 

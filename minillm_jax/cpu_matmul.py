@@ -24,7 +24,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from minillm_jax import cpu_kernels
+from minillm_jax import cpu_kernels, parallel
 
 SRC = pathlib.Path(__file__).with_name('cpu_matmul.cc')
 
@@ -66,14 +66,10 @@ def supported(a_NxD: jax.Array, b_DxF: jax.Array) -> bool:
           and jax.default_backend() == 'cpu' and available())
 
 
-def _cores() -> int:
-  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-
-
 def _call(a, b, ta: bool, tb: bool, devices: int):
   M, N = a.shape[1 if ta else 0], b.shape[0 if tb else 1]
   # this process's devices of one program run their calls at the same time (a multi-host mesh counts all hosts')
-  threads = max(1, _cores() // min(devices, jax.local_device_count()))
+  threads = max(1, parallel.host_cores() // min(devices, jax.local_device_count()))
   return jax.ffi.ffi_call('minillm_gemm', jax.ShapeDtypeStruct((M, N), jnp.float32))(
       a, b, ta=ta, tb=tb, threads=np.int32(threads))
 
@@ -97,9 +93,8 @@ def _partitioned(ta: bool, tb: bool):
   def partition(mesh, args, result):
     ins, out = shardings(mesh, args, result)
     rows = _rows(args[0])
-    if not ta or rows is None:
-      return mesh, lambda a, b: _call(a, b, ta, tb, mesh.size), out, ins
-    return mesh, lambda a, b: jax.lax.psum(_call(a, b, ta, tb, mesh.size), rows), out, ins
+    reduce = (lambda y: jax.lax.psum(y, rows)) if ta and rows is not None else (lambda y: y)
+    return mesh, lambda a, b: reduce(_call(a, b, ta, tb, mesh.size)), out, ins
 
   rule = 'n k, n m -> k m' if ta else ('n k, m k -> n m' if tb else 'n k, k m -> n m')
   f.def_partition(partition, infer_sharding_from_operands=lambda *a: shardings(*a)[1], sharding_rule=rule,

@@ -24,10 +24,8 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 Cache = list  # one {'k': [B*K,S,H], 'v': [B*K,S,H]} dict per layer
 
 
-def _dot(a, b, ta: bool = False, tb: bool = False, blas: bool = False):
-  if blas:
-    return cpu_matmul.matmul(a, b, ta, tb)
-  return jax.lax.dot(a.T if ta else a, b.T if tb else b, preferred_element_type=jnp.float32)
+def _dot(a, b):
+  return jax.lax.dot(a, b, preferred_element_type=jnp.float32)
 
 
 @jax.custom_vjp
@@ -38,7 +36,7 @@ def mm(a_NxD: jax.Array, b_DxF: jax.Array) -> jax.Array:
 
 
 def _mm_fwd(a, b):
-  return _dot(a, b, blas=cpu_matmul.supported(a, b)), (a, b)
+  return (cpu_matmul.matmul(a, b) if cpu_matmul.supported(a, b) else _dot(a, b)), (a, b)
 
 
 def _mm_bwd(res, g_NxF):
@@ -47,7 +45,7 @@ def _mm_bwd(res, g_NxF):
   a, b = res
   g = g_NxF.astype(a.dtype)
   if cpu_matmul.supported(a, b):
-    return _dot(g, b, tb=True, blas=True), _dot(a, g, ta=True, blas=True)
+    return cpu_matmul.matmul(g, b, tb=True), cpu_matmul.matmul(a, g, ta=True)
   return _dot(g, b.T).astype(a.dtype), _dot(a.T, g).astype(b.dtype)
 
 

@@ -13,12 +13,17 @@ from jax.sharding import PartitionSpec as P
 AXIS = 'data'
 
 
+def host_cores() -> int:
+  """The cores this process may run on (its affinity mask where the OS has one)."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+
+
 def cpu_device_count(requested: int, batch_size: int, weights: float) -> int:
   """How many CPU devices to train on. 0 (auto): one per usable core, at most 8, the largest count that divides
   the batch and keeps a replica of params + Adam state + grads per device (16 bytes/weight) under 1/4 of RAM."""
   if requested > 0:
     return requested
-  cores = min(len(os.sched_getaffinity(0)), 8)
+  cores = min(host_cores(), 8)
   ram = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
   fits = max(1, int(ram / 4 // max(16 * weights, 1)))
   return largest_divisor(batch_size, min(cores, fits))

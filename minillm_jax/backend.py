@@ -65,6 +65,7 @@ def is_instruction_tuned(meta: dict, tok: Tok | None) -> bool:
 class Backend(abc.ABC):
   """A loaded model plus tokenizer. Subclasses implement prefill/decode/poll/nll; the rest is shared."""
   name = 'base'
+  weights = 'float32'  # how the matrices are stored (JaxBackend: WEIGHTS)
 
   def __init__(self, tok: Tok | None, meta: dict, context: int, source: str = ''):
     self.tok, self.meta, self.context, self.source = tok, dict(meta or {}), int(context), source
@@ -76,7 +77,8 @@ class Backend(abc.ABC):
 
   def describe(self) -> str:
     step = f' step {self.step}' if self.step is not None else ''
-    return f'{self.source}{step} ({self.name} backend, context {self.context})'
+    dt = f', {self.weights} weights' if self.weights != 'float32' else ''
+    return f'{self.source}{step} ({self.name} backend{dt}, context {self.context})'
 
   # -- the framework part --
   @abc.abstractmethod
@@ -149,15 +151,25 @@ def _sp_arrays(sp: SampleParams, vocab: int) -> dict:
 
 # ------------------------------------------------------------------------------------------------- JAX
 
+WEIGHTS = ('float32', 'bfloat16')  # how the JAX backend stores the matrices it decodes with
+
+
 class JaxBackend(Backend):
   name = 'jax'
 
-  def __init__(self, model, tok: Tok | None = None, meta: dict | None = None, source: str = ''):
+  def __init__(self, model, tok: Tok | None = None, meta: dict | None = None, source: str = '',
+               weights: str = 'float32'):
     from flax import nnx
     super().__init__(tok, meta or {}, model.c.block_size, source)
     self.model = model
     self.gdef, self.params = nnx.split(model)
     self.vocab = model.c.vocab_size
+    if weights not in WEIGHTS:
+      raise UserError(f'--weights={weights!r}: use {" or ".join(WEIGHTS)}')
+    self.weights = weights
+    if weights == 'bfloat16':
+      from minillm_jax import sample
+      self.params = sample.bf16_weights(self.params, model.c.tie_embeddings)
 
   def prefill(self, prompts, budgets, sp, seed, stop_ids):
     from minillm_jax import sample
@@ -288,7 +300,7 @@ def _tok(tok_json: str, where: str) -> Tok:
 
 
 def load(workdir: str | None = None, ckpt: str | None = None, step: str | int = 'best', backend: str = 'auto',
-         device: str | None = None) -> Backend:
+         device: str | None = None, weights: str = 'float32') -> Backend:
   """A backend from a run directory (--workdir, or --ckpt pointing at one) or a .pt file / nanoGPT ckpt /
   Hugging Face directory (--ckpt). backend: auto (jax for workdirs, torch for torch files), jax or torch;
   either framework can run either source (converted in memory through torch_compat.convert)."""
@@ -300,6 +312,8 @@ def load(workdir: str | None = None, ckpt: str | None = None, step: str | int = 
     raise UserError('--device selects the torch device; use it with --backend=torch (or a torch checkpoint)')
   if device and backend == 'auto':  # asking for a torch device is asking for the torch backend
     backend = 'torch'
+  if weights not in WEIGHTS:
+    raise UserError(f'--weights={weights!r}: use {" or ".join(WEIGHTS)}')
   path = os.path.expanduser(workdir or ckpt)
   if not os.path.exists(path):
     raise UserError(f'{path!r} does not exist')
@@ -314,7 +328,8 @@ def load(workdir: str | None = None, ckpt: str | None = None, step: str | int = 
         tok_json = f.read()
     tok = _tok(tok_json, path)
     if backend in ('auto', 'jax'):
-      return JaxBackend(model, tok, meta, path)
+      return JaxBackend(model, tok, meta, path, weights)
+    _jax_only(weights)
     from torch_compat import convert, formats
     return TorchBackend(_mirror(mc.to_dict(), convert.flax_to_torch(mc, convert.flax_flat(model), 'pt'), device),
                         tok, formats.export_meta(meta), path)
@@ -326,10 +341,17 @@ def load(workdir: str | None = None, ckpt: str | None = None, step: str | int = 
   meta = dict(imp.meta)
   if backend == 'jax':
     from torch_compat import convert
-    return JaxBackend(convert.load_into_flax(imp.model_config, imp.flat), tok, meta, path)
+    return JaxBackend(convert.load_into_flax(imp.model_config, imp.flat), tok, meta, path, weights)
+  _jax_only(weights)
   from torch_compat import convert
   return TorchBackend(_mirror(imp.model_config.to_dict(), convert.flax_to_torch(imp.model_config, imp.flat, 'pt'),
                              device), tok, meta, path)
+
+
+def _jax_only(weights: str):
+  if weights != 'float32':
+    raise UserError(f'--weights={weights} is a JAX backend option; add --backend=jax (the torch mirror runs the '
+                    'float32 weights)')
 
 
 def _mirror(cfg: dict, sd: dict, device: str | None):

@@ -239,7 +239,8 @@ def train_bench(cfg, mc, a: dict) -> dict:
 # ------------------------------------------------------------------------------------------------- decode
 def decode_bench(cfg, mc, a: dict) -> dict:
   """Greedy KV-cache decoding with the same random weights and prompts: sample.measure_decode (the jitted
-  JAX sampler), the torch mirror's generate and transformers' generate on the torch_compat.hf export. TTFT:
+  JAX sampler; also with the matrices stored in bfloat16, `jax_bf16w`, when a['decode_weights'] has it), the
+  torch mirror's generate and transformers' generate on the torch_compat.hf export. TTFT:
   prefill plus the first token; decode tokens/s: batch * (new - 1) / the time of the remaining steps (torch
   and transformers: a full call minus a 1-token call)."""
   import torch
@@ -269,11 +270,13 @@ def decode_bench(cfg, mc, a: dict) -> dict:
                                          do_sample=False, max_new_tokens=n, min_new_tokens=n,
                                          pad_token_id=0)[:, P:].cpu().numpy()}
   jx = {}
+  jaxes = {'jax': 'float32', 'jax_bf16w': 'bfloat16'}
+  jaxes = {k: w for k, w in jaxes.items() if w in a['decode_weights']}
 
-  def jax_run(k, b):
-    jx.setdefault(b, []).append(sample.measure_decode(model, b, P, N, repeats=1))  # warms up, then one timed
+  def jax_run(_, j, b):  # measure_decode warms up, then one timed decode
+    jx.setdefault(f'{j}/{b}', []).append(sample.measure_decode(model, b, P, N, repeats=1, weights=jaxes[j]))
 
-  runs = {f'jax/{b}': functools.partial(jax_run, b=b) for b in bs}
+  runs = {f'{j}/{b}': functools.partial(jax_run, j=j, b=b) for j in jaxes for b in bs}
   runs |= {f'{o}/{b}/{n}': lambda k, g=g, b=b, n=n: g(b, n)
            for o, g in gens.items() for b in bs for n in (N, 1)}
   first = {k: _timed(r, 1)[0] for k, r in runs.items()}  # compiles and warms up
@@ -288,8 +291,8 @@ def decode_bench(cfg, mc, a: dict) -> dict:
           break
         for n in (N, 1):
           s[f'{o}/{b}/{n}'].append(_timed(runs[f'{o}/{b}/{n}'], 1)[0])
-    one = {'jax': [r['ttft_s'] for r in jx[b]], **{o: s[f'{o}/{b}/1'] for o in gens}}
-    rest = {'jax': [r['decode_s'] for r in jx[b]],
+    one = {**{j: [r['ttft_s'] for r in jx[f'{j}/{b}']] for j in jaxes}, **{o: s[f'{o}/{b}/1'] for o in gens}}
+    rest = {**{j: [r['decode_s'] for r in jx[f'{j}/{b}']] for j in jaxes},
             **{o: [d for d in np.subtract(s[f'{o}/{b}/{N}'], one[o]) if d > 0] or [float('nan')]
                for o in gens}}
     for o, t1 in one.items():
@@ -297,13 +300,17 @@ def decode_bench(cfg, mc, a: dict) -> dict:
           'decode_tokens_per_s': b * (N - 1) / _med(rest[o]), 'ttft_ms': 1e3 * _med(t1),
           'end_to_end_tokens_per_s': b * N / (_med(t1) + _med(rest[o])), 'spread': _spread(rest[o]),
           'ms_per_token': 1e3 * _med(rest[o]) / max(N - 1, 1),
-          'first_call_s': first[f'jax/{b}'] if o == 'jax' else first[f'{o}/{b}/{N}']}
+          'first_call_s': first[f'{o}/{b}'] if o in jaxes else first[f'{o}/{b}/{N}']}
   rate = lambda o, b: res['impls'][o][b]['decode_tokens_per_s']
-  res['speedup'] = {o: {str(b): rate('jax', str(b)) / rate(o, str(b)) for b in bs} for o in gens}
-  if 1 in ids:  # the common greedy prefix with JAX's tokens, batch 1
-    j = sample.generate(model, ids[1][0].tolist(), N, sample.SampleParams(temperature=0.0))[0]
-    res['greedy_agree_tokens'] = {o: int(np.argmin(np.append(j == g(1, N)[0], False)))
-                                  for o, g in gens.items()}
+  for j in jaxes:  # 'speedup': float32 JAX; 'speedup_jax_bf16w': bfloat16 weights
+    res['speedup' if j == 'jax' else f'speedup_{j}'] = {o: {str(b): rate(j, str(b)) / rate(o, str(b)) for b in bs}
+                                                        for o in gens}
+  if 1 in ids and 'jax' in jaxes:  # the common greedy prefix with float32 JAX's tokens, batch 1
+    greedy = lambda w: sample.generate(model, ids[1][0].tolist(), N, sample.SampleParams(temperature=0.0),
+                                       weights=w)[0]
+    j = greedy('float32')
+    others = {o: g(1, N)[0] for o, g in gens.items()} | {k: greedy(w) for k, w in jaxes.items() if k != 'jax'}
+    res['greedy_agree_tokens'] = {o: int(np.argmin(np.append(j == t, False))) for o, t in others.items()}
   return res
 
 
@@ -333,6 +340,8 @@ def define_flags():
   flags.DEFINE_integer('prompt_len', 32, 'Decode prompt length.')
   flags.DEFINE_integer('new_tokens', 256, 'Decode: tokens generated per call.')
   flags.DEFINE_list('decode_batch', ['1', '8'], 'Decode batch sizes.')
+  flags.DEFINE_list('decode_weights', ['float32', 'bfloat16'], 'How the JAX sampler stores its matrices '
+                    '(bfloat16: the samplers\' --weights=bfloat16).')
   flags.DEFINE_bool('quick', False, 'Smoke run: 1 repeat of 1 step, batch <= 4 x block <= 128, 16 new '
                     'tokens, no torch.compile unless --variants names it.')
   flags.DEFINE_integer('torch_threads', 0, "torch intra-op threads; 0: torch's default (one per core). On "
@@ -371,10 +380,12 @@ def run_config(name: str, overrides: list[str], cfg, a: dict) -> dict:
 
 def main(argv):
   del argv
-  bad = (set(F.variants) - set(TRAIN_VARIANTS)) | (set(F.what) - {'train', 'decode', 'data'})
+  bad = ((set(F.variants) - set(TRAIN_VARIANTS)) | (set(F.what) - {'train', 'decode', 'data'})
+         | (set(F.decode_weights) - {'float32', 'bfloat16'}))
   if bad:
-    raise config_lib.UserError(f'unknown --variants/--what entries {sorted(bad)}: variants are '
-                               f'{", ".join(TRAIN_VARIANTS)}; sections are train, decode, data')
+    raise config_lib.UserError(f'unknown --variants/--what/--decode_weights entries {sorted(bad)}: variants are '
+                               f'{", ".join(TRAIN_VARIANTS)}; sections are train, decode, data; weights are '
+                               'float32, bfloat16')
   # one JAX device per core for the jax_*_dp variants (what `train` does on a CPU-only machine); the other JAX
   # variants and decoding run on the first device, which keeps every thread for its ops
   parallel.use_cpu_devices(min(parallel.host_cores(), 8))
@@ -390,7 +401,7 @@ def main(argv):
        'variants': [v for v in F.variants if not (F.quick and 'compile' in v and not F['variants'].present)],
        'prompt_len': F.prompt_len,
        'new_tokens': 16 if F.quick and not F['new_tokens'].present else F.new_tokens,
-       'decode_batch': F.decode_batch, 'decode_repeats': rep or 3, 'data_batches': 20 if F.quick else 200}
+       'decode_batch': F.decode_batch, 'decode_weights': F.decode_weights, 'decode_repeats': rep or 3, 'data_batches': 20 if F.quick else 200}
   if F.torch_threads:
     import torch
     torch.set_num_threads(F.torch_threads)

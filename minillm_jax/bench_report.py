@@ -77,8 +77,8 @@ def _train_md(t: dict) -> list[str]:
 
 
 def _decode_md(d: dict) -> list[str]:
-  bs, ag = list(d['impls']['jax']), d.get('greedy_agree_tokens', {})
-  names = {'jax': 'JAX sample.measure_decode', 'torch': 'torch mirror generate',
+  bs, ag = list(next(iter(d['impls'].values()))), d.get('greedy_agree_tokens', {})
+  names = {'jax': 'JAX sample.measure_decode', 'jax_bf16w': 'JAX, bfloat16 weights', 'torch': 'torch mirror generate',
            'hf': f'transformers {d["hf_class"]}'}
   same = ', '.join(f'{names[o]} {n} of {d["new_tokens"]}' for o, n in ag.items()) or '-'
   worst = max(v[b]['spread'] for v in d['impls'].values() for b in bs)
@@ -86,12 +86,13 @@ def _decode_md(d: dict) -> list[str]:
             f'{d["context"]}; median of {len(next(iter(d["samples_s"].values())))} interleaved repeats, '
             f'largest spread {100 * worst:.0f}%. tokens/s: batch x (new - 1) / the decode time after the '
             'first token; TTFT: prefill + first token; e2e: batch x new / total time. Greedy tokens equal to '
-            f'JAX\'s at batch 1: {same}.')]
+            f'float32 JAX\'s at batch 1 (random weights: near-tied logits): {same}.')]
   rows = [[names[k], *(x for b in bs for x in (
       f'{v[b]["decode_tokens_per_s"]:,.1f}', f'{v[b]["ttft_ms"]:,.1f}', f'{v[b]["ms_per_token"]:,.2f}',
       f'{v[b]["end_to_end_tokens_per_s"]:,.1f}'))] for k, v in d['impls'].items()]
-  rows += [[f'JAX speedup vs {names[o]}', *(x for b in bs for x in (f'{s[b]:.2f}x', '', '', ''))]
-           for o, s in d['speedup'].items()]
+  for key, who in (('speedup', 'JAX'), ('speedup_jax_bf16w', 'JAX bfloat16 weights')):
+    rows += [[f'{who} speedup vs {names[o]}', *(x for b in bs for x in (f'{s[b]:.2f}x', '', '', ''))]
+             for o, s in d.get(key, {}).items()]
   head = [x for b in bs for x in (f'B={b} tokens/s', 'TTFT ms', 'ms/token', 'e2e tokens/s')]
   return L + _table(['decode', *head], rows)
 

@@ -283,7 +283,7 @@ def main(argv):
       be.complete_ids([[be.tok.eot_id]], 1, SampleParams(temperature=0.0))
   sp, max_new, seed = gen.sampling_from_flags(be)
   loader = {'workdir': f.workdir or (f.ckpt if f.ckpt and os.path.isdir(os.path.join(f.ckpt, 'checkpoints')) else None),
-            'backend': f.backend, 'device': f.device}
+            'backend': f.backend, 'device': f.device, 'weights': f.weights}
   chat = Chat(be, sp, max_new, seed, f.system, loader, stop=gen.stop_strings())
   if f.prompt is not None:
     chat.reply(f.prompt)

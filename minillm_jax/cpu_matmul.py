@@ -8,6 +8,9 @@ cost and its threads contending with XLA's made the step slower (46 against 38 m
 94 against 52 ms with one), and decoding's matrix-vector products are bound by reading the weights anyway.
 Without a compiler (or with MINILLM_CPU_MATMUL=0) `available()` is False and `mm` uses XLA's dots;
 MINILLM_CPU_MATMUL_MIN_MACS moves the threshold (0: every float32 product, as the tests use it).
+
+`gemv_bf16` is decoding's product with weights stored in bfloat16 (the samplers' `weights='bfloat16'`): float32
+activations and accumulation, half the bytes of weights read per token, which is what bounds batch-1 decoding.
 """
 from __future__ import annotations
 
@@ -45,7 +48,8 @@ FALLBACK = "OpenBLAS matmuls unavailable, using XLA's dots (same results, slower
 def _blas_flags() -> tuple[str, ...]:
   import scipy_openblas32 as blas
   lib = blas.get_lib_dir()
-  return (f'-I{blas.get_include_dir()}', f'-L{lib}', f'-l{blas.get_library()}', f'-Wl,-rpath,{lib}')
+  return (f'-I{blas.get_include_dir()}', f'-L{lib}', f'-l{blas.get_library()}', f'-Wl,-rpath,{lib}',
+          '-fopenmp', '-ffp-contract=fast')  # gemv_bf16's threads and fused multiply-adds
 
 
 @functools.cache
@@ -58,7 +62,8 @@ def available() -> bool:
   except ImportError as e:
     logging.warning('%s: %s', FALLBACK, e)
     return False
-  return cpu_kernels.load(SRC, {'minillm_gemm': 'MinillmGemm'}, FALLBACK, flags) is not None
+  targets = {'minillm_gemm': 'MinillmGemm', 'minillm_gemv_bf16': 'MinillmGemvBf16'}
+  return cpu_kernels.load(SRC, targets, FALLBACK, flags) is not None
 
 
 def supported(a_NxD: jax.Array, b_DxF: jax.Array) -> bool:
@@ -110,3 +115,21 @@ def matmul(a: jax.Array, b: jax.Array, ta: bool = False, tb: bool = False) -> ja
   if not mesh.empty and mesh.manual_axes:  # inside shard_map: a per-device program, nothing to partition
     return _call(a, b, ta, tb, mesh.size)
   return _partitioned(ta, tb)(a, b)
+
+
+GEMV_MAX_ROWS = 16  # more rows (a prefill chunk) read each weight often enough for widened float32 dots to win
+
+
+def gemv_supported(x_MxK: jax.Array, w: jax.Array) -> bool:
+  return (x_MxK.dtype == jnp.float32 and w.dtype == jnp.bfloat16 and x_MxK.ndim == 2
+          and x_MxK.shape[0] <= GEMV_MAX_ROWS and jax.default_backend() == 'cpu' and available())
+
+
+def gemv_bf16(x_MxK: jax.Array, w: jax.Array, tb: bool = False) -> jax.Array:
+  """x @ w (tb: x @ w.T) in float32 for float32 x [M, K] and bfloat16 w [K, N] (tb: [N, K]), with every core
+  of the host (decoding runs on one device)."""
+  if not available():
+    raise RuntimeError('the CPU matmul kernels are not available here; check cpu_matmul.available() first')
+  N = w.shape[0 if tb else 1]
+  return jax.ffi.ffi_call('minillm_gemv_bf16', jax.ShapeDtypeStruct((x_MxK.shape[0], N), jnp.float32))(
+      x_MxK, w, tb=tb, threads=np.int32(parallel.host_cores()))

@@ -250,7 +250,7 @@ def main(argv):
   for kind, path in sources:
     try:
       be = backend.load(**{kind: path}, step=step if kind == 'workdir' else 'best', backend=f.backend,
-                        device=f.device)
+                        device=f.device, weights=f.weights)
       print(f'evaluating {be.describe()} ...', file=sys.stderr, flush=True)
       runs.append(evaluate(be, suites, f.text, f.max_eval_tokens, f.max_new_tokens, f.exec_timeout, f.seed))
       del be
@@ -308,6 +308,7 @@ if __name__ == '__main__':
   flags.DEFINE_string('step', 'best', 'Checkpoint of each run directory: best, latest or a step number.')
   flags.DEFINE_string('backend', 'auto', 'auto (jax for run directories, torch for torch files), jax or torch.')
   flags.DEFINE_string('device', None, 'torch device; default MPS > CUDA > CPU.')
+  gen.define_weights_flag()
   flags.DEFINE_string('suites', ','.join(SUITES), 'Comma list of ppl, code, text.')
   flags.DEFINE_string('text', None, 'Perplexity on this UTF-8 file instead of the validation split.')
   flags.DEFINE_integer('max_eval_tokens', 16384, 'Tokens scored for perplexity (from the start of the text).')

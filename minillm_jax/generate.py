@@ -166,6 +166,14 @@ def define_model_flags():
   flags.DEFINE_string('step', 'best', 'Checkpoint of a run directory: best, latest or a step number.')
   flags.DEFINE_string('backend', 'auto', 'auto (jax for run directories, torch for torch files), jax or torch.')
   flags.DEFINE_string('device', None, 'torch device (cpu, cuda, cuda:1, mps); default MPS > CUDA > CPU.')
+  define_weights_flag()
+
+
+def define_weights_flag():
+  from absl import flags
+  flags.DEFINE_enum('weights', 'float32', ['float32', 'bfloat16'],
+                    'JAX backend: store the matrices in bfloat16 (float32 math on rounded weights; on CPU about '
+                    '1.2-1.5x faster batch-1 decoding, which reads every weight per token).')
 
 
 def define_sampling_flags():
@@ -190,7 +198,7 @@ def backend_from_flags() -> Backend:
     except ValueError:
       raise UserError(f'--step={f.step!r}: use best, latest or a step number') from None
   from minillm_jax import backend
-  return backend.load(f.workdir, f.ckpt, step, f.backend, f.device)
+  return backend.load(f.workdir, f.ckpt, step, f.backend, f.device, f.weights)
 
 
 def config_sampling(be: Backend) -> tuple[SampleParams, int, int]:

@@ -52,6 +52,15 @@ def _mm_bwd(res, g_NxF):
 mm.defvjp(_mm_fwd, _mm_bwd)
 
 
+def project(x_NxD: jax.Array, w: jax.Array, dt, transposed: bool = False) -> jax.Array:
+  """x @ w (w.T when transposed) computed in dt. Weights stored in bfloat16 under a float32 model (decoding
+  with sample.bf16_weights) stay float32 math on bfloat16-rounded weights: few rows read them as stored
+  (cpu_matmul.gemv_bf16, half the bytes per token), otherwise they are widened for the dot."""
+  if w.dtype == jnp.bfloat16 and dt == jnp.float32 and cpu_matmul.gemv_supported(x_NxD, w):
+    return cpu_matmul.gemv_bf16(x_NxD.astype(dt), w, tb=transposed)
+  return mm(x_NxD.astype(dt), (w.T if transposed else w).astype(dt))
+
+
 def _normal(rngs: nnx.Rngs, shape, std: float) -> nnx.Param:
   return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32))
 
@@ -69,7 +78,7 @@ class Dense(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((d_out,), jnp.float32)) if bias else None
 
   def __call__(self, x_NxD, dtype) -> jax.Array:
-    y_NxF = mm(x_NxD.astype(dtype), self.kernel[...].astype(dtype))
+    y_NxF = project(x_NxD, self.kernel[...], dtype)
     return y_NxF + self.bias[...] if self.bias is not None else y_NxF
 
 
@@ -248,7 +257,7 @@ class GPT(nnx.Module):
     with jax.ensure_compile_time_eval() if isinstance(pos, int) else contextlib.nullcontext():
       pos_T = pos + jnp.arange(T)
       rope = rope_tables(pos_T, c.head_dim, c.rope_theta) if c.pos == 'rope' else None
-    x_BxTxD = jnp.take(self.wte[...], tokens_BxT, axis=0)
+    x_BxTxD = jnp.take(self.wte[...], tokens_BxT, axis=0).astype(jnp.float32)  # (bfloat16 when tied, decoding)
     if self.wpe is not None:
       x_BxTxD = x_BxTxD + jnp.take(self.wpe[...], pos_T, axis=0)[None]
     keys = list(jax.random.split(key, c.n_layer + 1)) if key is not None else [None] * (c.n_layer + 1)
@@ -257,9 +266,9 @@ class GPT(nnx.Module):
     for i, block in enumerate(self.blocks):
       x_NxD, layer_cache = block(x_NxD, B, T, rope, None if cache is None else cache[i], pos, keys[i])
       new_cache.append(layer_cache)
-    h_NxD = self.ln_f(x_NxD).astype(DTYPES[c.dtype])
-    w_DxV = self.wte[...].T if self.head is None else self.head.kernel[...]
-    logits_NxV = mm(h_NxD, w_DxV.astype(h_NxD.dtype))
+    h_NxD = self.ln_f(x_NxD)
+    tied = self.head is None
+    logits_NxV = project(h_NxD, self.wte[...] if tied else self.head.kernel[...], DTYPES[c.dtype], transposed=tied)
     return logits_NxV.reshape(B, T, c.vocab_size), (new_cache if cache is not None else None)
 
 

@@ -60,6 +60,17 @@ def process_logits(logits_BxV, seq_BxS, pos, sp: dict):
   return jax.lax.cond((t > 0) & ((k < V) | (sp['top_p'] < 1.0)), filt, lambda x: x, x)
 
 
+def bf16_weights(params: nnx.State, tied: bool) -> nnx.State:
+  """`params` with every matrix the matmuls read (the Dense kernels, and the embedding when the head is tied to
+  it) stored in bfloat16: the model still computes in float32 (model.project), on weights rounded to bfloat16.
+  Batch-1 decoding reads every weight once per token, so this halves its bytes (`tiny`: 92 -> 46 MB)."""
+  def cast(path, x):
+    name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]  # (the path ends in .value)
+    hit = x.ndim == 2 and x.dtype == jnp.float32 and (name == 'kernel' or (tied and name == 'wte'))
+    return x.astype(jnp.bfloat16) if hit else x
+  return jax.tree.map_with_path(cast, params)
+
+
 def pick(logits_BxV, seq_BxS, pos, sp: dict, key):
   x = process_logits(logits_BxV, seq_BxS, pos, sp)
   # a cond, not a where: the Gumbel noise of categorical costs 4% of a greedy `tiny` decode step
@@ -163,9 +174,9 @@ def nll(gdef, params, tokens_BxT) -> np.ndarray:
 
 
 def generate(model: GPT, prompt: list[int], max_new_tokens: int, sp: SampleParams, seed: int = 0,
-             num_samples: int = 1) -> np.ndarray:
+             num_samples: int = 1, weights: str = 'float32') -> np.ndarray:
   """Token ids [num_samples, max_new_tokens] continuing `prompt` (cropped from the left to the context)."""
-  be = JaxBackend(model)
+  be = JaxBackend(model, weights=weights)
   ids, _ = be.crop(list(prompt) or [0])
   out = be.complete_ids([ids] * num_samples, max_new_tokens, sp, seed)
   return np.asarray(out, np.int32).reshape(num_samples, max_new_tokens)
@@ -198,13 +209,13 @@ def _prompts(model: GPT, batch: int, prompt_len: int, seed: int) -> list[list[in
 
 
 def measure_decode(model: GPT, batch: int, prompt_len: int, new_tokens: int, seed: int = 0,
-                   repeats: int = 1) -> dict:
+                   repeats: int = 1, weights: str = 'float32') -> dict:
   """KV-cache decoding speed, greedy, compile excluded (one warm-up). ttft_s: prefill plus the first sampled
   token; tokens_per_s: batch * (new_tokens - 1) / the time of the remaining steps (best of `repeats`)."""
   if prompt_len + new_tokens > model.c.block_size:
     raise ValueError(f'prompt_len + new_tokens = {prompt_len + new_tokens} exceeds the context '
                      f'{model.c.block_size}')
-  be = JaxBackend(model)
+  be = JaxBackend(model, weights=weights)
   prompts = _prompts(model, batch, prompt_len, seed)
   sp = _sp_arrays(SampleParams(temperature=0.0), model.c.vocab_size)
 

@@ -46,15 +46,19 @@ def check(tmp, variants: set[str]) -> dict:
   losses = [v['loss_step0'] for v in t['variants'].values()]
   assert max(losses) - min(losses) < 0.05, losses
   assert all(r > 0 for s in t['speedup'].values() for r in s.values())
-  assert set(d['impls']) == {'jax', 'torch', 'hf'}
+  assert set(d['impls']) == {'jax', 'jax_bf16w', 'torch', 'hf'}
   for impl in d['impls'].values():
     for b in ('1', '2'):
       positive(impl[b], 'decode_tokens_per_s', 'ttft_ms', 'end_to_end_tokens_per_s')
   assert d['greedy_agree_tokens']['torch'] > 0 and d['greedy_agree_tokens']['hf'] > 0
+  assert 0 <= d['greedy_agree_tokens']['jax_bf16w'] <= d['new_tokens']
+  for key in ('speedup', 'speedup_jax_bf16w'):
+    assert set(d[key]) == {'torch', 'hf'} and all(r > 0 for s in d[key].values() for r in s.values())
   positive(data, 'batches_per_s', 'tokens_per_s', 'headroom_vs_train')
   with open(os.path.join(tmp, 'out', 'bench.md')) as f:
     md = f.read()
   assert '| variant | ms/step' in md and '| decode |' in md and 'Data pipeline' in md
+  assert '| JAX, bfloat16 weights |' in md and '| JAX bfloat16 weights speedup vs transformers' in md
   return res
 
 

@@ -128,8 +128,8 @@ def perplexity(be: Backend, tokens: tuple[list[int], list[int]], max_tokens: int
 
 def evaluate(be: Backend, suites=SUITES, text_path: str | None = None, max_tokens: int = 16384,
              max_new: int = 128, timeout: float = 3.0, seed: int = 0) -> dict:
-  out = {'name': run_name(be), 'source': be.source, 'step': be.step, 'backend': be.name, 'context': be.context,
-         'instruction_tuned': be.instruction_tuned}
+  out = {'name': run_name(be), 'source': be.source, 'step': be.step, 'backend': be.name, 'weights': be.weights,
+         'context': be.context, 'instruction_tuned': be.instruction_tuned}
   if 'ppl' in suites:
     if text_path:
       try:

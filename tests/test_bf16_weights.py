@@ -9,7 +9,7 @@ import pytest
 from conftest import run_module
 from test_sample import GREEDY, char_tok, config, make_workdir, random_flat
 
-from minillm_jax import backend, cpu_matmul, model, sample
+from minillm_jax import backend, cpu_matmul, evaluate, model, sample
 from minillm_jax.backend import JaxBackend
 from minillm_jax.config import UserError
 from torch_compat import convert
@@ -106,6 +106,8 @@ def test_bad_weights_values(tmp_path):
     backend.load(workdir=w, backend='torch', weights='bfloat16')
   be = backend.load(workdir=w, weights='bfloat16')
   assert 'bfloat16 weights' in be.describe()
+  (tmp_path / 't.txt').write_text('to be or not to be\n' * 8)
+  assert evaluate.evaluate(be, ['ppl'], str(tmp_path / 't.txt'))['weights'] == 'bfloat16'  # recorded in eval.json
   r = run_module('minillm_jax.generate', f'--workdir={w}', '--prompt=to be', '--max_new_tokens=12',
                  '--temperature=0', '--weights=bfloat16')
   assert r.returncode == 0 and r.stdout.startswith('to be') and 'bfloat16 weights' in r.stderr, r.stderr

@@ -98,6 +98,7 @@ def test_cli_writes_json_with_every_category_and_compares_runs(tmp_path):
   assert r.returncode == 0, r.stderr
   d = json.loads(out.read_text())
   assert [x['backend'] for x in d['runs']] == ['jax', 'torch'] and d['suites'] == list(ev.SUITES)
+  assert [x['weights'] for x in d['runs']] == ['float32', 'float32']
   for run in d['runs']:
     assert set(run['code']['categories']) == set(ce.CODE_CATEGORIES)
     assert all(0 <= v <= 1 for v in run['code']['categories'].values()) and 0 <= run['code']['overall'] <= 1

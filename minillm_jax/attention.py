@@ -60,6 +60,8 @@ def cached_attention(q_BxTxNxH, k_CxSxH, v_CxSxH, pos):
   """Queries at positions [pos, pos+T) against a cache laid out [C = B*K, S, H] whose [0, pos+T) is written.
   One batch axis with no unit dimensions: with [B, K, S, H] at batch 1, XLA:CPU copied every layer's cache on
   every decode step (half of the `tiny` decode time)."""
+  if cpu_attention.decode_supported(q_BxTxNxH, k_CxSxH):  # CPU float32 decode steps: the cache read in place
+    return cpu_attention.decode_attention(q_BxTxNxH, k_CxSxH, v_CxSxH, pos)
   T, S = q_BxTxNxH.shape[1], k_CxSxH.shape[1]
 
   def upto(L):  # attention over the first L cache slots only

@@ -283,7 +283,75 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
+inline float dot(const float* a, const float* b, long H) {
+  vf acc{};
+  long h = 0;
+  for (; h + VL <= H; h += VL) acc += load(a + h) * load(b + h);
+  float s = 0.f;
+  for (int i = 0; i < VL; ++i) s += acc[i];
+  for (; h < H; ++h) s += a[h] * b[h];
+  return s;
+}
+
+// Decoding: queries q [B, T, N, H] at positions [pos, pos + T) against a KV cache k, v [C = B * K, S, H] whose
+// slots [0, pos + T) are written; query t sees slots [0, pos + t]. The cache is read in place, only the slots in
+// use: XLA's dots take no strided operands, so the JAX path copies a power-of-two prefix of every layer's cache
+// per token. One work item per cache row (b, kv head) with its G query heads; each key and value row is read
+// once for all of them.
+ffi::Error Decode(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                  ffi::Buffer<ffi::S32> pos, ffi::ResultBuffer<ffi::F32> o) {
+  auto qd = q.dimensions(), kd = k.dimensions();
+  const long B = qd[0], T = qd[1], N = qd[2], H = qd[3], C = kd[0], S = kd[1], p0 = pos.typed_data()[0];
+  if (C % B != 0 || N % (C / B) != 0 || kd[2] != H || p0 < 0 || p0 + T > S) {
+    return ffi::Error::InvalidArgument("minillm_attention_decode: shapes or position out of range");
+  }
+  const long K = C / B, G = N / K, L = p0 + T;  // L: slots the last query sees
+  const float scale = 1.f / std::sqrt(float(H));
+  const float *Q = q.typed_data(), *Kc = k.typed_data(), *Vc = v.typed_data();
+  float* O = o->typed_data();
+  parallel_for(pool, int(C), [=](int c) {
+    const long b = c / K, kh = c % K, R = G * T;  // R query rows: r = g * T + t
+    thread_local std::vector<float> buf;
+    buf.resize(R * L + R * H + R);
+    float *s = buf.data(), *acc = s + R * L, *sum = acc + R * H;
+    auto qrow = [&](long r) { return Q + ((b * T + r % T) * N + kh * G + r / T) * H; };
+    for (long j = 0; j < L; ++j) {  // scores, masked slots left unused
+      const float* kj = Kc + (c * S + j) * H;
+      for (long r = 0; r < R; ++r) s[r * L + j] = j <= p0 + r % T ? dot(qrow(r), kj, H) * scale : 0.f;
+    }
+    for (long r = 0; r < R; ++r) {
+      const int len = int(p0 + r % T + 1);
+      sum[r] = exp_minus(s + r * L, len, row_max(s + r * L, len));
+    }
+    std::fill(acc, acc + R * H, 0.f);
+    for (long j = 0; j < L; ++j) {
+      const float* vj = Vc + (c * S + j) * H;
+      for (long r = 0; r < R; ++r) {
+        if (j > p0 + r % T) continue;
+        const float p = s[r * L + j];
+        float* a = acc + r * H;
+        for (long h = 0; h < H; ++h) a[h] += p * vj[h];
+      }
+    }
+    for (long r = 0; r < R; ++r) {
+      float* out = O + ((b * T + r % T) * N + kh * G + r / T) * H;
+      const float inv = 1.f / sum[r];
+      for (long h = 0; h < H; ++h) out[h] = acc[r * H + h] * inv;
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MinillmAttentionDecode, Decode,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MinillmAttentionForward, Forward,
                               ffi::Ffi::Bind()

@@ -25,7 +25,7 @@ def available() -> bool:
   """True when the fused kernel is built and registered (once per process)."""
   if os.environ.get('MINILLM_CPU_ATTENTION', '1') == '0':
     return False
-  targets = {f'minillm_attention_{n.lower()}': f'MinillmAttention{n}' for n in ('Forward', 'Backward')}
+  targets = {f'minillm_attention_{n.lower()}': f'MinillmAttention{n}' for n in ('Forward', 'Backward', 'Decode')}
   return cpu_kernels.load(SRC, targets, 'fused CPU attention unavailable, using the pure-JAX attention (same '
                           'results, slower)') is not None
 
@@ -87,3 +87,17 @@ def _bwd(res, do_BxTxNxH):
 
 
 causal_attention.defvjp(_fwd, _bwd)
+
+
+DECODE_MAX_T = 8  # decode steps; prefill chunks (64 queries) stay on XLA's batched dots
+
+
+def decode_supported(q_BxTxNxH: jax.Array, k_CxSxH: jax.Array) -> bool:
+  return (q_BxTxNxH.shape[1] <= DECODE_MAX_T and q_BxTxNxH.dtype == k_CxSxH.dtype == jnp.float32
+          and jax.default_backend() == 'cpu' and available())
+
+
+def decode_attention(q_BxTxNxH: jax.Array, k_CxSxH: jax.Array, v_CxSxH: jax.Array, pos) -> jax.Array:
+  """Queries at positions [pos, pos+T) against a KV cache [C = B*K, S, H] written at [0, pos+T), read in place."""
+  return jax.ffi.ffi_call('minillm_attention_decode', jax.ShapeDtypeStruct(q_BxTxNxH.shape, jnp.float32))(
+      q_BxTxNxH, k_CxSxH, v_CxSxH, jnp.asarray(pos, jnp.int32).reshape(()))

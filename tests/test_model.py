@@ -13,6 +13,7 @@ import pytest
 from conftest import ROOT, run_module
 from flax import nnx
 
+from minillm_jax import attention as attention_lib
 from minillm_jax import cpu_attention
 from minillm_jax.attention import ATTN_BLOCK, attention, blockwise_attention
 from minillm_jax.config import ModelConfig, model_config
@@ -140,6 +141,29 @@ def test_fused_cpu_attention_and_its_gradients_match_plain_attention(B, T, N, K,
   the vector width. It must build here: CI runs it (a missing compiler fails, not skips, this test)."""
   assert cpu_attention.available()
   check_attention(cpu_attention.causal_attention, B, T, N, K, H, atol=2e-6)
+
+
+@pytest.mark.parametrize('B,T,N,K,H,S,pos', [
+    (1, 1, 8, 8, 64, 1024, 0), (1, 1, 8, 8, 64, 1024, 700), (3, 1, 4, 2, 24, 64, 63),  # first / late / last slot
+    (2, 5, 6, 3, 40, 48, 17), (2, 8, 2, 1, 16, 40, 32)])                              # several queries, GQA
+def test_decode_attention_reads_the_cache_prefix_in_place(B, T, N, K, H, S, pos):
+  """The decode kernel (queries at [pos, pos+T) against a [B*K, S, H] cache, query t seeing [0, pos+t]) equals
+  plain masked attention over the cache; slots past pos+T hold garbage it must not read."""
+  assert cpu_attention.available()
+  q = jax.random.normal(jax.random.key(0), (B, T, N, H))
+  k, v = (jax.random.normal(jax.random.key(i), (B * K, S, H)) for i in (1, 2))
+  k, v = (x.at[:, pos + T:].set(jnp.nan) for x in (k, v))
+  got = jax.jit(cpu_attention.decode_attention)(q, k, v, jnp.int32(pos))
+  G, L = N // K, pos + T
+  kk, vv = (jnp.repeat(x[:, :L].reshape(B, K, L, H), G, axis=1) for x in (k, v))  # [B, N, L, H]
+  s = jnp.einsum('btnh,bnsh->bnts', q, kk, precision='highest') / math.sqrt(H)
+  s = jnp.where(jnp.arange(L)[None, :] <= pos + jnp.arange(T)[:, None], s, -jnp.inf)
+  want = jnp.einsum('bnts,bnsh->btnh', jax.nn.softmax(s, -1), vv, precision='highest')
+  np.testing.assert_allclose(got, want, atol=2e-6)
+  assert 'minillm_attention_decode' in jax.jit(attention_lib.cached_attention).lower(q, k, v, jnp.int32(pos)).as_text()
+  bf = lambda x: x.astype(jnp.bfloat16)
+  assert 'minillm_attention_decode' not in jax.jit(attention_lib.cached_attention).lower(
+      bf(q), bf(k), bf(v), jnp.int32(pos)).as_text()
 
 
 def test_fused_attention_propagates_nan_and_leaves_float_modes_alone():

@@ -118,11 +118,16 @@ def matmul(a: jax.Array, b: jax.Array, ta: bool = False, tb: bool = False) -> ja
 
 
 GEMV_MAX_ROWS = 16  # more rows (a prefill chunk) read each weight often enough for widened float32 dots to win
+# Smaller matrices are widened for XLA's dots too: they sit in cache, and the kernel's threads cost more than
+# the bytes saved (shakespeare_char, <= 65K weights each: 2,230 against 4,046 tokens/s at batch 1; `tiny`,
+# >= 262K: 266 against 174)
+GEMV_MIN_WEIGHTS = 2 ** 18
 
 
 def gemv_supported(x_MxK: jax.Array, w: jax.Array) -> bool:
   return (x_MxK.dtype == jnp.float32 and w.dtype == jnp.bfloat16 and x_MxK.ndim == 2
-          and x_MxK.shape[0] <= GEMV_MAX_ROWS and jax.default_backend() == 'cpu' and available())
+          and x_MxK.shape[0] <= GEMV_MAX_ROWS and w.size >= GEMV_MIN_WEIGHTS and jax.default_backend() == 'cpu'
+          and available())
 
 
 def gemv_bf16(x_MxK: jax.Array, w: jax.Array, tb: bool = False) -> jax.Array:

@@ -15,6 +15,12 @@ from minillm_jax.config import UserError
 from torch_compat import convert
 
 
+@pytest.fixture(autouse=True)
+def kernel_for_small_matrices(monkeypatch):
+  """These tests' models are small; the kernel takes their matrices too (as it takes `tiny`'s)."""
+  monkeypatch.setattr(cpu_matmul, 'GEMV_MIN_WEIGHTS', 0)
+
+
 def rounded(x):  # float32 values of the bfloat16 rounding
   return np.asarray(jnp.asarray(x, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
 
@@ -46,15 +52,19 @@ def test_kernel_threads_agree(monkeypatch):
   np.testing.assert_allclose(outs[2], outs[0], rtol=1e-5, atol=1e-5)
 
 
-def test_project_dispatch():
-  """bfloat16 weights under float32 math: up to GEMV_MAX_ROWS rows on the kernel, more rows (a prefill chunk)
+def test_project_dispatch(monkeypatch):
+  """bfloat16 weights under float32 math: up to GEMV_MAX_ROWS rows of at least GEMV_MIN_WEIGHTS-weight
+  matrices (`tiny`'s, not `shakespeare_char`'s) on the kernel; more rows (a prefill chunk) or smaller matrices
   widened for a float32 dot; float32 weights and bfloat16 math never reach the kernel."""
-  w = jnp.ones((32, 8), jnp.bfloat16)
+  monkeypatch.undo()
+  assert 128 * 512 < cpu_matmul.GEMV_MIN_WEIGHTS <= 512 * 512
+  w = jnp.ones((512, 512), jnp.bfloat16)
   hlo = lambda x, w, dt: jax.jit(lambda x, w: model.project(x, w, dt)).lower(x, w).as_text()
-  assert 'minillm_gemv_bf16' in hlo(jnp.ones((cpu_matmul.GEMV_MAX_ROWS, 32)), w, jnp.float32)
-  assert 'minillm_gemv_bf16' not in hlo(jnp.ones((cpu_matmul.GEMV_MAX_ROWS + 1, 32)), w, jnp.float32)
-  assert 'minillm_gemv_bf16' not in hlo(jnp.ones((1, 32)), w.astype(jnp.float32), jnp.float32)
-  assert 'minillm_gemv_bf16' not in hlo(jnp.ones((1, 32)), w, jnp.bfloat16)
+  assert 'minillm_gemv_bf16' in hlo(jnp.ones((cpu_matmul.GEMV_MAX_ROWS, 512)), w, jnp.float32)
+  assert 'minillm_gemv_bf16' not in hlo(jnp.ones((cpu_matmul.GEMV_MAX_ROWS + 1, 512)), w, jnp.float32)
+  assert 'minillm_gemv_bf16' not in hlo(jnp.ones((1, 512)), w[:, :511], jnp.float32)
+  assert 'minillm_gemv_bf16' not in hlo(jnp.ones((1, 512)), w.astype(jnp.float32), jnp.float32)
+  assert 'minillm_gemv_bf16' not in hlo(jnp.ones((1, 512)), w, jnp.bfloat16)
 
 
 @pytest.mark.parametrize('tied', [False, True])

@@ -20,11 +20,14 @@
 #include <mutex>
 #include <vector>
 
+#include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using minillm::parallel_for;
 
 constexpr int VL = 16;  // floats per vector register (AVX-512); GCC splits wider vectors on smaller hardware
 typedef float vf __attribute__((vector_size(VL * 4)));
@@ -131,33 +134,6 @@ void transpose(int R, int C, const float* src, long lds, float* dst, long ldd) {
     for (int c0 = 0; c0 < C; c0 += 16)
       for (int r = r0; r < std::min(R, r0 + 16); ++r)
         for (int c = c0; c < std::min(C, c0 + 16); ++c) dst[c * ldd + r] = src[r * lds + c];
-}
-
-// Runs fn(item) for item in [0, n) on the caller and the XLA intra-op pool. Items are claimed from a shared
-// counter, and the caller waits for finished items, not for tasks: a task the pool starts late finds nothing
-// left and only touches the shared state it co-owns, so a busy or missing pool cannot deadlock the call.
-template <typename F>
-void parallel_for(ffi::ThreadPool& pool, int n, F fn) {
-  struct State {
-    std::atomic<int> next{0}, done{0};
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto st = std::make_shared<State>();
-  auto work = [st, n, fn]() {
-    for (int i; (i = st->next.fetch_add(1)) < n;) {
-      fn(i);
-      if (st->done.fetch_add(1) + 1 == n) {
-        std::lock_guard<std::mutex> l(st->mu);
-        st->cv.notify_all();
-      }
-    }
-  };
-  int helpers = std::min<long>(pool.num_threads(), n) - 1;
-  for (int t = 0; t < helpers; ++t) pool.Schedule(decltype(work)(work));
-  work();
-  std::unique_lock<std::mutex> l(st->mu);
-  st->cv.wait(l, [&] { return st->done.load() == n; });
 }
 
 struct Dims {

@@ -1,7 +1,8 @@
 """The C++ kernels of XLA:CPU (cpu_attention.cc, cpu_matmul.cc): compiled with the machine's C++ compiler on first
-use into a cache keyed by the source, jaxlib's version, the CPU, the flags and the compiler, once per machine
-(3-7 s on 2 cores), then registered as XLA FFI custom-call targets. Without a compiler a kernel is unavailable
-(one warning) and its caller keeps a pure-JAX path that computes the same function."""
+use into a cache keyed by the source and the headers beside it (cpu_parallel.h), jaxlib's version, the CPU, the
+flags and the compiler, once per machine (3-7 s on 2 cores), then registered as XLA FFI custom-call targets.
+Without a compiler a kernel is unavailable (one warning) and its caller keeps a pure-JAX path that computes the
+same function."""
 from __future__ import annotations
 
 import ctypes
@@ -38,7 +39,8 @@ def build(src: pathlib.Path, extra: tuple[str, ...] = ()) -> pathlib.Path:
   if cxx is None:
     raise RuntimeError('no C++ compiler (g++, c++ or clang++) on PATH; set CXX to one')
   flags = [*FLAGS, f'-I{jax.ffi.include_dir()}']
-  key = hashlib.sha256(b'\0'.join(x.encode() for x in [src.read_text(), jaxlib.__version__, _cpu_id(),
+  headers = [h.read_text() for h in sorted(src.parent.glob('*.h'))]  # what the sources include from their folder
+  key = hashlib.sha256(b'\0'.join(x.encode() for x in [src.read_text(), *headers, jaxlib.__version__, _cpu_id(),
                                                          ' '.join([*flags, *extra]), cxx])).hexdigest()[:16]
   out = pathlib.Path(cli.cache_dir()) / f'{src.stem}-{key}.so'
   if out.exists():

@@ -21,12 +21,14 @@
 
 #include <cblas.h>
 
+#include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using minillm::parallel_for;
 using Matrix = ffi::Buffer<ffi::F32, 2>;  // (an alias: a comma inside the binding macro's arguments splits them)
 using MatrixBf16 = ffi::Buffer<ffi::BF16, 2>;
 
@@ -100,7 +102,7 @@ void RowsNK(const float* x, const uint16_t* w, float* y, int M, int K, int N, in
   }
 }
 
-ffi::Error GemvBf16(Matrix x, MatrixBf16 w, ffi::Result<Matrix> y, bool tb, int32_t threads) {
+ffi::Error GemvBf16(ffi::ThreadPool pool, Matrix x, MatrixBf16 w, ffi::Result<Matrix> y, bool tb) {
   const int M = x.dimensions()[0], K = x.dimensions()[1], N = y->dimensions()[1];
   if (y->dimensions()[0] != M || w.dimensions()[tb ? 1 : 0] != K || w.dimensions()[tb ? 0 : 1] != N) {
     return ffi::Error::InvalidArgument("minillm_gemv_bf16: operand shapes do not match the result");
@@ -108,22 +110,21 @@ ffi::Error GemvBf16(Matrix x, MatrixBf16 w, ffi::Result<Matrix> y, bool tb, int3
   const float* xp = x.typed_data();
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.untyped_data());
   float* yp = y->typed_data();
-  if (tb) {  // threads split the rows of w (the outputs)
-    const int T = std::max(1, std::min<int>(threads, N / 64));
-#pragma omp parallel for num_threads(T) schedule(static)
-    for (int t = 0; t < T; ++t) RowsNK(xp, wp, yp, M, K, N, int64_t(N) * t / T, int64_t(N) * (t + 1) / T);
+  const int threads = int(std::max<int64_t>(1, pool.num_threads()));
+  if (tb) {  // parts split the rows of w (the outputs)
+    const int T = std::max(1, std::min(threads, N / 64));
+    parallel_for(pool, T, [=](int t) { RowsNK(xp, wp, yp, M, K, N, int64_t(N) * t / T, int64_t(N) * (t + 1) / T); });
     return ffi::Error::Success();
   }
-  // threads split the rows of w (the contraction), each streaming one contiguous block of it into its own
-  // partial sums, added at the end: split by columns instead, each thread read short strided runs (9 vs 12 GB/s)
-  const int T = std::max(1, std::min<int>(threads, K / 64));
+  // parts split the rows of w (the contraction), each streaming one contiguous block of it into its own partial
+  // sums, added at the end: split by columns instead, each thread read short strided runs (9 vs 12 GB/s)
+  const int T = std::max(1, std::min(threads, K / 64));
   thread_local std::vector<float> scratch;
   scratch.resize(size_t(T - 1) * M * N);
-  float* part = scratch.data();  // (a thread_local named inside the parallel region would be each thread's own)
-#pragma omp parallel for num_threads(T) schedule(static)
-  for (int t = 0; t < T; ++t) {
+  float* part = scratch.data();  // (a thread_local named inside the work items would be each thread's own)
+  parallel_for(pool, T, [=](int t) {
     RowsKN(xp, wp, t == 0 ? yp : part + size_t(t - 1) * M * N, M, K, N, int64_t(K) * t / T, int64_t(K) * (t + 1) / T);
-  }
+  });
   for (int t = 1; t < T; ++t) {
     const float* p = part + size_t(t - 1) * M * N;
 #pragma omp simd
@@ -135,8 +136,12 @@ ffi::Error GemvBf16(Matrix x, MatrixBf16 w, ffi::Result<Matrix> y, bool tb, int3
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MinillmGemvBf16, GemvBf16,
-                              ffi::Ffi::Bind().Arg<Matrix>().Arg<MatrixBf16>().Ret<Matrix>().Attr<bool>("tb").Attr<int32_t>(
-                                  "threads"));
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Matrix>()
+                                  .Arg<MatrixBf16>()
+                                  .Ret<Matrix>()
+                                  .Attr<bool>("tb"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MinillmGemm, Gemm,
                               ffi::Ffi::Bind()

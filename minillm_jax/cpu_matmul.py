@@ -49,7 +49,7 @@ def _blas_flags() -> tuple[str, ...]:
   import scipy_openblas32 as blas
   lib = blas.get_lib_dir()
   return (f'-I{blas.get_include_dir()}', f'-L{lib}', f'-l{blas.get_library()}', f'-Wl,-rpath,{lib}',
-          '-fopenmp', '-ffp-contract=fast')  # gemv_bf16's threads and fused multiply-adds
+          '-fopenmp-simd', '-ffp-contract=fast')  # gemv_bf16's vectorized sums and fused multiply-adds
 
 
 @functools.cache
@@ -118,9 +118,9 @@ def matmul(a: jax.Array, b: jax.Array, ta: bool = False, tb: bool = False) -> ja
 
 
 GEMV_MAX_ROWS = 16  # more rows (a prefill chunk) read each weight often enough for widened float32 dots to win
-# Smaller matrices are widened for XLA's dots too: they sit in cache, and the kernel's threads cost more than
-# the bytes saved (shakespeare_char, <= 65K weights each: 2,230 against 4,046 tokens/s at batch 1; `tiny`,
-# >= 262K: 266 against 174)
+# Smaller matrices are widened for XLA's dots too: they sit in cache, and splitting them over threads costs more
+# than the bytes saved (shakespeare_char, <= 65K weights each, batch 8: 7,300-7,700 against 10,000-10,700
+# tokens/s in float32; `tiny`, >= 262K, batch 1: 330-340 against 170)
 GEMV_MIN_WEIGHTS = 2 ** 18
 
 
@@ -131,10 +131,10 @@ def gemv_supported(x_MxK: jax.Array, w: jax.Array) -> bool:
 
 
 def gemv_bf16(x_MxK: jax.Array, w: jax.Array, tb: bool = False) -> jax.Array:
-  """x @ w (tb: x @ w.T) in float32 for float32 x [M, K] and bfloat16 w [K, N] (tb: [N, K]), with every core
-  of the host (decoding runs on one device)."""
+  """x @ w (tb: x @ w.T) in float32 for float32 x [M, K] and bfloat16 w [K, N] (tb: [N, K]), on XLA's
+  intra-op thread pool."""
   if not available():
     raise RuntimeError('the CPU matmul kernels are not available here; check cpu_matmul.available() first')
   N = w.shape[0 if tb else 1]
   return jax.ffi.ffi_call('minillm_gemv_bf16', jax.ShapeDtypeStruct((x_MxK.shape[0], N), jnp.float32))(
-      x_MxK, w, tb=tb, threads=np.int32(parallel.host_cores()))
+      x_MxK, w, tb=tb)

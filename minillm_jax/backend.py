@@ -154,6 +154,12 @@ def _sp_arrays(sp: SampleParams, vocab: int) -> dict:
 WEIGHTS = ('float32', 'bfloat16')  # how the JAX backend stores the matrices it decodes with
 
 
+def check_weights(weights: str) -> str:
+  if weights not in WEIGHTS:
+    raise UserError(f'--weights={weights!r}: use {" or ".join(WEIGHTS)}')
+  return weights
+
+
 class JaxBackend(Backend):
   name = 'jax'
 
@@ -164,9 +170,7 @@ class JaxBackend(Backend):
     self.model = model
     self.gdef, self.params = nnx.split(model)
     self.vocab = model.c.vocab_size
-    if weights not in WEIGHTS:
-      raise UserError(f'--weights={weights!r}: use {" or ".join(WEIGHTS)}')
-    self.weights = weights
+    self.weights = check_weights(weights)
     if weights == 'bfloat16':
       from minillm_jax import sample
       self.params = sample.bf16_weights(self.params, model.c.tie_embeddings)
@@ -312,8 +316,7 @@ def load(workdir: str | None = None, ckpt: str | None = None, step: str | int = 
     raise UserError('--device selects the torch device; use it with --backend=torch (or a torch checkpoint)')
   if device and backend == 'auto':  # asking for a torch device is asking for the torch backend
     backend = 'torch'
-  if weights not in WEIGHTS:
-    raise UserError(f'--weights={weights!r}: use {" or ".join(WEIGHTS)}')
+  check_weights(weights)  # before loading anything
   path = os.path.expanduser(workdir or ckpt)
   if not os.path.exists(path):
     raise UserError(f'{path!r} does not exist')

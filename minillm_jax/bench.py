@@ -401,7 +401,8 @@ def main(argv):
        'variants': [v for v in F.variants if not (F.quick and 'compile' in v and not F['variants'].present)],
        'prompt_len': F.prompt_len,
        'new_tokens': 16 if F.quick and not F['new_tokens'].present else F.new_tokens,
-       'decode_batch': F.decode_batch, 'decode_weights': F.decode_weights, 'decode_repeats': rep or 3, 'data_batches': 20 if F.quick else 200}
+       'decode_batch': F.decode_batch, 'decode_weights': F.decode_weights, 'decode_repeats': rep or 3,
+       'data_batches': 20 if F.quick else 200}
   if F.torch_threads:
     import torch
     torch.set_num_threads(F.torch_threads)

@@ -1,6 +1,6 @@
 """Causal self-attention kernels of the model: the dispatch per backend (accelerators: jax.nn's fused attention;
-CPU float32: the C++ kernel of cpu_attention), the pure-JAX blockwise CPU attention with a recomputing backward
-(bfloat16 compute, or no C++ compiler), and the attention over a KV cache for decoding. Shapes: B batch, T query
+CPU: the C++ float32 kernel of cpu_attention), the pure-JAX blockwise CPU attention with a recomputing backward
+(no C++ compiler), and the attention over a KV cache for decoding. Shapes: B batch, T query
 positions, S key positions, N query heads, K kv heads, G = N / K, H head size; C = B * K cache rows."""
 from __future__ import annotations
 
@@ -16,16 +16,20 @@ def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH):
   """Causal self-attention, float32 logits and softmax. Accelerators use jax.nn.dot_product_attention
   (GQA-aware; implementation='cudnn' can be plugged in there for flash attention). On CPU, float32 takes the
   fused C++ kernel of cpu_attention (tiny, T=1024, one layer forward and backward: 256 ms against 540 ms for
-  the pure-JAX path below and about 300 ms for torch's SDPA; shakespeare_char: 1.6 against 5.2 ms)."""
+  the pure-JAX path below and about 300 ms for torch's SDPA; shakespeare_char: 1.6 against 5.2 ms). Bfloat16
+  compute takes it too, on float32 copies of q, k, v: the logits and softmax are float32 either way, and
+  XLA:CPU's bfloat16 attention (the pure-JAX path) was the slower one even on AMX hosts."""
   if jax.default_backend() != 'cpu':
     return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, is_causal=True)
-  if cpu_attention.supported(q_BxTxNxH):
-    return cpu_attention.causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
+  if cpu_attention.available():
+    f32 = lambda x: x.astype(jnp.float32)
+    o = cpu_attention.causal_attention(f32(q_BxTxNxH), f32(k_BxTxKxH), f32(v_BxTxKxH))
+    return o.astype(q_BxTxNxH.dtype)
   return blockwise_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
 
 
 def blockwise_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH):
-  """The pure-JAX CPU attention (bfloat16 compute, or no C++ compiler for the fused kernel). Short sequences
+  """The pure-JAX CPU attention (no C++ compiler for the fused kernel). Short sequences
   (T <= ATTN_BLOCK) are plain batched matmuls whose backward keeps the [T, T] probabilities (small there, and
   5-10% faster per shakespeare_char step than recomputing them); longer ones use the blockwise
   `causal_attention` with a recomputing backward."""

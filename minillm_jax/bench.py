@@ -39,8 +39,8 @@ from minillm_jax import config as config_lib
 from minillm_jax.model import GPT, flops_per_token, init_model, mm, param_counts
 
 ROOT = bench_report.ROOT
-TRAIN_VARIANTS = ('jax_float32', 'jax_float32_dp', 'jax_bfloat16', 'torch_eager_fp32', 'torch_compile_fp32',
-                  'torch_compile_bf16')
+TRAIN_VARIANTS = ('jax_float32', 'jax_float32_dp', 'jax_bfloat16', 'jax_bfloat16_dp', 'torch_eager_fp32',
+                  'torch_compile_fp32', 'torch_compile_bf16')
 DEFAULT_CONFIGS = ('configs/tiny.py', 'configs/shakespeare_char.py')
 F = flags.FLAGS
 Run = Callable[[int], object]  # run(k): k steps (or calls), synchronised at the end
@@ -223,7 +223,7 @@ def train_bench(cfg, mc, a: dict) -> dict:
          'matmul_n': n, 'matmul_flops': flop, 'peak_flops': peak, 'loadavg': [load0, os.getloadavg()[0]],
          'memory_method': 'torch.cuda peak allocated' if gpu else 'RSS high-water delta', 'variants': {}}
   for v, xs in s.items():
-    ms, dt = 1e3 * _med(xs), 'bfloat16' if v.endswith(('bf16', 'bfloat16')) else 'float32'
+    ms, dt = 1e3 * _med(xs), 'bfloat16' if v.removesuffix('_dp').endswith(('bf16', 'bfloat16')) else 'float32'
     tps = B * T / (ms / 1e3)
     out['variants'][v] = {
         'samples_ms': [1e3 * x for x in xs], 'ms': ms, 'spread': _spread(xs), 'tokens_per_s': tps,

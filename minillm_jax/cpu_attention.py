@@ -30,9 +30,6 @@ def available() -> bool:
                           'results, slower)') is not None
 
 
-def supported(q_BxTxNxH: jax.Array) -> bool:
-  return q_BxTxNxH.dtype == jnp.float32 and available()
-
 
 @jax.custom_vjp
 def causal_attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array) -> jax.Array:

@@ -9,6 +9,9 @@ cost and its threads contending with XLA's made the step slower (46 against 38 m
 Without a compiler (or with MINILLM_CPU_MATMUL=0) `available()` is False and `mm` uses XLA's dots;
 MINILLM_CPU_MATMUL_MIN_MACS moves the threshold (0: every float32 product, as the tests use it).
 
+`transposed` writes a bfloat16 matrix's transpose where XLA cannot fold it back into the dot that reads it: the
+bfloat16 train step's gradient products then run as XLA:CPU's native bfloat16 dots instead of widened float32 ones.
+
 `gemv_bf16` is decoding's product with weights stored in bfloat16 (the samplers' `weights='bfloat16'`): float32
 activations and accumulation, half the bytes of weights read per token, which is what bounds batch-1 decoding.
 """
@@ -62,7 +65,8 @@ def available() -> bool:
   except ImportError as e:
     logging.warning('%s: %s', FALLBACK, e)
     return False
-  targets = {'minillm_gemm': 'MinillmGemm', 'minillm_gemv_bf16': 'MinillmGemvBf16'}
+  targets = {'minillm_gemm': 'MinillmGemm', 'minillm_gemv_bf16': 'MinillmGemvBf16',
+             'minillm_transpose_bf16': 'MinillmTransposeBf16'}
   return cpu_kernels.load(SRC, targets, FALLBACK, flags) is not None
 
 
@@ -138,3 +142,42 @@ def gemv_bf16(x_MxK: jax.Array, w: jax.Array, tb: bool = False) -> jax.Array:
   N = w.shape[0 if tb else 1]
   return jax.ffi.ffi_call('minillm_gemv_bf16', jax.ShapeDtypeStruct((x_MxK.shape[0], N), jnp.float32))(
       x_MxK, w, tb=tb)
+
+
+def transpose_supported(x: jax.Array) -> bool:
+  return x.dtype == jnp.bfloat16 and x.ndim == 2 and jax.default_backend() == 'cpu' and available()
+
+
+def _transpose_call(x):
+  return jax.ffi.ffi_call('minillm_transpose_bf16', jax.ShapeDtypeStruct(x.shape[::-1], x.dtype))(x)
+
+
+@functools.cache
+def _partitioned_transpose():
+  """The transpose as the SPMD partitioner sees it: each device transposes its own block, the sharding swaps."""
+  f = custom_partitioning(_transpose_call)
+
+  def shardings(mesh, args, result):
+    spec = tuple(args[0].sharding.spec) + (None, None)
+    return (NamedSharding(mesh, P(spec[0], spec[1])),), NamedSharding(mesh, P(spec[1], spec[0]))
+
+  def partition(mesh, args, result):
+    ins, out = shardings(mesh, args, result)
+    return mesh, _transpose_call, out, ins
+
+  f.def_partition(partition, infer_sharding_from_operands=lambda *a: shardings(*a)[1], sharding_rule='n d -> d n')
+  return f
+
+
+@jax.custom_vjp
+def transposed(x_RxC: jax.Array) -> jax.Array:
+  """x.T for a 2-D bfloat16 x on CPU, written out row-major (see the module docstring)."""
+  if not available():
+    raise RuntimeError('the CPU matmul kernels are not available here; check cpu_matmul.available() first')
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.manual_axes:  # inside shard_map: a per-device program, nothing to partition
+    return _transpose_call(x_RxC)
+  return _partitioned_transpose()(x_RxC)
+
+
+transposed.defvjp(lambda x: (transposed(x), None), lambda _, g: (transposed(g),))

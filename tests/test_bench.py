@@ -70,8 +70,10 @@ def test_quick_smoke(tmp_path):
             f'## GPU\n\n{OTHER}\n')
   p = run_module('minillm_jax.bench', *tiny_args(tmp), '--quick', '--update_md', f'--md={md}', timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
-  res = check(tmp, {'jax_float32', 'jax_float32_dp', 'jax_bfloat16', 'torch_eager_fp32'})  # no torch.compile
-  t = res['runs'][0]['train']['variants']
+  res = check(tmp, {'jax_float32', 'jax_float32_dp', 'jax_bfloat16', 'jax_bfloat16_dp', 'torch_eager_fp32'})
+  t = res['runs'][0]['train']['variants']  # (--quick: no torch.compile)
+  assert [t[v]['compute_dtype'] for v in ('jax_float32_dp', 'jax_bfloat16', 'jax_bfloat16_dp')] == [
+      'float32', 'bfloat16', 'bfloat16']  # MFU against the bfloat16 peak
   cores = min(len(os.sched_getaffinity(0)), 8)
   assert t['jax_float32']['devices'] == 1  # and _dp: batch 4 over the most CPU devices (one per core) dividing it
   assert t['jax_float32_dp']['devices'] == max(d for d in range(1, cores + 1) if 4 % d == 0)

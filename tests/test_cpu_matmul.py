@@ -1,6 +1,7 @@
 """The OpenBLAS matmul (cpu_matmul.cc) the model's `mm` takes for float32 on CPU: products, gradients,
 dispatch, the split over several devices, and the fallback without a compiler."""
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -58,7 +59,8 @@ def test_dispatch():
 
 def test_split_over_devices_keeps_rows_local():
   """Rows sharded over 2 devices: forward and input gradient run on each device's rows with no collective,
-  the weight gradient adds the devices' partial products (one all-reduce); all equal one device's result."""
+  the weight gradient adds the devices' partial products (one all-reduce), the bfloat16 transpose swaps the
+  sharding; all equal one device's result."""
   code = """if 1:
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -76,14 +78,19 @@ def test_split_over_devices_keeps_rows_local():
       got = f(xs, ys)
       print(name, len(jax.devices()), 'all-gather' in hlo, hlo.count('all-reduce('), got.sharding.spec,
             float(np.abs(np.asarray(got) - want).max()))
+    x = jax.device_put(jnp.asarray(a, jnp.bfloat16), rows)  # the bfloat16 transpose: each device its own rows
+    hlo = jax.jit(cpu_matmul.transposed).lower(x).compile().as_text()
+    got = jax.jit(cpu_matmul.transposed)(x)
+    print('tr', len(jax.devices()), 'all-gather' in hlo, hlo.count('all-reduce('), str(got.sharding.spec).replace(' ', ''),
+          float(np.abs(np.asarray(got, np.float32) - np.asarray(x, np.float32).T).max()))
   """
   r = subprocess.run([sys.executable, '-c', code], check=False, capture_output=True, text=True, cwd=ROOT,
                      env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
   assert r.returncode == 0, r.stderr[-2000:]
   lines = [l.split(maxsplit=5) for l in r.stdout.splitlines()]
   assert [l[:4] for l in lines] == [['fwd', '2', 'False', '0'], ['dx', '2', 'False', '0'],
-                                    ['dw', '2', 'False', '1']], r.stdout
-  assert [l[4] for l in lines] == ["P('d',)", "P('d',)", 'P()'], r.stdout
+                                    ['dw', '2', 'False', '1'], ['tr', '2', 'False', '0']], r.stdout
+  assert [l[4] for l in lines] == ["P('d',)", "P('d',)", 'P()', "P(None,'d')"], r.stdout
   assert all(float(l[5]) < 1e-4 for l in lines), r.stdout
 
 
@@ -102,6 +109,41 @@ def test_falls_back_to_xla_without_a_compiler():
   assert r.returncode == 0 and r.stdout.split() == ['False', 'False', '8.0'], r.stdout + r.stderr[-2000:]
   assert "OpenBLAS matmuls unavailable, using XLA's dots" in r.stderr, r.stderr
   assert '/bin/false could not build cpu_matmul.cc: exit status 1' in r.stderr, r.stderr
+
+
+def _dot_operand_types(hlo: str) -> list[str]:
+  """The element types of every dot's operands in compiled HLO text (dots sit inside fused computations)."""
+  types = dict(re.findall(r'%([\w.\-]+) = (\w+)\[', hlo))
+  return [types.get(o.strip().lstrip('%'), '?') for ops in re.findall(r' dot\(([^)]*)\)', hlo) for o in ops.split(',')]
+
+
+def test_bfloat16_transpose_is_exact_with_its_gradient():
+  r = np.random.default_rng(0)
+  for shape in [(1, 7), (65, 130), (200, 64)]:
+    x = jnp.asarray(r.standard_normal(shape), jnp.bfloat16)
+    np.testing.assert_array_equal(jax.jit(cpu_matmul.transposed)(x), x.T)
+    w = jnp.asarray(r.standard_normal(shape[::-1]), jnp.bfloat16)
+    g = jax.grad(lambda x: (cpu_matmul.transposed(x) * w).astype(jnp.float32).sum())(x)
+    np.testing.assert_array_equal(g, w.T)
+
+
+def test_bfloat16_gradient_products_run_as_bfloat16_dots(monkeypatch):
+  """XLA:CPU widens a bfloat16 dot with a transposed operand to float32 (and folds its own transposes back in):
+  with the opaque transpose every dot of mm's forward and both gradients, and of the tied head, reads bfloat16
+  operands, and the gradients are those of the widened dots (same products, float32 sums in another order)."""
+  bf = jnp.bfloat16
+  a = jax.random.normal(jax.random.key(0), (96, 40)).astype(bf)
+  b = jax.random.normal(jax.random.key(1), (40, 24)).astype(bf)
+  f = lambda a, b: jnp.sin(mm(a, b)).sum()
+  hlo = jax.jit(jax.grad(f, (0, 1))).lower(a, b).compile().as_text()
+  assert 'minillm_transpose_bf16' in hlo
+  assert _dot_operand_types(hlo) == ['bf16'] * 6, _dot_operand_types(hlo)
+  got = jax.grad(f, (0, 1))(a, b)
+  monkeypatch.setattr(cpu_matmul, 'transpose_supported', lambda x: False)
+  widened = jax.jit(jax.grad(f, (0, 1))).lower(a, b).compile().as_text()
+  assert 'f32' in _dot_operand_types(widened)  # what the transpose is for: without it XLA widens the dots
+  for x, y in zip(got, jax.grad(f, (0, 1))(a, b)):
+    np.testing.assert_allclose(x.astype(np.float32), y.astype(np.float32), rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize('fsdp', [False, True])

@@ -91,6 +91,26 @@ def test_bfloat16_forward_is_finite_and_close(fam):
   assert float(jnp.abs(bf - f32).max()) < 0.05  # same weights, bf16 matmul inputs
 
 
+@pytest.mark.parametrize('fam', FAMILIES)
+def test_bfloat16_gradients_follow_float32(fam, monkeypatch):
+  """bfloat16 compute on CPU (bfloat16 gradient products through cpu_matmul.transposed, the tied head's forward
+  too; attention on the float32 kernel): the gradients are float32's up to bfloat16 rounding, and those of
+  XLA's widened dots up to summation order."""
+  from minillm_jax import cpu_matmul
+  from minillm_jax.train import loss_fn
+  c, x = FAMILIES[fam], tokens()
+
+  def grads(dtype):
+    gdef, params = nnx.split(init_model(dataclasses.replace(c, dtype=dtype), 0), nnx.Param)
+    g = jax.jit(jax.grad(loss_fn))(params, gdef, x[:, :-1], x[:, 1:], None)
+    return jnp.concatenate([v.reshape(-1) for v in jax.tree.leaves(g)])
+
+  g32, gbf = grads('float32'), grads('bfloat16')
+  assert float(jnp.linalg.norm(gbf - g32) / jnp.linalg.norm(g32)) < 0.02
+  monkeypatch.setattr(cpu_matmul, 'transpose_supported', lambda x: False)
+  np.testing.assert_allclose(gbf, grads('bfloat16'), rtol=0, atol=1e-2 * float(jnp.abs(g32).max()))
+
+
 def test_dropout_only_with_key():
   m = init_model(dataclasses.replace(GPT2ISH, dropout=0.5), 0)
   x = tokens()
@@ -128,7 +148,7 @@ def check_attention(f, B, T, N, K, H, atol):
 
 @pytest.mark.parametrize('T', [ATTN_BLOCK + 1, 2 * ATTN_BLOCK + 44])
 def test_blockwise_attention_and_its_gradients_match_plain_attention(T):
-  """The pure-JAX CPU attention (bfloat16 compute, no C++ compiler): blockwise above ATTN_BLOCK with its own
+  """The pure-JAX CPU attention (no C++ compiler): blockwise above ATTN_BLOCK with its own
   backward, GQA included."""
   check_attention(blockwise_attention, 2, T, 4, 2, 8, atol=2e-6)
 
@@ -187,8 +207,9 @@ def test_fused_attention_propagates_nan_and_leaves_float_modes_alone():
 def test_cpu_attention_dispatch():
   q = jnp.ones((1, 4, 2, 8))
   fused = jax.make_jaxpr(attention)(q, q, q)
-  assert 'custom_partitioning' in str(fused)   # float32 on CPU takes the kernel
-  assert 'custom_partitioning' not in str(jax.make_jaxpr(attention)(*[q.astype(jnp.bfloat16)] * 3))
+  assert 'custom_partitioning' in str(fused)   # CPU takes the kernel, float32 and bfloat16 compute alike
+  bf = jax.make_jaxpr(attention)(*[q.astype(jnp.bfloat16)] * 3)
+  assert 'custom_partitioning' in str(bf) and bf.out_avals[0].dtype == jnp.bfloat16
 
 
 def test_fused_attention_is_split_along_the_batch_on_several_devices():

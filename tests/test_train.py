@@ -460,3 +460,12 @@ def test_mfu_never_exceeds_one_when_the_cached_peak_was_timed_under_load(tmp_pat
   mfu = [m['mfu'] for m in metrics(tmp) if m['step'] > 20 and 'mfu' in m]
   assert mfu and all(0 < x <= 1 for x in mfu), mfu
   assert all(v > 1e3 for v in json.loads(cache.read_text()).values())
+
+
+def test_bf16_hint_only_for_float32_on_amx_cpus(monkeypatch):
+  from minillm_jax import parallel
+  monkeypatch.setattr(parallel, 'cpu_flags', lambda: {'avx512f', 'amx_bf16'})
+  assert '--config.model.dtype=bfloat16' in train.bf16_hint('float32')
+  assert train.bf16_hint('bfloat16') is None
+  monkeypatch.setattr(parallel, 'cpu_flags', lambda: {'avx512f', 'avx512_bf16'})
+  assert train.bf16_hint('float32') is None

@@ -146,7 +146,7 @@ def test_bfloat16_gradient_products_run_as_bfloat16_dots(monkeypatch):
     np.testing.assert_allclose(x.astype(np.float32), y.astype(np.float32), rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize('fsdp', [False, True])
+@pytest.mark.parametrize('fsdp', [False, pytest.param(True, marks=pytest.mark.slow)])  # FSDP: 33 s, test-all
 def test_training_on_blas_matches_xla_on_one_and_eight_devices(tmp_path, fsdp):
   """Every float32 product on OpenBLAS (threshold 0): data parallel inside shard_map (one OpenBLAS thread per
   device) and FSDP through the partitioning rule compute the 1-device XLA run; and two identical runs agree

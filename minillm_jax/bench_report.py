@@ -22,7 +22,7 @@ def environment() -> dict:
   import transformers
   txt = Path('/proc/cpuinfo').read_text() if os.path.exists('/proc/cpuinfo') else ''
   cpu = re.search(r'(?:model name|Hardware)\s*:\s*(.*)', txt)
-  fl = set(re.search(r'(?:flags|Features)\s*:\s*(.*)', txt).group(1).split()) if 'lags' in txt else set()
+  fl = parallel.cpu_flags()
   git = lambda *a: subprocess.run(['git', *a], cwd=ROOT, capture_output=True, text=True,
                                   check=False).stdout.strip()
   dev = jax.devices()[0]

@@ -12,12 +12,8 @@
 // Layouts are the model's own, so JAX needs no transposes: q, o, do [B, T, N, H]; k, v [B, T, K, H] with
 // query head n using kv head n / (N / K); lse [B, N, T]. float32 only.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <vector>
 
 #include "cpu_parallel.h"

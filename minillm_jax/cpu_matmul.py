@@ -111,12 +111,21 @@ def _partitioned(ta: bool, tb: bool):
   return f
 
 
+def _require():
+  if not available():
+    raise RuntimeError('the CPU matmul kernels are not available here; check cpu_matmul.available() first')
+
+
+def _shard_map_mesh() -> jax.sharding.AbstractMesh | None:
+  """Inside shard_map (a per-device program, nothing to partition): its mesh; else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh if not mesh.empty and mesh.manual_axes else None
+
+
 def matmul(a: jax.Array, b: jax.Array, ta: bool = False, tb: bool = False) -> jax.Array:
   """op(a) @ op(b) in float32, op transposing when ta / tb: a [M, K] (ta: [K, M]), b [K, N] (tb: [N, K])."""
-  if not available():
-    raise RuntimeError('the OpenBLAS matmul is not available here; check cpu_matmul.available() first')
-  mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty and mesh.manual_axes:  # inside shard_map: a per-device program, nothing to partition
+  _require()
+  if (mesh := _shard_map_mesh()) is not None:
     return _call(a, b, ta, tb, mesh.size)
   return _partitioned(ta, tb)(a, b)
 
@@ -137,8 +146,7 @@ def gemv_supported(x_MxK: jax.Array, w: jax.Array) -> bool:
 def gemv_bf16(x_MxK: jax.Array, w: jax.Array, tb: bool = False) -> jax.Array:
   """x @ w (tb: x @ w.T) in float32 for float32 x [M, K] and bfloat16 w [K, N] (tb: [N, K]), on XLA's
   intra-op thread pool."""
-  if not available():
-    raise RuntimeError('the CPU matmul kernels are not available here; check cpu_matmul.available() first')
+  _require()
   N = w.shape[0 if tb else 1]
   return jax.ffi.ffi_call('minillm_gemv_bf16', jax.ShapeDtypeStruct((x_MxK.shape[0], N), jnp.float32))(
       x_MxK, w, tb=tb)
@@ -172,12 +180,8 @@ def _partitioned_transpose():
 @jax.custom_vjp
 def transposed(x_RxC: jax.Array) -> jax.Array:
   """x.T for a 2-D bfloat16 x on CPU, written out row-major (see the module docstring)."""
-  if not available():
-    raise RuntimeError('the CPU matmul kernels are not available here; check cpu_matmul.available() first')
-  mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty and mesh.manual_axes:  # inside shard_map: a per-device program, nothing to partition
-    return _transpose_call(x_RxC)
-  return _partitioned_transpose()(x_RxC)
+  _require()
+  return _transpose_call(x_RxC) if _shard_map_mesh() is not None else _partitioned_transpose()(x_RxC)
 
 
 transposed.defvjp(lambda x: (transposed(x), None), lambda _, g: (transposed(g),))

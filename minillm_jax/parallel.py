@@ -19,9 +19,10 @@ def host_cores() -> int:
 
 
 def cpu_flags() -> set[str]:
-  """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+  """The CPU's feature flags (Linux /proc/cpuinfo: `flags` on x86, `Features` on ARM; empty elsewhere)."""
   try:
-    return set(next(l for l in open('/proc/cpuinfo') if l.startswith('flags')).split(':', 1)[1].split())
+    line = next(l for l in open('/proc/cpuinfo') if l.startswith(('flags', 'Features')))
+    return set(line.split(':', 1)[1].split())
   except (OSError, StopIteration, IndexError):
     return set()
 

@@ -36,7 +36,7 @@ from flax import nnx
 
 from minillm_jax import bench_report, cli, parallel, train
 from minillm_jax import config as config_lib
-from minillm_jax.model import GPT, flops_per_token, init_model, mm, param_counts
+from minillm_jax.model import GPT, decode_bytes, flops_per_token, init_model, mm, param_counts
 
 ROOT = bench_report.ROOT
 TRAIN_VARIANTS = ('jax_float32', 'jax_float32_dp', 'jax_bfloat16', 'jax_bfloat16_dp', 'torch_eager_fp32',
@@ -118,6 +118,19 @@ def matmul_runs(n: int) -> dict[str, Run]:
     a, t = jnp.ones((n, n), dt), torch.ones(n, n, dtype=getattr(torch, dt), device=_tdev())
     runs[f'matmul_jax_{dt}'] = lambda k, a=a: [jmm(a, a).block_until_ready() for _ in range(k)]
     runs[f'matmul_torch_{dt}'] = lambda k, t=t: ([torch.mm(t, t) for _ in range(k)], _tsync())
+  for run in runs.values():
+    run(1)
+  return runs
+
+
+def read_runs(nbytes: int) -> dict[str, Run]:
+  """Sums of a float32 buffer of nbytes, JAX and torch, warmed up: the read bandwidth a decoder reading that
+  many bytes per step can reach at best (the faster framework's, timed in the same rounds as the decoders)."""
+  import torch
+  n = max(1, nbytes // 4)
+  j, t, jsum = jnp.ones((n,), jnp.float32), torch.ones(n, device=_tdev()), jax.jit(jnp.sum)
+  runs = {'read_jax': lambda k: [jsum(j).block_until_ready() for _ in range(k)],
+          'read_torch': lambda k: ([t.sum() for _ in range(k)], _tsync())}
   for run in runs.values():
     run(1)
   return runs
@@ -279,11 +292,18 @@ def decode_bench(cfg, mc, a: dict) -> dict:
   runs = {f'{j}/{b}': functools.partial(jax_run, j=j, b=b) for j in jaxes for b in bs}
   runs |= {f'{o}/{b}/{n}': lambda k, g=g, b=b, n=n: g(b, n)
            for o, g in gens.items() for b in bs for n in (N, 1)}
+  # the bytes a step reads at the mean cache length of the timed steps; a buffer of the float32 batch-1 size
+  # gives the read bandwidth in the same cache regime (tiny: DRAM; shakespeare_char: the caches)
+  step_bytes = lambda o, b: decode_bytes(c, b, P + N / 2, 2 if o == 'jax_bf16w' else 4)
+  reads = read_runs(int(step_bytes('jax', 1)))
   first = {k: _timed(r, 1)[0] for k, r in runs.items()}  # compiles and warms up
+  steps = dict.fromkeys(runs, 1) | {k: max(1, round(0.2 / _timed(r, 1)[0])) for k, r in reads.items()}
   jx.clear()
-  s = interleave(runs, dict.fromkeys(runs, 1), a['decode_repeats'])
+  s = interleave(runs | reads, steps, a['decode_repeats'])
+  bw = max(step_bytes('jax', 1) / _med(s.pop(k)) for k in reads)
   res = {'prompt_len': P, 'new_tokens': N, 'context': T, 'hf_class': hf.CLASSES[hf.arch_for(c)],
-         'jax_method': 'sample.measure_decode', 'samples_s': s, 'jax_raw': jx, 'impls': {}}
+         'jax_method': 'sample.measure_decode', 'samples_s': s, 'jax_raw': jx, 'read_bytes_per_s': bw,
+         'impls': {}}
   for b in bs:
     for o in gens:  # a stalled 1-token call (torch's OpenMP under load) can outlast the full one: measure again
       for _ in range(5):
@@ -299,7 +319,8 @@ def decode_bench(cfg, mc, a: dict) -> dict:
       res['impls'].setdefault(o, {})[str(b)] = {
           'decode_tokens_per_s': b * (N - 1) / _med(rest[o]), 'ttft_ms': 1e3 * _med(t1),
           'end_to_end_tokens_per_s': b * N / (_med(t1) + _med(rest[o])), 'spread': _spread(rest[o]),
-          'ms_per_token': 1e3 * _med(rest[o]) / max(N - 1, 1),
+          'ms_per_token': 1e3 * _med(rest[o]) / max(N - 1, 1), 'step_bytes': step_bytes(o, b),
+          'mbu': step_bytes(o, b) * (N - 1) / _med(rest[o]) / bw, 'floor_ms': 1e3 * step_bytes(o, b) / bw,
           'first_call_s': first[f'{o}/{b}'] if o in jaxes else first[f'{o}/{b}/{N}']}
   rate = lambda o, b: res['impls'][o][b]['decode_tokens_per_s']
   for j in jaxes:  # 'speedup': float32 JAX; 'speedup_jax_bf16w': bfloat16 weights

@@ -87,13 +87,28 @@ def _decode_md(d: dict) -> list[str]:
             f'largest spread {100 * worst:.0f}%. tokens/s: batch x (new - 1) / the decode time after the '
             'first token; TTFT: prefill + first token; e2e: batch x new / total time. Greedy tokens equal to '
             f'float32 JAX\'s at batch 1 (random weights: near-tied logits): {same}.')]
+  if 'read_bytes_per_s' in d:  # (absent from results written before it was measured)
+    f32 = d['impls'].get('hf', d['impls'].get('torch', {})).get(bs[0], {})
+    L[-1] += (f' MBU: the bytes a step must read (every matrix once, the norms, the KV cache at its mean '
+              f'length: {f32.get("step_bytes", 0) / 1e6:,.1f} MB at B={bs[0]} in float32) per step time, over '
+              f'the read bandwidth timed in the same rounds ({d["read_bytes_per_s"] / 1e9:,.1f} GB/s, a sum '
+              f'over a buffer of that size); *floor* is that read alone')
+    if 'hf' in d['impls'] and f32:
+      L[-1] += (f', so no float32 decoder here beats {names["hf"]} by more than '
+                f'{f32["ms_per_token"] / f32["floor_ms"]:.2f}x at B={bs[0]}')
+    L[-1] += '.'
+  mbu = lambda v: f'{100 * v["mbu"]:.0f}%' if 'mbu' in v else '-'
   rows = [[names[k], *(x for b in bs for x in (
       f'{v[b]["decode_tokens_per_s"]:,.1f}', f'{v[b]["ttft_ms"]:,.1f}', f'{v[b]["ms_per_token"]:,.2f}',
-      f'{v[b]["end_to_end_tokens_per_s"]:,.1f}'))] for k, v in d['impls'].items()]
+      mbu(v[b]), f'{v[b]["end_to_end_tokens_per_s"]:,.1f}'))] for k, v in d['impls'].items()]
+  floors = {'float32 weights': d['impls'].get('jax'), 'bfloat16 weights': d['impls'].get('jax_bf16w')}
+  rows += [[f'floor, {w}', *(x for b in bs for x in (f'{int(b) * 1e3 / v[b]["floor_ms"]:,.1f}', '',
+                                                      f'{v[b]["floor_ms"]:,.2f}', '100%', ''))]
+           for w, v in floors.items() if v and 'floor_ms' in v[bs[0]]]
   for key, who in (('speedup', 'JAX'), ('speedup_jax_bf16w', 'JAX bfloat16 weights')):
-    rows += [[f'{who} speedup vs {names[o]}', *(x for b in bs for x in (f'{s[b]:.2f}x', '', '', ''))]
+    rows += [[f'{who} speedup vs {names[o]}', *(x for b in bs for x in (f'{s[b]:.2f}x', '', '', '', ''))]
              for o, s in d.get(key, {}).items()]
-  head = [x for b in bs for x in (f'B={b} tokens/s', 'TTFT ms', 'ms/token', 'e2e tokens/s')]
+  head = [x for b in bs for x in (f'B={b} tokens/s', 'TTFT ms', 'ms/token', 'MBU', 'e2e tokens/s')]
   return L + _table(['decode', *head], rows)
 
 

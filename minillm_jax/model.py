@@ -297,12 +297,28 @@ def flops_per_token(c: ModelConfig, seq_len: int | None = None) -> dict[str, flo
   """Matmul FLOPs per token (PaLM appendix B): 2 per weight multiply-add plus attention scores and mixing,
   counted over the full (unmasked) context; training is 3x forward."""
   T = seq_len or c.block_size
-  D, F, L, hd = c.d_model, c.d_ff, c.n_layer, c.head_dim
-  attn_w = D * (c.n_head + 2 * c.n_kv_head) * hd + c.n_head * hd * D
-  mlp_w = D * F * (3 if c.mlp == 'swiglu' else 2)
-  weights = L * (attn_w + mlp_w) + D * c.vocab_size
-  fwd = 2 * weights + L * 2 * 2 * T * c.n_head * hd
+  fwd = 2 * _matrix_params(c) + c.n_layer * 2 * 2 * T * c.n_head * c.head_dim
   return {'forward': float(fwd), 'train': 3.0 * fwd}
+
+
+def decode_bytes(c: ModelConfig, batch: int, cached: float, weight_bytes: int = 4) -> float:
+  """The least memory one KV-cache decode step reads: every matrix once (`weight_bytes` per element: 2 when
+  stored in bfloat16), the vectors (norms, biases) in float32, `batch` embedding rows, and K and V of `cached`
+  positions per row in the cache's dtype. Batch-1 decoding is bound by it (bench: the read floor, MBU)."""
+  tables = c.vocab_size * c.d_model * (0 if c.tie_embeddings else 1) + (
+      c.max_positions * c.d_model if c.pos == 'learned' else 0)  # (the tied head is one of the matrices)
+  vectors = param_counts(c)['total'] - _matrix_params(c) - tables
+  rows = batch * c.d_model * (2 if c.pos == 'learned' else 1)
+  kv = batch * c.n_layer * 2 * c.n_kv_head * c.head_dim * cached * jnp.dtype(DTYPES[c.dtype]).itemsize
+  return float(_matrix_params(c) * weight_bytes + 4 * (vectors + rows) + kv)
+
+
+def _matrix_params(c: ModelConfig) -> int:
+  """Elements of the matrices a token multiplies by: attention, MLP, and the head (D x vocab)."""
+  D, hd = c.d_model, c.head_dim
+  attn_w = D * (c.n_head + 2 * c.n_kv_head) * hd + c.n_head * hd * D
+  mlp_w = D * c.d_ff * (3 if c.mlp == 'swiglu' else 2)
+  return c.n_layer * (attn_w + mlp_w) + D * c.vocab_size
 
 
 def _main(argv):

@@ -47,9 +47,15 @@ def check(tmp, variants: set[str]) -> dict:
   assert max(losses) - min(losses) < 0.05, losses
   assert all(r > 0 for s in t['speedup'].values() for r in s.values())
   assert set(d['impls']) == {'jax', 'jax_bf16w', 'torch', 'hf'}
-  for impl in d['impls'].values():
+  positive(d, 'read_bytes_per_s')
+  for k, impl in d['impls'].items():
     for b in ('1', '2'):
-      positive(impl[b], 'decode_tokens_per_s', 'ttft_ms', 'end_to_end_tokens_per_s')
+      positive(impl[b], 'decode_tokens_per_s', 'ttft_ms', 'end_to_end_tokens_per_s', 'mbu', 'floor_ms')
+      assert impl[b]['floor_ms'] == pytest.approx(1e3 * impl[b]['step_bytes'] / d['read_bytes_per_s'])
+      assert impl[b]['mbu'] == pytest.approx(impl[b]['floor_ms'] / impl[b]['ms_per_token'])
+    # bfloat16 weights: the matrices at 2 bytes, the rest as float32
+    assert (impl['1']['step_bytes'] < d['impls']['jax']['1']['step_bytes']) == (k == 'jax_bf16w')
+    assert impl['2']['step_bytes'] > impl['1']['step_bytes']
   assert d['greedy_agree_tokens']['torch'] > 0 and d['greedy_agree_tokens']['hf'] > 0
   assert 0 <= d['greedy_agree_tokens']['jax_bf16w'] <= d['new_tokens']
   for key in ('speedup', 'speedup_jax_bf16w'):
@@ -59,6 +65,7 @@ def check(tmp, variants: set[str]) -> dict:
     md = f.read()
   assert '| variant | ms/step' in md and '| decode |' in md and 'Data pipeline' in md
   assert '| JAX, bfloat16 weights |' in md and '| JAX bfloat16 weights speedup vs transformers' in md
+  assert '| floor, float32 weights |' in md and 'MBU' in md and 'no float32 decoder here beats' in md
   return res
 
 

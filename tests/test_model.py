@@ -19,6 +19,7 @@ from minillm_jax.attention import ATTN_BLOCK, attention, blockwise_attention
 from minillm_jax.config import ModelConfig, model_config
 from minillm_jax.model import (
   GPT,
+  decode_bytes,
   init_model,
   mm,
   normalize,
@@ -281,6 +282,32 @@ def test_gpt2_style_init():
 def test_tiny_exact_parameter_count():
   c = model_config(preset('tiny'))
   assert param_counts(c)['total'] == 27_073_024
+
+
+def test_decode_bytes_of_tiny_by_hand():
+  # 6 x (512 x 1536 qkv + 512 x 512 out + 2 x 512 x 2048 MLP) + 512 x 8000 head = 22,970,368 matrix elements;
+  # 13 LayerNorm scales of 512; one embedding row; K and V: 6 layers x 2 x 512 floats x 160 positions
+  c = model_config(preset('tiny'))
+  vec, row, kv = 4 * 13 * 512, 4 * 512, 6 * 2 * 512 * 4 * 160
+  assert decode_bytes(c, 1, 160) == 22_970_368 * 4 + vec + row + kv == 95_842_304
+  assert decode_bytes(c, 1, 160, weight_bytes=2) == 22_970_368 * 2 + vec + row + kv
+  assert decode_bytes(c, 8, 160) == 22_970_368 * 4 + vec + 8 * (row + kv)
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_decode_bytes_counts_the_parameters_a_step_reads(family):
+  """From the parameter tree: every matrix but the embedding tables (the tied head is the token table, read
+  whole), every vector; plus the rows a token gathers and its K/V cache (GQA: n_kv_head heads)."""
+  c = FAMILIES[family]
+  leaves = jax.tree_util.tree_flatten_with_path(nnx.state(init_model(c, 0), nnx.Param))[0]
+  name = lambda p: jax.tree_util.keystr(p)
+  tables = [x.size for p, x in leaves if 'wte' in name(p) or 'wpe' in name(p)]
+  mats = sum(x.size for p, x in leaves if x.ndim == 2 and 'wte' not in name(p) and 'wpe' not in name(p))
+  mats += c.vocab_size * c.d_model if c.tie_embeddings else 0
+  vecs = sum(x.size for p, x in leaves if x.ndim == 1)
+  rows = len(tables) * c.d_model
+  kv = c.n_layer * 2 * c.n_kv_head * c.head_dim * 4 * 5
+  assert decode_bytes(c, 3, 5) == 4 * mats + 4 * vecs + 3 * (4 * rows + kv)
 
 
 @pytest.mark.parametrize('name,target,key', [

@@ -59,20 +59,23 @@ def _train_md(t: dict) -> list[str]:
     pm = '-' if d['step_peak_mb'] is None else f'{d["step_peak_mb"]:,.0f}'
     pm += f' (XLA {d["xla_step_mb"]:,.0f})' if 'xla_step_mb' in d else ''
     name = f'{v} ({d["devices"]} dev, {d["steps_per_call"]} steps/call)' if d.get('devices', 1) > 1 else v
-    rows.append([name, f'{d["ms"]:,.1f}', f'{100 * d["spread"]:.0f}%', f'{d["tokens_per_s"]:,.0f}',
+    rows.append([name, f'{d["ms"]:,.1f}', f'{d["best_ms"]:,.1f}' if 'best_ms' in d else '-',
+                 f'{100 * d["spread"]:.0f}%', f'{d["tokens_per_s"]:,.0f}',
                  '-' if 'eager' in v else f'{d["compile_s"]:.1f}', f'{d["flops_per_s"] / 1e9:,.1f}',
                  f'{100 * d["mfu"]:.1f}%', pm,
                  f'{d["loss_step0"]:.4f}'])
-  rows += [[v, f'failed: {err}'] + [''] * 7 for v, err in t['errors'].items()]
-  L += _table(['variant', 'ms/step', 'spread', 'tokens/s', 'compile s', 'GFLOP/s', 'MFU', 'step peak MB',
+  rows += [[v, f'failed: {err}'] + [''] * 8 for v, err in t['errors'].items()]
+  L += _table(['variant', 'ms/step', 'best', 'spread', 'tokens/s', 'compile s', 'GFLOP/s', 'MFU', 'step peak MB',
                'loss at step 0'], rows)
   disp = ', '.join(f'{v} {d["dispatch_ms"]:.2f} ms' for v, d in t['variants'].items() if 'dispatch_ms' in d)
   L += ['', (f'Host time per JAX step in the call (Python, pytree flattening, launch; with several devices '
              f'the launch waits for the previous call): {disp}.')] if disp else []
   tv = [v for v in t['variants'] if v.startswith('torch')]
   if t['speedup'] and tv:
-    L += _table(['JAX speedup = torch ms / JAX ms', *tv],
-                [[j, *(f'{s[v]:.2f}x' for v in tv)] for j, s in t['speedup'].items()])
+    best = t.get('speedup_best', {})
+    cell = lambda j, v: f'{t["speedup"][j][v]:.2f}x' + (f' ({best[j][v]:.2f}x)' if j in best else '')
+    L += _table([f'JAX speedup = torch ms / JAX ms{", median (best)" if best else ""}', *tv],
+                [[j, *(cell(j, v) for v in tv)] for j in t['speedup']])
   return L
 
 

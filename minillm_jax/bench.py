@@ -246,7 +246,8 @@ def train_bench(cfg, mc, a: dict) -> dict:
         'step_peak_mb': mem.get(v), **(extra[v]() if v in extra else {})}
   V = out['variants']
   for key, ms in (('speedup', 'ms'), ('speedup_best', 'best_ms')):  # torch / JAX: > 1 means JAX is faster
-    out[key] = {j: {t: V[t][ms] / V[j][ms] for t in V if t.startswith('torch')} for j in V if j.startswith('jax')}
+    out[key] = {j: {t: V[t][ms] / V[j][ms] for t in V if t.startswith('torch')}
+                for j in V if j.startswith('jax')}
   return out
 
 
@@ -295,13 +296,15 @@ def decode_bench(cfg, mc, a: dict) -> dict:
            for o, g in gens.items() for b in bs for n in (N, 1)}
   # the bytes a step reads at the mean cache length of the timed steps; a buffer of the float32 batch-1 size
   # gives the read bandwidth in the same cache regime (tiny: DRAM; shakespeare_char: the caches)
-  step_bytes = lambda o, b: decode_bytes(c, b, P + N / 2, 2 if o == 'jax_bf16w' else 4)
-  reads = read_runs(int(step_bytes('jax', 1)))
+  nbytes = {(o, b): decode_bytes(c, b, P + N / 2, 2 if o == 'jax_bf16w' else 4)
+            for o in [*jaxes, *gens] for b in bs}
+  read_bytes = decode_bytes(c, 1, P + N / 2)
+  reads = read_runs(int(read_bytes))
   first = {k: _timed(r, 1)[0] for k, r in runs.items()}  # compiles and warms up
   steps = dict.fromkeys(runs, 1) | {k: max(1, round(0.2 / _timed(r, 1)[0])) for k, r in reads.items()}
   jx.clear()
   s = interleave(runs | reads, steps, a['decode_repeats'])
-  bw = max(step_bytes('jax', 1) / _med(s.pop(k)) for k in reads)
+  bw = max(read_bytes / _med(s.pop(k)) for k in reads)
   res = {'prompt_len': P, 'new_tokens': N, 'context': T, 'hf_class': hf.CLASSES[hf.arch_for(c)],
          'jax_method': 'sample.measure_decode', 'samples_s': s, 'jax_raw': jx, 'read_bytes_per_s': bw,
          'impls': {}}
@@ -320,8 +323,8 @@ def decode_bench(cfg, mc, a: dict) -> dict:
       res['impls'].setdefault(o, {})[str(b)] = {
           'decode_tokens_per_s': b * (N - 1) / _med(rest[o]), 'ttft_ms': 1e3 * _med(t1),
           'end_to_end_tokens_per_s': b * N / (_med(t1) + _med(rest[o])), 'spread': _spread(rest[o]),
-          'ms_per_token': 1e3 * _med(rest[o]) / max(N - 1, 1), 'step_bytes': step_bytes(o, b),
-          'mbu': step_bytes(o, b) * (N - 1) / _med(rest[o]) / bw, 'floor_ms': 1e3 * step_bytes(o, b) / bw,
+          'ms_per_token': 1e3 * _med(rest[o]) / max(N - 1, 1), 'step_bytes': nbytes[o, b],
+          'mbu': nbytes[o, b] * (N - 1) / _med(rest[o]) / bw, 'floor_ms': 1e3 * nbytes[o, b] / bw,
           'first_call_s': first[f'{o}/{b}'] if o in jaxes else first[f'{o}/{b}/{N}']}
   rate = lambda o, b: res['impls'][o][b]['decode_tokens_per_s']
   for j in jaxes:  # 'speedup': float32 JAX; 'speedup_jax_bf16w': bfloat16 weights

@@ -411,6 +411,10 @@ def main(argv):
     raise config_lib.UserError(f'unknown --variants/--what/--decode_weights entries {sorted(bad)}: variants are '
                                f'{", ".join(TRAIN_VARIANTS)}; sections are train, decode, data; weights are '
                                'float32, bfloat16')
+  if not all(b.isdigit() and int(b) > 0 for b in F.decode_batch) or min(F.prompt_len, F.new_tokens) < 1:
+    raise config_lib.UserError(f'--decode_batch={",".join(F.decode_batch)} --prompt_len={F.prompt_len} '
+                               f'--new_tokens={F.new_tokens}: batch sizes and token counts must be positive '
+                               'integers, e.g. --decode_batch=1,8')
   # one JAX device per core for the jax_*_dp variants (what `train` does on a CPU-only machine); the other JAX
   # variants and decoding run on the first device, which keeps every thread for its ops
   parallel.use_cpu_devices(min(parallel.host_cores(), 8))

@@ -106,6 +106,9 @@ def test_update_md_appends_a_missing_section(tmp_path):
 def test_bad_variant_is_one_line(tmp_path):
   p = run_module('minillm_jax.bench', '--config=configs/shakespeare_char.py', '--variants=jax_fp8', timeout=120)
   assert p.returncode == 2 and 'unknown --variants' in p.stderr and 'Traceback' not in p.stderr
+  for bad in ('--decode_batch=0', '--decode_batch=1,x', '--new_tokens=0'):
+    p = run_module('minillm_jax.bench', '--config=configs/shakespeare_char.py', '--what=decode', bad, timeout=120)
+    assert p.returncode == 2 and 'must be positive integers' in p.stderr and 'Traceback' not in p.stderr, bad
 
 
 @pytest.mark.slow

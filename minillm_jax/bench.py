@@ -9,7 +9,9 @@
 Writes <out>/bench.json (raw samples, medians, environment) and <out>/bench.md; --update_md rewrites this
 device's (CPU or GPU) section of BENCHMARKS.md. Method: every variant is built and compiled by its first call
 (compile time = first call - steady step), then the variants run in turn, A B C A B C ..., `repeats` times,
-and medians are reported. The host is shared: compare ratios within one run, not numbers across runs.
+and medians (and the best repeat) are reported; matmul peaks (MFU) and a read of the decode step's bytes
+(MBU, the decode floor) are timed in the same rounds. The host is shared: compare ratios within one run, not
+numbers across runs.
 """
 from __future__ import annotations
 

@@ -145,6 +145,18 @@ def apply_rope(x_BxTxNxH, cos_TxH, sin_TxH):
   return (x * cos_TxH[:, None, :] + rot * sin_TxH[:, None, :]).astype(x_BxTxNxH.dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def split_heads(qkv_BxTxMxH, N: int, K: int):
+  """q, k, v = the first N, next K and last K heads. Its backward is one concatenate: the slices' own transpose
+  is three zero pads summed, which XLA:CPU fuses in bfloat16 with a round trip through float32 per add
+  (1.7 ms per layer of a 42 ms shakespeare_char bfloat16 step)."""
+  return qkv_BxTxMxH[:, :, :N], qkv_BxTxMxH[:, :, N:N + K], qkv_BxTxMxH[:, :, N + K:]
+
+
+split_heads.defvjp(lambda qkv, N, K: (split_heads(qkv, N, K), None),
+                   lambda N, K, _, g: (jnp.concatenate(g, axis=2),))
+
+
 class Attention(nnx.Module):
   def __init__(self, c: ModelConfig, rngs: nnx.Rngs):
     self.c = c
@@ -156,7 +168,7 @@ class Attention(nnx.Module):
     c, dt = self.c, DTYPES[self.c.dtype]
     N, K, H = c.n_head, c.n_kv_head, c.head_dim
     qkv = self.qkv(x_NxD, dt).astype(dt).reshape(B, T, N + 2 * K, H)
-    q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = qkv[:, :, :N], qkv[:, :, N:N + K], qkv[:, :, N + K:]
+    q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = split_heads(qkv, N, K)
     if rope is not None:
       q_BxTxNxH, k_BxTxKxH = apply_rope(q_BxTxNxH, *rope), apply_rope(k_BxTxKxH, *rope)
     if cache is not None:  # write this chunk at [pos, pos+T) of the preallocated cache, attend to [0, pos+T)

@@ -43,7 +43,6 @@ def amx() -> bool:
   return lib is not None and lib.MinillmAmxReady() == 1
 
 
-
 @jax.custom_vjp
 def causal_attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array) -> jax.Array:
   """softmax(q k^T / sqrt(H), causal) v with kv head n // (N/K) for query head n; float32, or bfloat16 on AMX

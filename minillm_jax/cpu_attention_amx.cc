@@ -43,13 +43,6 @@ constexpr int QB = 64;  // query rows per block
 
 inline long up32(long x) { return (x + 31) / 32 * 32; }
 
-inline float widen(bf16 h) {
-  uint32_t u = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
 inline bf16 narrow1(float f) {  // round to nearest even, NaN stays NaN
   uint32_t u;
   std::memcpy(&u, &f, 4);

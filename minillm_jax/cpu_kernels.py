@@ -1,8 +1,8 @@
-"""The C++ kernels of XLA:CPU (cpu_attention.cc, cpu_matmul.cc): compiled with the machine's C++ compiler on first
-use into a cache keyed by the source and the headers beside it (cpu_parallel.h), jaxlib's version, the CPU, the
-flags and the compiler, once per machine (3-7 s on 2 cores), then registered as XLA FFI custom-call targets.
-Without a compiler a kernel is unavailable (one warning) and its caller keeps a pure-JAX path that computes the
-same function."""
+"""The C++ kernels of XLA:CPU (cpu_attention.cc, cpu_attention_amx.cc, cpu_matmul.cc): compiled with the machine's
+C++ compiler on first use into a cache keyed by the source and the headers beside it (cpu_parallel.h,
+cpu_simd.h), jaxlib's version, the CPU, the flags and the compiler, once per machine (3-7 s on 2 cores), then
+registered as XLA FFI custom-call targets. Without a compiler a kernel is unavailable (one warning) and its
+caller keeps a pure-JAX path that computes the same function."""
 from __future__ import annotations
 
 import ctypes

@@ -29,6 +29,7 @@
 #endif
 
 #include "cpu_parallel.h"
+#include "cpu_simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -36,6 +37,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 using minillm::parallel_for;
+using minillm::simd::widen;
 using Matrix = ffi::Buffer<ffi::F32, 2>;  // (an alias: a comma inside the binding macro's arguments splits them)
 using MatrixBf16 = ffi::Buffer<ffi::BF16, 2>;
 
@@ -51,13 +53,6 @@ ffi::Error Gemm(Matrix a, Matrix b, ffi::Result<Matrix> c, bool ta, bool tb, int
   scipy_cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K, 1.0f,
                     a.typed_data(), da[1], b.typed_data(), db[1], 0.0f, c->typed_data(), N);
   return ffi::Error::Success();
-}
-
-inline float Widen(uint16_t h) {
-  const uint32_t u = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
 }
 
 // acc[M, N] = x[:, k0:k1] w[k0:k1, :] for w [K, N]: this thread's rows of w are one contiguous run, read once,
@@ -79,7 +74,7 @@ void RowsKN(const float* x, const uint16_t* w, float* acc, int M, int K, int N, 
         }
         const int j1 = std::min(N, j0 + 32);
 #pragma omp simd
-        for (int j = j0; j < j1; ++j) a[j] += x0 * Widen(w0[j]) + x1 * Widen(w1[j]) + x2 * Widen(w2[j]) + x3 * Widen(w3[j]);
+        for (int j = j0; j < j1; ++j) a[j] += x0 * widen(w0[j]) + x1 * widen(w1[j]) + x2 * widen(w2[j]) + x3 * widen(w3[j]);
       }
     }
   }
@@ -89,7 +84,7 @@ void RowsKN(const float* x, const uint16_t* w, float* acc, int M, int K, int N, 
       const float xv = x[size_t(m) * K + k];
       float* a = acc + size_t(m) * N;
 #pragma omp simd
-      for (int j = 0; j < N; ++j) a[j] += xv * Widen(wr[j]);
+      for (int j = 0; j < N; ++j) a[j] += xv * widen(wr[j]);
     }
   }
 }
@@ -103,7 +98,7 @@ void RowsNK(const float* x, const uint16_t* w, float* y, int M, int K, int N, in
       const float* xr = x + size_t(m) * K;
       float s = 0.f;
 #pragma omp simd reduction(+ : s)
-      for (int k = 0; k < K; ++k) s += xr[k] * Widen(wr[k]);
+      for (int k = 0; k < K; ++k) s += xr[k] * widen(wr[k]);
       y[size_t(m) * N + n] = s;
     }
   }

@@ -1,9 +1,10 @@
-// Vector helpers of the attention kernels (cpu_attention.cc, cpu_attention_amx.cc): GCC vector extensions
-// sized for AVX-512, a vector exp, and the softmax row pieces.
+// Vector helpers of the C++ kernels (cpu_attention.cc, cpu_attention_amx.cc, cpu_matmul.cc): GCC vector
+// extensions sized for AVX-512, a vector exp, the softmax row pieces, and bfloat16 -> float32.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 
 namespace minillm::simd {
@@ -12,6 +13,14 @@ constexpr int VL = 16;  // floats per vector register (AVX-512); GCC splits wide
 typedef float vf __attribute__((vector_size(VL * 4)));
 typedef float vfu __attribute__((vector_size(VL * 4), aligned(4), may_alias));
 typedef int vi __attribute__((vector_size(VL * 4)));
+
+// A bfloat16 (its bits) as the float32 it stands for: exact.
+inline float widen(uint16_t h) {
+  const uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
 
 inline vf load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 inline void store(float* p, vf x) { *reinterpret_cast<vfu*>(p) = x; }

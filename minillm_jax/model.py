@@ -317,11 +317,11 @@ def decode_bytes(c: ModelConfig, batch: int, cached: float, weight_bytes: int = 
   """The least memory one KV-cache decode step reads: every matrix once (`weight_bytes` per element: 2 when
   stored in bfloat16), the vectors (norms, biases) in float32, `batch` embedding rows, and K and V of `cached`
   positions per row in the cache's dtype. Batch-1 decoding is bound by it (bench: the read floor, MBU)."""
-  head = c.d_model * c.vocab_size  # one of the matrices, and not in the non-embedding count
-  vectors = param_counts(c)['non_embedding'] - (_matrix_params(c) - head)
+  matrices, head = _matrix_params(c), c.d_model * c.vocab_size  # the head: a matrix, not non-embedding
+  vectors = param_counts(c)['non_embedding'] - (matrices - head)
   rows = batch * c.d_model * (2 if c.pos == 'learned' else 1)
   kv = batch * c.n_layer * 2 * c.n_kv_head * c.head_dim * cached * jnp.dtype(DTYPES[c.dtype]).itemsize
-  return float(_matrix_params(c) * weight_bytes + 4 * (vectors + rows) + kv)
+  return float(matrices * weight_bytes + 4 * (vectors + rows) + kv)
 
 
 def _matrix_params(c: ModelConfig) -> int:

@@ -25,6 +25,7 @@ run: $(STAMP)
 	$(PY) -m minillm_jax.train --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n 2 $(ARGS)
 
 test-all: $(STAMP)

@@ -1,11 +1,11 @@
-"""Terminal chat with a trained model (either backend), and the one chat template of the project.
+"""Terminal chat with a trained model (either backend). The chat template is minillm_jax.data.template.
 
   python -m minillm_jax.chat --workdir=runs/x                # interactive: /help lists the commands
   python -m minillm_jax.chat --ckpt=model.pt --prompt="Hi"   # one-shot: prints the reply and exits (no TTY needed)
   echo "Hi" | python -m minillm_jax.chat --workdir=runs/x    # piped: one message (or /command) per line
 
 Instruction-tuned checkpoints (meta `instruction_tuned: true` and a tokenizer with the chat tokens) get the chat
-template below and stop at <|end|> or <|endoftext|>. Any other model gets plain continuation of a transcript
+template and stop at <|end|> or <|endoftext|>. Any other model gets plain continuation of a transcript
 ("User: ...\\nAssistant:") and stops at the next "\\nUser:". When the conversation outgrows the context, the
 oldest exchanges are dropped first (with a notice); the system message is kept.
 """
@@ -19,11 +19,17 @@ import signal
 import sys
 import time
 
-from minillm_jax import generate as gen
-from minillm_jax.backend import Backend, SampleParams
-from minillm_jax.config import UserError
+from absl import flags
 
-SYSTEM, USER, ASSISTANT, END = '<|system|>', '<|user|>', '<|assistant|>', '<|end|>'
+from minillm_jax import cli
+from minillm_jax import workdir as wd
+from minillm_jax.config import UserError
+from minillm_jax.data.template import END, render_plain, render_template
+from minillm_jax.inference import frontend as fe
+from minillm_jax.inference import load
+from minillm_jax.inference.backend import Backend, SampleParams
+from minillm_jax.inference.text import encode_prompt, stream
+
 PLAIN_STOPS = ('\nUser:', '\nAssistant:')
 HELP = """commands:
   /help             this list
@@ -36,38 +42,6 @@ HELP = """commands:
   /len [N]          max tokens per reply
   /ckpt best|latest|N   load another checkpoint of the run
   /save [PATH]      write the conversation (.json for JSON, else text)"""
-
-
-def render_template(messages: list[dict], add_generation_prompt: bool = True) -> str:
-  """The chat template, shared with fine-tuning (train on exactly this text, loss on the assistant parts):
-
-    <|system|>{system}<|end|>                               only when there is a system message
-    <|user|>{message}<|end|><|assistant|>{reply}<|end|>     one per exchange, no newlines between markers
-    <|user|>{message}<|end|><|assistant|>                   generation prompt: the model writes reply + <|end|>
-
-  `messages`: [{'role': 'system'|'user'|'assistant', 'content': str}, ...]."""
-  tags = {'system': SYSTEM, 'user': USER, 'assistant': ASSISTANT}
-  out = []
-  for m in messages:
-    if m['role'] not in tags:
-      raise ValueError(f'unknown chat role {m["role"]!r}')
-    out.append(f'{tags[m["role"]]}{m["content"]}{END}')
-  if add_generation_prompt:
-    out.append(ASSISTANT)
-  return ''.join(out)
-
-
-def render_plain(messages: list[dict], add_generation_prompt: bool = True) -> str:
-  """Plain transcript for models without the template: 'User: ...\\nAssistant: ...\\n' per exchange."""
-  out = []
-  for m in messages:
-    if m['role'] == 'system':
-      out.append(f'{m["content"]}\n\n')
-    else:
-      out.append(f'{"User" if m["role"] == "user" else "Assistant"}: {m["content"]}\n')
-  if add_generation_prompt:
-    out.append('Assistant:')
-  return ''.join(out)
 
 
 @dataclasses.dataclass
@@ -93,7 +67,7 @@ class Conversation:
       ids = be.tok.encode(self.render(self.exchanges[k:], user))
       if len(ids) <= room:
         return ids, k
-    return gen.encode_prompt(be, self.render([], user), be.context - room), len(self.exchanges)
+    return encode_prompt(be, self.render([], user), be.context - room), len(self.exchanges)
 
   def stops(self, be: Backend) -> tuple[list[str], list[int]]:
     if self.templated:
@@ -108,7 +82,7 @@ class Chat:
     self.extra_stops = list(stop or [])
     self.conv = Conversation(be.instruction_tuned, system)
     self.out, self.err = out or sys.stdout, err or sys.stderr  # errors apart: piped replies stay clean
-    self.style, self.err_style, self.turn = gen.Style(self.out), gen.Style(self.err), 0
+    self.style, self.err_style, self.turn = fe.Style(self.out), fe.Style(self.err), 0
 
   def say(self, text: str, *styles: str):
     print(self.style(text, *styles), file=self.out, flush=True)
@@ -128,12 +102,12 @@ class Chat:
       del self.conv.exchanges[:dropped]
     stop, stop_ids = self.conv.stops(self.be)
     stop += self.extra_stops
-    pieces = gen.stream(self.be, ids, self.max_new, self.sp, self.seed + self.turn, stop, stop_ids)
+    pieces = stream(self.be, ids, self.max_new, self.sp, self.seed + self.turn, stop, stop_ids)
     if not self.conv.templated:  # after the transcript's "Assistant:" the reply's leading space or newline is not shown
       pieces = _lstrip_first(pieces)
     if prefix:
       self.out.write(self.style(prefix, 'cyan', 'bold'))
-    text, interrupted = gen.print_stream(pieces, self.style, 'cyan')
+    text, interrupted = fe.print_stream(pieces, self.style, 'cyan')
     print(self.style(' [interrupted]', 'yellow') if interrupted else '', file=self.out, flush=True)
     self.conv.exchanges.append((user, text.strip()))
     self.turn += 1
@@ -181,7 +155,6 @@ class Chat:
     return True
 
   def _ckpt(self, arg: str):
-    from minillm_jax import backend
     if not self.loader.get('workdir'):
       self.error('error: /ckpt needs a run directory (--workdir); this model was loaded from one file')
       return
@@ -193,7 +166,7 @@ class Chat:
         self.error(f'error: /ckpt {arg}: use best, latest or a step number')
         return
     try:
-      be = backend.load(step=step, **self.loader)
+      be = load.load(step=step, **self.loader)
     except UserError as e:
       self.error(f'error: {e}')
       return
@@ -218,7 +191,7 @@ class Chat:
 
   def loop(self, history_file: str | None = None):
     tty = sys.stdin.isatty()
-    save = gen.setup_readline(history_file) if tty else (lambda: None)
+    save = fe.setup_readline(history_file) if tty else (lambda: None)
     if tty:
       self.banner()
     try:
@@ -270,7 +243,6 @@ def _sigint_to_main_thread(on: bool):
 
 
 def main(argv):
-  from absl import flags
   f = flags.FLAGS
   if len(argv) > 1:
     raise UserError(f'unexpected arguments {argv[1:]}; flags go as --name=value')
@@ -278,13 +250,13 @@ def main(argv):
     raise UserError('--prompt is empty: give a message for the one-shot reply')
   interactive = f.prompt is None and sys.stdin.isatty()
   with _sigint_to_main_thread(interactive):
-    be = gen.backend_from_flags()
+    be = fe.backend_from_flags()
     if interactive:  # compile now, while the threads XLA starts for it inherit the blocked SIGINT
       be.complete_ids([[be.tok.eot_id]], 1, SampleParams(temperature=0.0))
-  sp, max_new, seed = gen.sampling_from_flags(be)
-  loader = {'workdir': f.workdir or (f.ckpt if f.ckpt and os.path.isdir(os.path.join(f.ckpt, 'checkpoints')) else None),
+  sp, max_new, seed = fe.sampling_from_flags(be)
+  loader = {'workdir': f.workdir or (f.ckpt if f.ckpt and wd.is_run_dir(f.ckpt) else None),
             'backend': f.backend, 'device': f.device, 'weights': f.weights}
-  chat = Chat(be, sp, max_new, seed, f.system, loader, stop=gen.stop_strings())
+  chat = Chat(be, sp, max_new, seed, f.system, loader, stop=fe.stop_strings())
   if f.prompt is not None:
     chat.reply(f.prompt)
     return
@@ -292,13 +264,10 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from absl import flags
-
-  from minillm_jax import cli
-  gen.define_model_flags()
-  gen.define_sampling_flags()
+  fe.define_model_flags()
+  fe.define_sampling_flags()
   flags.DEFINE_string('prompt', None, 'One-shot: reply to this message, print the reply and exit.')
   flags.DEFINE_string('system', '', 'System message (kept when old exchanges are dropped).')
   flags.DEFINE_string('history_file', '~/.minillm_chat_history', 'Input history for line editing (\'\' = none).')
-  flags.adopt_module_key_flags(gen)  # --workdir, --ckpt, sampling: defined in generate, shown in chat's --help
+  flags.adopt_module_key_flags(fe)  # --workdir, --ckpt, sampling: defined there, shown in chat's --help
   cli.run(main)

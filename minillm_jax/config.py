@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 
 from ml_collections import ConfigDict, FieldReference
 
@@ -78,7 +79,7 @@ def _schema() -> dict[str, tuple[type, bool]]:
   """field -> (type, nullable), read off default_config()."""
   out = {}
   for sec, sub in default_config().items():
-    for k in sub.keys():
+    for k in sub:
       ref = sub._fields[k]
       if isinstance(ref, FieldReference):
         out[f'{sec}.{k}'] = (ref.get_type(), True)
@@ -89,12 +90,12 @@ def _schema() -> dict[str, tuple[type, bool]]:
 
 def _flat(cfg: ConfigDict) -> dict:
   out = {}
-  for sec in cfg.keys():
+  for sec in cfg:
     sub = cfg[sec]
     if not isinstance(sub, (ConfigDict, dict)):
       out[sec] = sub
       continue
-    for k in sub.keys():
+    for k in sub:
       out[f'{sec}.{k}'] = sub[k]
   return out
 
@@ -274,33 +275,9 @@ def from_plain(d: dict) -> ConfigDict:
   return validate(cfg)
 
 
-_RUN_CONFIG_PY = '''"""This run's config: config.json beside this file. Use it to resume with overrides:
-  python -m minillm_jax.train --config={path} --workdir={workdir} --config.train.steps=5000
-"""
-import os
-
-from minillm_jax.config import no_variant, read_run_config
-
-
-def get_config(variant: str = ''):
-  no_variant(variant)
-  return read_run_config(os.path.dirname(os.path.abspath(__file__)))
-'''
-
-
-def write_atomic(path: str, text: str) -> None:
-  """Written beside `path`, then renamed over it: an interrupted write leaves the old file whole."""
-  import os
-  tmp = os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}.tmp{os.getpid()}')
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def absolute_paths(cfg: ConfigDict) -> ConfigDict:
   """Relative data.path entries, data.cache_dir, a data.tokenizer file and train.init_from, made absolute from
   the current directory: a run's config.json must mean the same files from anywhere (resume, evaluate)."""
-  import os
   full = lambda p: os.path.abspath(os.path.expanduser(p))
   d = cfg.data
   if d.path:
@@ -312,26 +289,3 @@ def absolute_paths(cfg: ConfigDict) -> ConfigDict:
   if cfg.train.init_from:
     cfg.train.init_from = full(cfg.train.init_from)
   return cfg
-
-
-def write_run_config(workdir: str, cfg: ConfigDict) -> None:
-  """<workdir>/config.json (the resolved config) and config.py (loads it: a --config file for overrides)."""
-  import json
-  import os
-  os.makedirs(workdir, exist_ok=True)
-  for name, text in (('config.json', json.dumps(to_plain(cfg), indent=1)),
-                     ('config.py', _RUN_CONFIG_PY.format(path=os.path.join(workdir, 'config.py'), workdir=workdir))):
-    write_atomic(os.path.join(workdir, name), text)
-
-
-def read_run_config(workdir: str) -> ConfigDict:
-  """<workdir>/config.json back as a validated config; UserError naming the file when it is unreadable."""
-  import json
-  import os
-  path = os.path.join(workdir, 'config.json')
-  try:
-    with open(path) as f:
-      return from_plain(json.load(f))
-  except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:
-    raise UserError(f'cannot read the run config {path} ({type(e).__name__}: {e})') from None
-

@@ -21,7 +21,8 @@ def host_cores() -> int:
 def cpu_flags() -> set[str]:
   """The CPU's feature flags (Linux /proc/cpuinfo: `flags` on x86, `Features` on ARM; empty elsewhere)."""
   try:
-    line = next(l for l in open('/proc/cpuinfo') if l.startswith(('flags', 'Features')))
+    with open('/proc/cpuinfo') as f:
+      line = next(ln for ln in f if ln.startswith(('flags', 'Features')))
     return set(line.split(':', 1)[1].split())
   except (OSError, StopIteration, IndexError):
     return set()

@@ -5,56 +5,31 @@ import json
 import os
 import time
 
+from absl import flags
+
+from minillm_jax import cli
 from minillm_jax import config as config_lib
+from minillm_jax import workdir as wd
 from minillm_jax.config import UserError
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return []
-  rows = []
-  with open(path, encoding='utf-8', errors='replace') as f:
-    for ln in f:
-      try:
-        row = json.loads(ln)
-      except ValueError:  # a line cut by a kill mid-write, or damaged bytes
-        continue
-      if isinstance(row, dict) and isinstance(row.get('step'), int) and all(
-          isinstance(row[k], (int, float)) for k in _NUMERIC if row.get(k) is not None):
-        rows.append(row)
-  return rows
-
-
-_NUMERIC = ('train_loss', 'val_loss', 'lr', 'tokens_per_s', 'time')
-
-
-def finished_steps(workdir: str) -> list[int]:
-  """Step directories under <workdir>/checkpoints that hold something: a killed save's
-  <step>.orbax-checkpoint-tmp and an empty step directory are not checkpoints."""
-  d = os.path.join(workdir, 'checkpoints')
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit() and os.listdir(os.path.join(d, n))) \
-      if os.path.isdir(d) else []
-
-
 def summarize(workdir: str) -> dict:
-  from minillm_jax import monitor
   if not os.path.isdir(workdir):
     raise UserError(f'workdir {workdir!r} ' + ('is a file, not a run directory' if os.path.exists(workdir)
                                               else 'does not exist'))
   cfg_path = os.path.join(workdir, 'config.json')
   if not os.path.exists(cfg_path):
     raise UserError(f'{workdir!r} is not a run directory (no config.json)')
-  cfg = config_lib.to_plain(config_lib.read_run_config(workdir))
-  rows, run = read_metrics(workdir), monitor.read_run(workdir)
+  cfg = config_lib.to_plain(wd.read_run_config(workdir))
+  rows, run = wd.read_metrics(workdir), wd.read_run(workdir)
   train = [r for r in rows if 'train_loss' in r]
   val = [r for r in rows if 'val_loss' in r]
-  ckpts = finished_steps(workdir)
+  ckpts = wd.finished_steps(workdir)
   step, steps = (train[-1]['step'] if train else 0), cfg['train']['steps']
   speeds = [r['tokens_per_s'] for r in train[-20:] if r.get('tokens_per_s')]
   tps = sum(speeds) / len(speeds) if speeds else None
   a = cfg['optim']['accum_steps'] * cfg['train']['batch_size'] * cfg['model']['block_size']
-  alive = monitor.run_alive(run)
+  alive = wd.run_alive(run)
   best = min(val, key=lambda r: r['val_loss']) if val else None
   return {
       'workdir': os.path.abspath(workdir), 'alive': alive,
@@ -78,12 +53,12 @@ def format_summary(s: dict) -> str:
       f'run        {s["workdir"]}',
       f'status     {s["status"]}' + (f' (pid {s["pid"]}, heartbeat {s["heartbeat_age_s"]:.0f}s ago)'
                                     if s['alive'] and s['heartbeat_age_s'] is not None else ''),
-      f'model      {m["n_layer"]} layers, d_model {m["d_model"]}, {m["n_head"]} heads, block {m["block_size"]}, '
-      f'pos {m["pos"]}, norm {m["norm"]}, mlp {m["mlp"]}, dtype {m["dtype"]}',
+      (f'model      {m["n_layer"]} layers, d_model {m["d_model"]}, {m["n_head"]} heads, block {m["block_size"]}, '
+       f'pos {m["pos"]}, norm {m["norm"]}, mlp {m["mlp"]}, dtype {m["dtype"]}'),
       f'data       {s["data"]["corpus"]}, tokenizer {s["data"]["tokenizer"]}',
       f'progress   step {s["step"]}/{s["steps"]} ({100 * s["progress"]:.1f}%)',
-      f'loss       train {f(s["last_train_loss"])}, val {f(s["last_val_loss"])}, best val '
-      f'{f(s["best_val_loss"])} at step {s["best_step"] if s["best_step"] is not None else "-"}',
+      (f'loss       train {f(s["last_train_loss"])}, val {f(s["last_val_loss"])}, best val '
+       f'{f(s["best_val_loss"])} at step {s["best_step"] if s["best_step"] is not None else "-"}'),
       f'speed      {f(s["tokens_per_s"], ",.0f")} tokens/s' + (f', ETA {s["eta_s"] / 60:.1f} min'
                                                               if s['eta_s'] is not None else ''),
       f'checkpoints {", ".join(map(str, s["checkpoints"])) or "none"}',
@@ -93,16 +68,12 @@ def format_summary(s: dict) -> str:
 
 def main(argv):
   del argv
-  from absl import flags
   ss = [summarize(w) for w in flags.FLAGS.workdir]
   print(json.dumps(ss[0] if len(ss) == 1 else ss, indent=1) if flags.FLAGS.json
         else '\n\n'.join(format_summary(s) for s in ss))
 
 
 if __name__ == '__main__':
-  from absl import flags
-
-  from minillm_jax import cli
   flags.DEFINE_multi_string('workdir', None, 'Run directory (repeat the flag for several runs).', required=True)
   flags.DEFINE_bool('json', False, 'Print the summary as JSON (a list for several runs).')
   cli.run(main)

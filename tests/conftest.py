@@ -18,5 +18,5 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_module(module: str, *args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
   """Runs `python -m module args` from the repo root, as a user would."""
-  return subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, capture_output=True, text=True,
+  return subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, capture_output=True, text=True, check=False,
                         timeout=timeout, env={**os.environ, **(env or {})})

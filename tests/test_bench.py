@@ -6,7 +6,8 @@ import os
 import pytest
 from conftest import run_module
 
-from minillm_jax import bench, bench_report
+from minillm_jax import bench
+from minillm_jax.evals import bench_report
 
 TEXT = ''.join(f'{w} the quick brown fox {i % 7} jumps over the lazy dog number {i % 13}.\n'
                for i, w in enumerate(['alpha', 'beta', 'gamma', 'delta', 'omega'] * 200))

@@ -9,9 +9,13 @@ import pytest
 from conftest import run_module
 from test_sample import GREEDY, char_tok, config, make_workdir, random_flat
 
-from minillm_jax import backend, cpu_matmul, evaluate, model, sample
-from minillm_jax.backend import JaxBackend
+from minillm_jax import model
 from minillm_jax.config import UserError
+from minillm_jax.evals import suites as evaluate
+from minillm_jax.inference import jax_backend as sample
+from minillm_jax.inference import load as backend
+from minillm_jax.inference.jax_backend import JaxBackend
+from minillm_jax.kernels import matmul as cpu_matmul
 from torch_compat import convert
 
 

@@ -15,7 +15,8 @@ from conftest import ROOT, run_module
 from test_sample import char_tok, config, make_pt, make_workdir, random_flat
 
 from minillm_jax import chat
-from minillm_jax.backend import JaxBackend, SampleParams
+from minillm_jax.inference.backend import SampleParams
+from minillm_jax.inference.jax_backend import JaxBackend
 from torch_compat import convert
 
 ENV = {**os.environ, 'NO_COLOR': '1', 'TERM': 'dumb', 'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1'}
@@ -96,7 +97,7 @@ def test_ctrl_c_stops_a_reply_and_keeps_the_session(monkeypatch):
 
   out = io.StringIO()
   c = chat.Chat(backend(False), SampleParams(), 8, 0, out=out)
-  monkeypatch.setattr(chat.gen, 'stream', pieces)
+  monkeypatch.setattr(chat, 'stream', pieces)
   monkeypatch.setattr(sys, 'stdout', out)
   assert c.reply('tell me a story') == 'Once upon a time'
   assert '[interrupted]' in out.getvalue() and c.conv.exchanges == [('tell me a story', 'Once upon a time')]

@@ -73,8 +73,8 @@ def test_plain_round_trip_and_model_config():
     (['--config={tmp}/raises.py'], 'error: cannot load config {tmp}/raises.py:3: RuntimeError: no data here'),
     (['--config=configs/nope.py', '--config.optim.lr=1'], "error: config file 'configs/nope.py' not found"),
     (['--config=configs', '--config.optim.lr=1'], "error: config file 'configs' is a directory"),
-    (['--config={tmp}/empty.py', '--config.optim.lr=1'], 'error: cannot load config {tmp}/empty.py: it defines no '
-                                                        'get_config()'),
+    (['--config={tmp}/empty.py', '--config.optim.lr=1'], ('error: cannot load config {tmp}/empty.py: it defines no '
+                                                        'get_config()')),
 ])
 def test_cli_bad_config_is_one_line_exit_2(args, message, tmp_path):
   (tmp_path / 'syntax.py').write_text('# a config\ndef get_config(:\n  pass\n')

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, run_module
 
-from minillm_jax import cpu_matmul
+from minillm_jax.kernels import matmul as cpu_matmul
 from minillm_jax.model import mm
 
 
@@ -64,7 +64,7 @@ def test_split_over_devices_keeps_rows_local():
   code = """if 1:
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from minillm_jax import cpu_matmul
+    from minillm_jax.kernels import matmul as cpu_matmul
     r = np.random.default_rng(0)
     a, g = r.standard_normal((256, 48), np.float32), r.standard_normal((256, 40), np.float32)
     b = r.standard_normal((48, 40), np.float32)
@@ -98,7 +98,7 @@ def test_falls_back_to_xla_without_a_compiler():
   """No compiler: one warning each for the two kernels, and the model trains on XLA's dots."""
   code = """if 1:
     import jax, jax.numpy as jnp
-    from minillm_jax import cpu_matmul
+    from minillm_jax.kernels import matmul as cpu_matmul
     from minillm_jax.model import mm
     cpu_matmul.MIN_MACS = 0
     a, b = jnp.ones((64, 8)), jnp.ones((8, 4))
@@ -123,7 +123,7 @@ def test_bfloat16_transpose_is_exact_with_its_gradient():
     x = jnp.asarray(r.standard_normal(shape), jnp.bfloat16)
     np.testing.assert_array_equal(jax.jit(cpu_matmul.transposed)(x), x.T)
     w = jnp.asarray(r.standard_normal(shape[::-1]), jnp.bfloat16)
-    g = jax.grad(lambda x: (cpu_matmul.transposed(x) * w).astype(jnp.float32).sum())(x)
+    g = jax.grad(lambda x, w=w: (cpu_matmul.transposed(x) * w).astype(jnp.float32).sum())(x)
     np.testing.assert_array_equal(g, w.T)
 
 

@@ -17,8 +17,9 @@ import grain
 import numpy as np
 import pytest
 
-from minillm_jax import corpora, data, prepare
 from minillm_jax.config import UserError, default_config, validate
+from minillm_jax.data import corpora, prepare
+from minillm_jax.data import pipeline as data
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ['the', 'of', 'and', 'to', 'a', 'in', 'that', 'is', 'was', 'he', 'for', 'it', 'with', 'as', 'his',
@@ -168,7 +169,7 @@ def test_pieces_encode_exactly_like_whole_documents(monkeypatch):
   monkeypatch.setattr(prepare, '_PIECE', 500)
   docs = corpora.shakespeare().docs[:1] + corpora.python_code().docs[:20]
   docs = [d[:30_000] for d in docs] + ['a \n\n b\n  \nc' * 300, '\n' * 2000]
-  from minillm_jax import tokenizer as tl
+  from minillm_jax.data import tokenizer as tl
   tok = tl.train_bpe(docs, 600)
   for d in docs:
     pieces = prepare._pieces(d, True)

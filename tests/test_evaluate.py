@@ -10,10 +10,11 @@ import pytest
 from conftest import run_module
 from test_sample import char_tok, config, make_pt, make_workdir, random_flat
 
-from minillm_jax import code_eval as ce
-from minillm_jax import evaluate as ev
-from minillm_jax import tokenizer as toklib
-from minillm_jax.backend import JaxBackend, TorchBackend
+from minillm_jax.data import tokenizer as toklib
+from minillm_jax.evals import code_eval as ce
+from minillm_jax.evals import suites as ev
+from minillm_jax.inference.jax_backend import JaxBackend
+from minillm_jax.inference.torch_backend import TorchBackend
 from torch_compat import convert
 from torch_compat import model as tmodel
 

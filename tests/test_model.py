@@ -13,19 +13,12 @@ import pytest
 from conftest import ROOT, run_module
 from flax import nnx
 
-from minillm_jax import attention as attention_lib
-from minillm_jax import cpu_attention
-from minillm_jax.attention import ATTN_BLOCK, attention, blockwise_attention
 from minillm_jax.config import ModelConfig, model_config
-from minillm_jax.model import (
-  GPT,
-  decode_bytes,
-  init_model,
-  mm,
-  normalize,
-  param_counts,
-  split_heads,
-)
+from minillm_jax.kernels import attention as cpu_attention
+from minillm_jax.model import attention as attention_lib
+from minillm_jax.model.attention import ATTN_BLOCK, attention, blockwise_attention
+from minillm_jax.model.gpt import GPT, decode_bytes, init_model, param_counts
+from minillm_jax.model.ops import mm, normalize, split_heads
 
 GPT2ISH = ModelConfig(vocab_size=61, n_layer=2, n_head=4, n_kv_head=4, d_model=32, d_ff=128, block_size=16,
                       max_positions=16, pos='learned', norm='layernorm', mlp='gelu', bias=True, tie_embeddings=True)
@@ -98,8 +91,8 @@ def test_bfloat16_gradients_follow_float32(fam, monkeypatch):
   """bfloat16 compute on CPU (bfloat16 gradient products through cpu_matmul.transposed, the tied head's forward
   too; attention on the float32 kernel): the gradients are float32's up to bfloat16 rounding, and those of
   XLA's widened dots up to summation order."""
-  from minillm_jax import cpu_matmul
-  from minillm_jax.train import loss_fn
+  from minillm_jax.kernels import matmul as cpu_matmul
+  from minillm_jax.training.step import loss_fn
   c, x = FAMILIES[fam], tokens()
 
   def grads(dtype):
@@ -222,7 +215,7 @@ def test_fused_attention_propagates_nan_and_leaves_float_modes_alone():
   linked code that turned on flush-to-zero for the whole process (1e-39 became 0 in numpy)."""
   code = """if 1:
     import jax, jax.numpy as jnp, numpy as np
-    from minillm_jax import cpu_attention
+    from minillm_jax.kernels import attention as cpu_attention
     tiny = np.array([1e-39], np.float32)
     q, k, v = (jax.random.normal(jax.random.key(i), (2, 70, 2, 16)) for i in range(3))
     k = k.at[0, 0].set(jnp.nan)  # key 0 of batch 0: every query of batch 0 sees it
@@ -248,7 +241,7 @@ def test_fused_attention_is_split_along_the_batch_on_several_devices():
   code = """if 1:
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from minillm_jax import cpu_attention
+    from minillm_jax.kernels import attention as cpu_attention
     q, k, v, w = (jax.random.normal(jax.random.key(i), (4, 70, 4, 16)) for i in range(4))
     f = jax.jit(jax.grad(lambda q, k, v: (cpu_attention.causal_attention(q, k, v) * w).sum(), (0, 1, 2)))
     want = f(q, k, v)
@@ -271,7 +264,8 @@ def test_fused_attention_falls_back_when_it_cannot_build():
   """No compiler: one warning, available() False, and the model runs on the pure-JAX attention."""
   code = """if 1:
     import jax.numpy as jnp
-    from minillm_jax import attention, cpu_attention
+    from minillm_jax.kernels import attention as cpu_attention
+    from minillm_jax.model import attention
     q = jnp.ones((1, 4, 2, 8))
     print(cpu_attention.available(), 'custom_partitioning' in str(__import__('jax').make_jaxpr(attention.attention)(q, q, q)))
   """

@@ -9,13 +9,16 @@ import pytest
 import torch
 from conftest import run_module
 
-from minillm_jax import checkpoint, sample
 from minillm_jax import config as config_lib
-from minillm_jax import generate as gen
-from minillm_jax import tokenizer as toklib
-from minillm_jax.backend import JaxBackend, SampleParams, TorchBackend, torch_process_logits
 from minillm_jax.config import ModelConfig
-from torch_compat import convert, formats
+from minillm_jax.data import tokenizer as toklib
+from minillm_jax.inference import jax_backend as sample
+from minillm_jax.inference import text as gen
+from minillm_jax.inference.backend import SampleParams
+from minillm_jax.inference.jax_backend import JaxBackend
+from minillm_jax.inference.torch_backend import TorchBackend, torch_process_logits
+from minillm_jax.training import checkpoint
+from torch_compat import convert, pt
 from torch_compat import model as tmodel
 
 TEXT = ('Once upon a time, to be or not to be: that is the question.\n'
@@ -53,7 +56,7 @@ def make_pt(path, instruction_tuned: bool = False, seed: int = 0) -> str:
   tok = char_tok()
   c = config(tok.vocab_size, 'learned', 64)
   meta = {'instruction_tuned': instruction_tuned, 'config': config_lib.to_plain(config_lib.default_config())}
-  formats.save_pt(str(path), c, random_flat(c, seed), tok.to_json_str(), meta)  # as torch_compat.export writes
+  pt.save_pt(str(path), c, random_flat(c, seed), tok.to_json_str(), meta)  # as torch_compat.export writes
   return str(path)
 
 
@@ -106,7 +109,7 @@ def test_torch_backend_greedy_equals_jax(pair):
 
 
 def test_load_runs_hf_directories_and_pt_files_on_either_backend(tmp_path):
-  from minillm_jax import backend
+  from minillm_jax.inference import load as backend
   from torch_compat import hf
   tok = char_tok()
   c = config(tok.vocab_size, 'learned', 64)
@@ -236,7 +239,8 @@ def test_generate_cli(tmp_path):
   assert r.stdout.count('--- sample') == 2 and 'torch backend' in r.stderr
   r = run_module('minillm_jax.generate', 'demo', f'--workdir={w}', '--backend=torch', '--max_new_tokens=6')
   assert r.returncode == 0, r.stderr
-  assert all(f'=== {p} ===' in r.stdout for p in gen.DEMO_PROMPTS)
+  from minillm_jax.generate import DEMO_PROMPTS
+  assert all(f'=== {p} ===' in r.stdout for p in DEMO_PROMPTS)
   for args, msg in (([f'--workdir={tmp_path}/nope', '--prompt=x'], 'does not exist'),
                     ([f'--workdir={w}', '--prompt='], 'empty'),
                     ([f'--workdir={w}', '--prompt=x', '--temperature=-1'], 'temperature'),

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from minillm_jax import corpora
-from minillm_jax import tokenizer as tl
 from minillm_jax.config import ConfigError, UserError, default_config, validate
+from minillm_jax.data import corpora
+from minillm_jax.data import tokenizer as tl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

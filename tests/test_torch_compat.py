@@ -16,7 +16,7 @@ from flax import nnx
 from torch import nn
 
 from minillm_jax.config import ModelConfig, UserError
-from torch_compat import convert, formats, hf
+from torch_compat import convert, formats, hf, nanogpt, pt
 from torch_compat import model as tmodel
 
 BASE = ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=4, d_model=32, d_ff=128, block_size=64,
@@ -130,7 +130,7 @@ def test_greedy_generation_identical(fam):
 
 def test_mirror_imports_no_jax_and_picks_device(tmp_path):
   c = FAMILIES['llama']
-  formats.save_pt(str(tmp_path / 'm.pt'), c, random_flat(c), TOK, {'step': 7})
+  pt.save_pt(str(tmp_path / 'm.pt'), c, random_flat(c), TOK, {'step': 7})
   code = ('import sys; sys.modules["jax"] = None; sys.modules["flax"] = None\n'
           'import torch; from torch_compat import model as M\n'
           f'm, tok, meta = M.load({str(tmp_path / "m.pt")!r}, device="cpu")\n'
@@ -152,7 +152,7 @@ def test_pt_round_trip_bit_exact(fam, tmp_path):
   flat = random_flat(c)
   meta = {'step': 5, 'val_loss': np.float32(1.5), 'config': {'train': {'steps': 9}}, 'tokenizer': 'dropped',
           'model_config': 'dropped'}
-  formats.save_pt(path, c, flat, TOK, meta)
+  pt.save_pt(path, c, flat, TOK, meta)
   raw = torch.load(path, weights_only=True)
   assert set(raw) == {'model', 'model_config', 'tokenizer', 'meta'} and raw['model_config'] == c.to_dict()
   assert raw['meta'] == {'step': 5, 'val_loss': 1.5, 'config': {'train': {'steps': 9}}}
@@ -173,12 +173,12 @@ def test_pt_with_pickled_object_is_refused(tmp_path):
   with pytest.raises(UserError, match=r'refusing to load .*evil\.pt: it holds pickled objects other than '):
     formats.load_any(path)
   with pytest.raises(UserError, match='only plain data'):
-    formats.save_pt(str(tmp_path / 'x.pt'), BASE, random_flat(BASE), None, {'obj': NotPlain()})
+    pt.save_pt(str(tmp_path / 'x.pt'), BASE, random_flat(BASE), None, {'obj': NotPlain()})
 
 
 def test_corrupt_pt_is_named_as_such_not_as_unsafe(tmp_path):
   good = str(tmp_path / 'good.pt')
-  formats.save_pt(good, BASE, random_flat(BASE), None, {})
+  pt.save_pt(good, BASE, random_flat(BASE), None, {})
   data = pathlib.Path(good).read_bytes()
   cases = {'text.pt': b'not a checkpoint\n', 'truncated.pt': data[:len(data) // 2], 'empty.pt': b''}
   for name, content in cases.items():
@@ -307,7 +307,7 @@ def nanogpt_sample_py_load(path):
 def test_nanogpt_export_loads_in_nanogpt(bias, tmp_path):
   c, path = dataclasses.replace(FAMILIES['gpt2'], bias=bias), str(tmp_path / 'ckpt.pt')
   flat, tok = random_flat(c), tokens(c)
-  formats.save_nanogpt(path, c, flat, TOK, {'step': 250, 'val_loss': 1.25})
+  nanogpt.save_nanogpt(path, c, flat, TOK, {'step': 250, 'val_loss': 1.25})
   model, ck = nanogpt_sample_py_load(path)
   assert ck['model_args'] == {'n_layer': 2, 'n_head': 4, 'n_embd': 32, 'block_size': 80, 'bias': bias,
                               'vocab_size': 97, 'dropout': 0.0}
@@ -349,10 +349,10 @@ def test_nanogpt_compiled_checkpoint_imports(tmp_path):
 def test_nanogpt_refuses_what_it_lacks(tmp_path):
   with pytest.raises(UserError, match=r'nanoGPT cannot represent this model: pos=rope .*d_ff=96 .*'
                                       r'tie_embeddings=False'):
-    formats.save_nanogpt(str(tmp_path / 'x.pt'), FAMILIES['tiny'], random_flat(FAMILIES['tiny']), None, {})
+    nanogpt.save_nanogpt(str(tmp_path / 'x.pt'), FAMILIES['tiny'], random_flat(FAMILIES['tiny']), None, {})
   c = dataclasses.replace(FAMILIES['gpt2'], norm_eps=1e-6)
   with pytest.raises(UserError, match=r'norm_eps=1e-06 \(nanoGPT fixes 1e-5\)'):
-    formats.save_nanogpt(str(tmp_path / 'x.pt'), c, random_flat(c), None, {})
+    nanogpt.save_nanogpt(str(tmp_path / 'x.pt'), c, random_flat(c), None, {})
   assert not os.path.exists(tmp_path / 'x.pt')
 
 
@@ -493,7 +493,7 @@ def test_import_refuses_what_minillm_cannot_compute(tmp_path):
 # ---------------------------------------------------------------------------------------------------- CLIs
 
 def test_cli_export_import_round_trip(tmp_path):
-  from minillm_jax import checkpoint
+  from minillm_jax.training import checkpoint
   from torch_compat.export import export
   from torch_compat.import_ckpt import import_ckpt
   c = FAMILIES['tiny']
@@ -547,7 +547,7 @@ def test_one_table_covers_every_layout():
   and nanoGPT's tied head included), and the table's names are the ones the classes use."""
   for c in {**ALL_HF, 'llama_gqa_bias': dataclasses.replace(FAMILIES['llama'], bias=True)}.values():
     flat = random_flat(c)
-    fmts = ('pt', hf.arch_for(c)) + (('nanogpt',) if not formats.nanogpt_problems(c) else ())
+    fmts = ('pt', hf.arch_for(c)) + (('nanogpt',) if not nanogpt.nanogpt_problems(c) else ())
     for fmt in fmts:
       sd = convert.flax_to_torch(c, flat, fmt)
       assert {k: tuple(v.shape) for k, v in sd.items()} == convert.torch_shapes(c, fmt) | (
@@ -585,7 +585,7 @@ def test_corrupt_hf_directory_is_named(tmp_path):
     ({'dtype': 'float16'}, r"model\.dtype='float16' is not one of")])
 def test_model_config_values_in_a_pt_are_checked(change, match, tmp_path):
   path = str(tmp_path / 'm.pt')
-  formats.save_pt(path, BASE, random_flat(BASE), None, {})
+  pt.save_pt(path, BASE, random_flat(BASE), None, {})
   ckpt = torch.load(path, weights_only=True)
   ckpt['model_config'].update(change)
   torch.save(ckpt, path)

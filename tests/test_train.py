@@ -2,6 +2,7 @@
 accumulation, weight-decay mask, monitoring outputs."""
 import functools
 import glob
+import itertools
 import json
 import os
 import pathlib
@@ -18,9 +19,10 @@ import pytest
 from conftest import ROOT, run_module
 from flax import nnx
 
-from minillm_jax import train
+from minillm_jax import train as train_cli
 from minillm_jax.config import ModelConfig, default_config
 from minillm_jax.model import GPT
+from minillm_jax.training import step as train
 
 TEXT = ''.join(f'{w} the quick brown fox {i % 7} jumps over the lazy dog number {i % 13}.\n'
                for i, w in enumerate(['alpha', 'beta', 'gamma', 'delta', 'omega'] * 200))
@@ -95,7 +97,7 @@ def test_rows_are_written_when_their_step_finishes(tmp_path):
   rows = [r for r in metrics(tmp) if 'train_loss' in r]
   assert [r['step'] for r in rows] == [2, 4, 6, 8, 10, 12]
   times = [r['time'] for r in rows]
-  assert all(a < b for a, b in zip(times, times[1:])), times
+  assert all(a < b for a, b in itertools.pairwise(times)), times
   speeds = [r['tokens_per_s'] for r in rows[1:]]
   assert all(s > 0 for s in speeds) and len(set(speeds)) == len(speeds), speeds
 
@@ -167,7 +169,7 @@ def test_nan_stops_without_replacing_good_checkpoint(tmp_path):
   assert 20 < max(steps) < bad_step  # saved while finite, nothing at or after the non-finite step
   r = run_module('minillm_jax.status', f'--workdir={tmp}/run', '--json')  # a deliberate stop, not a crash
   assert json.loads(r.stdout)['status'] == 'stopped_nonfinite'
-  from minillm_jax import checkpoint
+  from minillm_jax.training import checkpoint
   _, model, _, meta = checkpoint.load_for_inference(f'{tmp}/run', 'latest')
   assert meta['step'] == max(steps)
   assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(nnx.state(model)))
@@ -288,7 +290,7 @@ def _tiny_state():
 
 
 def test_accumulation_equals_big_batch():
-  mc, gdef, params = _tiny_state()
+  _, gdef, params = _tiny_state()
   tx, _ = train.make_optimizer(default_config().optim, 100)
   step = functools.partial(train.train_step, gdef=gdef, tx=tx, seed=0)
   x = jax.random.randint(jax.random.key(0), (12, 8), 0, 40)
@@ -323,7 +325,7 @@ def test_weight_decay_mask_excludes_norms_biases_embeddings():
 def test_best_checkpoint_survives_a_reopened_manager(tmp_path):
   # keep=1 keeps the latest step plus the best by val_loss; a resumed run opens a new manager, whose first save
   # must not delete the best (it did while the metrics lived only in the saving process)
-  from minillm_jax import checkpoint
+  from minillm_jax.training import checkpoint
   _, _, params = _tiny_state()
   ck = checkpoint.Checkpointer(str(tmp_path), keep=1, async_save=False)
   for step, val in ((10, 1.0), (20, 2.0), (30, 3.0)):
@@ -339,7 +341,7 @@ def test_best_checkpoint_survives_a_reopened_manager(tmp_path):
 
 
 def test_nonfinite_step_keeps_weights_finite():
-  mc, gdef, params = _tiny_state()
+  _, gdef, params = _tiny_state()
   tx, _ = train.make_optimizer(default_config().optim, 100)
   huge = jax.tree.map(lambda p: p * 1e20, params)  # finite weights whose logits overflow to inf
   state = {'params': huge, 'opt': tx.init(huge)}
@@ -465,7 +467,7 @@ def test_mfu_never_exceeds_one_when_the_cached_peak_was_timed_under_load(tmp_pat
 def test_bf16_hint_only_for_float32_on_amx_cpus(monkeypatch):
   from minillm_jax import parallel
   monkeypatch.setattr(parallel, 'cpu_flags', lambda: {'avx512f', 'amx_bf16'})
-  assert '--config.model.dtype=bfloat16' in train.bf16_hint('float32')
-  assert train.bf16_hint('bfloat16') is None
+  assert '--config.model.dtype=bfloat16' in train_cli.bf16_hint('float32')
+  assert train_cli.bf16_hint('bfloat16') is None
   monkeypatch.setattr(parallel, 'cpu_flags', lambda: {'avx512f', 'avx512_bf16'})
-  assert train.bf16_hint('float32') is None
+  assert train_cli.bf16_hint('float32') is None

@@ -11,22 +11,22 @@ from __future__ import annotations
 
 from absl import flags
 
+from minillm_jax import cli
 from minillm_jax.config import UserError
+from minillm_jax.training import checkpoint
+from torch_compat import convert, formats, hf
 
 FLAGS = flags.FLAGS
 
 
 def export(workdir: str, out: str, fmt: str, step: str | int = 'best') -> str:
   """Writes `out`; returns a one-line summary."""
-  from minillm_jax import checkpoint
-  from torch_compat import convert, formats
   if fmt not in ('pt', 'nanogpt', 'hf'):
     raise UserError(f'--format={fmt!r}: use pt, nanogpt or hf')
   mc, model, tokenizer_json, meta = checkpoint.load_for_inference(workdir, step)
   formats.save_any(fmt, out, mc, convert.flax_flat(model), tokenizer_json, meta)
   what = fmt
   if fmt == 'hf':
-    from torch_compat import hf
     what = f'hf ({hf.CLASSES[hf.arch_for(mc)]})'
   return f'wrote {out}: {what}, step {meta.get("step")}, val_loss {meta.get("val_loss")}'
 
@@ -38,7 +38,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from minillm_jax import cli
   cli.define_workdir()
   flags.DEFINE_string('out', None, 'Output: a .pt file (pt, nanogpt) or a directory (hf).', required=True)
   flags.DEFINE_enum('format', 'pt', ['pt', 'nanogpt', 'hf'], 'Target format.')

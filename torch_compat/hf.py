@@ -20,7 +20,7 @@ import torch
 
 from minillm_jax.config import ModelConfig, UserError
 from torch_compat import convert
-from torch_compat.formats import Imported, export_meta, model_config_from, torch_load
+from torch_compat.common import Imported, export_meta, model_config_from, torch_load
 
 CLASSES = {'gpt2': 'GPT2LMHeadModel', 'llama': 'LlamaForCausalLM', 'neox': 'GPTNeoXForCausalLM'}
 MODEL_TYPES = {'gpt2': 'gpt2', 'llama': 'llama', 'neox': 'gpt_neox'}

@@ -13,15 +13,16 @@ import os
 
 from absl import flags
 
+from minillm_jax import cli
 from minillm_jax.config import UserError
+from minillm_jax.training import checkpoint
+from torch_compat import common, convert, formats
 
 FLAGS = flags.FLAGS
 
 
 def import_ckpt(src: str, workdir: str, allow_inexact: bool = False) -> str:
   """Writes a step-0 checkpoint of `src` into `workdir`; returns a one-line summary."""
-  from minillm_jax import checkpoint
-  from torch_compat import convert, formats
   if not os.path.exists(src):
     raise UserError(f'--src={src} does not exist')
   imp = formats.load_any(src, allow_inexact=allow_inexact)
@@ -31,7 +32,7 @@ def import_ckpt(src: str, workdir: str, allow_inexact: bool = False) -> str:
   if imp.notes:
     meta['import_notes'] = imp.notes
   checkpoint.init_workdir(workdir, imp.cfg_plain, imp.model_config, model, imp.tokenizer_json or None,
-                          formats.plain(meta))
+                          common.plain(meta))
   c = imp.model_config
   tok = 'with tokenizer' if imp.tokenizer_json else 'no tokenizer (set data.tokenizer when training)'
   notes = ''.join(f'\nnote: {n}' for n in imp.notes)
@@ -46,7 +47,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from minillm_jax import cli
   cli.define_workdir()
   flags.DEFINE_string('src', None, 'A native .pt, a nanoGPT ckpt.pt (or its out_dir) or a Hugging Face '
                       'directory.', required=True)

@@ -24,11 +24,12 @@ from pathlib import Path
 from ml_collections import ConfigDict
 
 from minillm_jax.config import UserError
+from minillm_jax.data import hub
 
 log = logging.getLogger(__name__)
 
 VERSION = 1  # bump when the way a corpus is built changes: it is part of the cache key
-DATA_DIR = Path(__file__).resolve().parents[1] / 'data'
+DATA_DIR = Path(__file__).resolve().parents[2] / 'data'  # the repository's data/
 SHAKESPEARE = DATA_DIR / 'shakespeare.jsonl.xz'
 LOCAL_EXTS = {'.txt': 'text', '.md': 'text', '.jsonl': 'json', '.json': 'json', '.parquet': 'parquet'}
 
@@ -214,31 +215,11 @@ def _file_hash(path: str) -> bytes:
   return h.digest()
 
 
-def _datasets(offline: bool):
-  if offline:  # as HF_HUB_OFFLINE=1 would, without changing the environment of the user's process
-    import huggingface_hub.constants
-    huggingface_hub.constants.HF_HUB_OFFLINE = True  # datasets.config copies it at import
-  logging.getLogger('datasets').setLevel(logging.WARNING)  # its import logs "JAX version ... available"
-  import datasets
-  if offline:
-    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
-  datasets.disable_progress_bars()
-  # its loaders log a parse error (twice: its handler and absl's) before raising it; we report the exception once
-  datasets.logging.set_verbosity(datasets.logging.CRITICAL)
-  return datasets
-
-
-def _column(ds, field: str, where: str) -> list[str]:
-  if field not in ds.column_names:
-    raise UserError(f'{where} has no field {field!r} (fields: {", ".join(ds.column_names)}); set data.text_field')
-  return [t for t in ds[field] if isinstance(t, str) and t]
-
-
 def local(spec: str, field: str) -> Corpus:
   """.txt/.md: one document per file; .jsonl/.json/.parquet: one per row (data.text_field). Loaded with
   datasets into a throw-away cache (the HF cache is not filled with copies of the user's files)."""
   files = local_files(spec)
-  datasets = _datasets(offline=False)  # local builders need no network
+  datasets = hub.datasets_module(offline=False)  # local builders need no network
   docs, n_bad = [], 0
   with tempfile.TemporaryDirectory(prefix='minillm-hf-') as cache:
     for i, f in enumerate(files):
@@ -262,36 +243,15 @@ def local(spec: str, field: str) -> Corpus:
         cause = e.__cause__ or e
         raise UserError(f'cannot load {builder} files {group[0]}{" ..." if len(group) > 1 else ""}: '
                         f'{type(cause).__name__}: {" ".join(str(cause).split())[:300]}') from None
-      docs += _column(ds, 'text' if builder == 'text' else field, f'{builder} data {group[0]}')
+      docs += hub.column(ds, 'text' if builder == 'text' else field, f'{builder} data {group[0]}')
   return Corpus('local', docs, n_bad, info={'files': len(files)})
 
 
 # ---- hub ----
 
-def hub(name: str, split: str, field: str, max_docs: int) -> Corpus:
-  """A HF hub dataset. Without network it loads only from the local cache and fails at once otherwise
-  (the datasets client would retry for ~23 s)."""
-  from minillm_jax.tokenizer import hub_offline_reason
-  reason = hub_offline_reason()
-  datasets = _datasets(offline=reason is not None)
-  try:
-    if max_docs and reason is None:  # stream just the first rows instead of downloading everything
-      ds = datasets.load_dataset(name, split=split, streaming=True)
-      rows = [r.get(field) for _, r in zip(range(max_docs), ds)]
-      if rows and all(r is None for r in rows):
-        raise UserError(f'hub dataset {name} has no field {field!r}; set data.text_field')
-      docs = [t for t in rows if isinstance(t, str) and t]
-    else:
-      docs = _column(datasets.load_dataset(name, split=split), field, f'hub dataset {name}')
-  except UserError:
-    raise
-  except Exception as e:  # noqa: BLE001 - ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
-    if reason:
-      raise UserError(f'hub dataset {name!r} (split {split!r}) is not in the local HF cache and the hub is '
-                      f'unreachable: {reason}; prepare it once with network, or use data.corpus=local') from None
-    raise UserError(f'cannot load hub dataset {name!r} split {split!r}: {type(e).__name__}: '
-                    f'{" ".join(str(e).split())[:200]}') from None
-  return Corpus('hub', docs, info={'hub_name': name, 'split': split})
+def hub_corpus(name: str, split: str, field: str, max_docs: int) -> Corpus:
+  """A HF hub dataset (hub.dataset_docs)."""
+  return Corpus('hub', hub.dataset_docs(name, split, field, max_docs), info={'hub_name': name, 'split': split})
 
 
 # ---- dispatch ----
@@ -323,7 +283,7 @@ def load(d: ConfigDict) -> Corpus:
   elif d.corpus == 'local':
     c = local(d.path, d.text_field)
   elif d.corpus == 'hub':
-    c = hub(d.hub_name, d.hub_split, d.text_field, d.max_docs)
+    c = hub_corpus(d.hub_name, d.hub_split, d.text_field, d.max_docs)
   else:
     raise UserError(f'unknown corpus {d.corpus!r}: use shakespeare, python_code, mixed, local or hub')
   c.docs = [t for t in c.docs if t]

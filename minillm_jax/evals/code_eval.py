@@ -13,8 +13,8 @@ import tempfile
 
 import numpy as np
 
-from minillm_jax import generate as gen
-from minillm_jax.backend import Backend, SampleParams
+from minillm_jax.inference.backend import Backend, SampleParams
+from minillm_jax.inference.text import complete
 
 CODE_CATEGORIES = ('bracket_completion', 'keyword_completion', 'indentation', 'function_completion', 'docstring',
                    'syntax_validity', 'execution')
@@ -160,7 +160,7 @@ def code_suite(be: Backend, max_new: int = 96, timeout: float = 3.0) -> dict:
 
   def run(prompts, n):
     ids = [be.crop(be.tok.encode(p), 1)[0] for p in prompts]
-    return gen.complete(be, ids, n, sp)
+    return complete(be, ids, n, sp)
 
   cats, details = {}, {}
   outs = run(BRACKETS, 24)

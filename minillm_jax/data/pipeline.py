@@ -20,7 +20,7 @@ import grain
 import numpy as np
 
 from minillm_jax.config import UserError
-from minillm_jax.prepare import Prepared
+from minillm_jax.data.prepare import Prepared
 
 Batch = dict[str, np.ndarray]  # {'inputs': int32 [B,T], 'targets': int32 [B,T]}
 

@@ -13,7 +13,7 @@ import jax
 
 from minillm_jax import parallel
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 
 def environment() -> dict:

@@ -1,82 +1,37 @@
 """The GPT model family (GPT-2 style and Llama style) in Flax NNX, one definition configured by ModelConfig.
 
-Layout choices that matter for speed (measured, see PERF_NOTES): every dense layer is a 2-D matmul on
-[B*T, D], and `mm` feeds bf16 operands with float32 accumulation in forward and backward (AMX on CPU,
-tensor cores on GPU). Parameters and the residual stream stay float32; norms, softmax and logits are float32.
+Every dense layer is a 2-D matmul on the flattened rows [B*T, D] (`ops.mm`); with bfloat16 compute the
+operands are bfloat16 and the accumulation float32. Parameters, the residual stream, norms, softmax and logits
+stay float32. The custom-derivative ops live in minillm_jax.model.ops, attention in minillm_jax.model.attention.
 
-Run `python -m minillm_jax.model --config=configs/tiny.py` for a preset's parameter count and FLOPs per token.
+Shape legend (suffixes such as x_BxTxD; one meaning per letter, in every file of the project):
+  B batch rows            T positions of this call (queries)     S key/cache positions
+  D d_model               F hidden width of a dense layer         V vocabulary
+  N query heads           K key/value heads (GQA: K divides N)    G = N / K query heads per kv head
+  H head dim              R = B*T flattened rows                  C = B*K cache rows
+  M fused q/k/v heads (N + 2K)
+
+`python -m minillm_jax.model --config=configs/tiny.py` prints a preset's parameter count and FLOPs per token.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from minillm_jax import cpu_matmul
-from minillm_jax.attention import attention, cached_attention
 from minillm_jax.config import ModelConfig
+from minillm_jax.model.attention import attention, cached_attention
+from minillm_jax.model.ops import apply_rope, dropout, gelu, normalize, project, rope_tables, split_heads
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-Cache = list  # one {'k': [B*K,S,H], 'v': [B*K,S,H]} dict per layer
-
-
-def _dot(a, b):
-  return jax.lax.dot(a, b, preferred_element_type=jnp.float32)
-
-
-@jax.custom_vjp
-def mm(a_NxD: jax.Array, b_DxF: jax.Array) -> jax.Array:
-  """a @ b with float32 accumulation and a float32 result, whatever the operand dtype. Float32 on CPU runs on
-  OpenBLAS (cpu_matmul: about 1.3x XLA:CPU's dots on the train step's shapes)."""
-  return _mm_fwd(a_NxD, b_DxF)[0]
-
-
-def _mm_fwd(a, b):
-  return (cpu_matmul.matmul(a, b) if cpu_matmul.supported(a, b) else _dot(a, b)), (a, b)
-
-
-def _mm_bwd(res, g_NxF):
-  # XLA: both gradient matmuls in canonical (row-major, untransposed) form with the operand dtype, so XLA:CPU
-  # picks its fast (AMX for bf16) kernels instead of a transposing dot. OpenBLAS reads transposes in place.
-  a, b = res
-  g = g_NxF.astype(a.dtype)
-  if cpu_matmul.supported(a, b):
-    return cpu_matmul.matmul(g, b, tb=True), cpu_matmul.matmul(a, g, ta=True)
-  if cpu_matmul.transpose_supported(a) and cpu_matmul.transpose_supported(b):
-    # XLA folds a transpose of its own into the dot, and then widens the bfloat16 dot to float32 (`tiny`, one
-    # step's loss and gradients: 7.6-8.9 s against 11.2-14.6 s)
-    return _dot(g, cpu_matmul.transposed(b)).astype(a.dtype), _dot(cpu_matmul.transposed(a), g).astype(b.dtype)
-  return _dot(g, b.T).astype(a.dtype), _dot(a.T, g).astype(b.dtype)
-
-
-mm.defvjp(_mm_fwd, _mm_bwd)
-
-
-def project(x_NxD: jax.Array, w: jax.Array, dt, transposed: bool = False) -> jax.Array:
-  """x @ w (w.T when transposed) computed in dt. Weights stored in bfloat16 under a float32 model (decoding
-  with sample.bf16_weights) stay float32 math on bfloat16-rounded weights: few rows read them as stored
-  (cpu_matmul.gemv_bf16, half the bytes per token), otherwise they are widened for the dot."""
-  if w.dtype == jnp.bfloat16 and dt == jnp.float32 and cpu_matmul.gemv_supported(x_NxD, w):
-    return cpu_matmul.gemv_bf16(x_NxD.astype(dt), w, tb=transposed)
-  w = w.astype(dt)
-  if transposed:  # (the tied head) as in mm's backward: an opaque transpose keeps a bfloat16 dot bfloat16
-    w = cpu_matmul.transposed(w) if cpu_matmul.transpose_supported(w) else w.T
-  return mm(x_NxD.astype(dt), w)
+Cache = list  # one {'k': [C, S, H], 'v': [C, S, H]} dict per layer
 
 
 def _normal(rngs: nnx.Rngs, shape, std: float) -> nnx.Param:
   return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32))
-
-
-def dropout(x, rate: float, key):
-  if key is None or rate == 0.0:
-    return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 class Dense(nnx.Module):
@@ -84,9 +39,9 @@ class Dense(nnx.Module):
     self.kernel = _normal(rngs, (d_in, d_out), std)
     self.bias = nnx.Param(jnp.zeros((d_out,), jnp.float32)) if bias else None
 
-  def __call__(self, x_NxD, dtype) -> jax.Array:
-    y_NxF = project(x_NxD, self.kernel[...], dtype)
-    return y_NxF + self.bias[...] if self.bias is not None else y_NxF
+  def __call__(self, x_RxD, dtype) -> jax.Array:
+    y_RxF = project(x_RxD, self.kernel[...], dtype)
+    return y_RxF + self.bias[...] if self.bias is not None else y_RxF
 
 
 class Norm(nnx.Module):
@@ -97,64 +52,9 @@ class Norm(nnx.Module):
     self.scale = nnx.Param(jnp.ones((d,), jnp.float32))
     self.bias = nnx.Param(jnp.zeros((d,), jnp.float32)) if (bias and kind == 'layernorm') else None
 
-  def __call__(self, x_NxD) -> jax.Array:
-    x = normalize(x_NxD.astype(jnp.float32), self.scale[...], self.eps, self.kind == 'layernorm')
+  def __call__(self, x_RxD) -> jax.Array:
+    x = normalize(x_RxD.astype(jnp.float32), self.scale[...], self.eps, self.kind == 'layernorm')
     return x + self.bias[...] if self.bias is not None else x
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def normalize(x_NxD, scale_D, eps: float, center: bool):
-  """(x - mean if center) * rsqrt(mean square + eps) * scale, with the textbook backward: two row reductions
-  and one elementwise pass over the saved x_hat. XLA's autodiff of the forward made more passes and cost 1.2-1.8x
-  as much (13 norms of a `tiny` step: 440-580 ms against 320-530)."""
-  return _normalize_fwd(x_NxD, scale_D, eps, center)[0]
-
-
-def _normalize_fwd(x, scale, eps, center):
-  if center:
-    x = x - x.mean(-1, keepdims=True)
-  r = jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + eps)
-  xh = x * r
-  return xh * scale, (xh, r, scale)
-
-
-def _normalize_bwd(eps, center, res, g):
-  xh, r, scale = res
-  gs = g * scale
-  dx = gs - (gs * xh).mean(-1, keepdims=True) * xh
-  if center:
-    dx = dx - gs.mean(-1, keepdims=True)
-  return dx * r, (g * xh).reshape(-1, xh.shape[-1]).sum(0)
-
-
-normalize.defvjp(_normalize_fwd, _normalize_bwd)
-
-
-def rope_tables(pos_T: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-  """cos, sin [T, H] for the rotate-half convention (the one HF Llama/GPT-NeoX weights use)."""
-  inv = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-  f_TxH2 = pos_T.astype(jnp.float32)[:, None] * inv[None, :]
-  f_TxH = jnp.concatenate([f_TxH2, f_TxH2], axis=-1)
-  return jnp.cos(f_TxH), jnp.sin(f_TxH)
-
-
-def apply_rope(x_BxTxNxH, cos_TxH, sin_TxH):
-  x = x_BxTxNxH.astype(jnp.float32)
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  rot = jnp.concatenate([-x2, x1], axis=-1)
-  return (x * cos_TxH[:, None, :] + rot * sin_TxH[:, None, :]).astype(x_BxTxNxH.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def split_heads(qkv_BxTxMxH, N: int, K: int):
-  """q, k, v = the first N, next K and last K heads. Its backward is one concatenate: the slices' own transpose
-  is three zero pads summed, which XLA:CPU fuses in bfloat16 with a round trip through float32 per add
-  (1.7 ms per layer of a 42 ms shakespeare_char bfloat16 step)."""
-  return qkv_BxTxMxH[:, :, :N], qkv_BxTxMxH[:, :, N:N + K], qkv_BxTxMxH[:, :, N + K:]
-
-
-split_heads.defvjp(lambda qkv, N, K: (split_heads(qkv, N, K), None),
-                   lambda N, K, _, g: (jnp.concatenate(g, axis=2),))
 
 
 class Attention(nnx.Module):
@@ -164,10 +64,10 @@ class Attention(nnx.Module):
     self.qkv = Dense(c.d_model, (c.n_head + 2 * c.n_kv_head) * hd, c.bias, c.init_std, rngs)
     self.proj = Dense(c.n_head * hd, c.d_model, c.bias, c.init_std / math.sqrt(2 * c.n_layer), rngs)
 
-  def __call__(self, x_NxD, B: int, T: int, rope, cache: dict | None, pos, key) -> tuple[jax.Array, dict | None]:
+  def __call__(self, x_RxD, B: int, T: int, rope, cache: dict | None, pos, key) -> tuple[jax.Array, dict | None]:
     c, dt = self.c, DTYPES[self.c.dtype]
     N, K, H = c.n_head, c.n_kv_head, c.head_dim
-    qkv = self.qkv(x_NxD, dt).astype(dt).reshape(B, T, N + 2 * K, H)
+    qkv = self.qkv(x_RxD, dt).astype(dt).reshape(B, T, N + 2 * K, H)
     q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = split_heads(qkv, N, K)
     if rope is not None:
       q_BxTxNxH, k_BxTxKxH = apply_rope(q_BxTxNxH, *rope), apply_rope(k_BxTxKxH, *rope)
@@ -181,21 +81,6 @@ class Attention(nnx.Module):
     else:
       o_BxTxNxH = attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
     return self.proj(o_BxTxNxH.reshape(B * T, N * H), dt), cache
-
-
-@jax.custom_jvp
-def gelu(x):
-  """Exact (erf) GELU, as torch nn.GELU and nanoGPT. Written with erf and an explicit derivative: jax.nn.gelu's
-  erfc form costs XLA:CPU an exp per element in both passes."""
-  return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
-
-
-@gelu.defjvp
-def _gelu_jvp(primals, tangents):
-  x, = primals
-  cdf = 0.5 * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
-  pdf = jnp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
-  return x * cdf, (cdf + x * pdf) * tangents[0]
 
 
 def _attention_with_dropout(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, rate: float, key):
@@ -218,14 +103,14 @@ class MLP(nnx.Module):
     self.fc = Dense(c.d_model, width, c.bias, c.init_std, rngs)
     self.proj = Dense(c.d_ff, c.d_model, c.bias, c.init_std / math.sqrt(2 * c.n_layer), rngs)
 
-  def __call__(self, x_NxD, dt) -> jax.Array:
-    h_NxF = self.fc(x_NxD, dt)
+  def __call__(self, x_RxD, dt) -> jax.Array:
+    h_RxF = self.fc(x_RxD, dt)
     if self.kind == 'swiglu':
-      gate, up = jnp.split(h_NxF, 2, axis=-1)
-      h_NxF = jax.nn.silu(gate) * up
+      gate, up = jnp.split(h_RxF, 2, axis=-1)
+      h_RxF = jax.nn.silu(gate) * up
     else:
-      h_NxF = gelu(h_NxF)
-    return self.proj(h_NxF, dt)
+      h_RxF = gelu(h_RxF)
+    return self.proj(h_RxF, dt)
 
 
 class Block(nnx.Module):
@@ -236,12 +121,12 @@ class Block(nnx.Module):
     self.mlp = MLP(c, rngs)
     self.rate, self.dt = c.dropout, DTYPES[c.dtype]
 
-  def __call__(self, x_NxD, B, T, rope, cache, pos, key):
+  def __call__(self, x_RxD, B, T, rope, cache, pos, key):
     k1, k2, k3 = jax.random.split(key, 3) if key is not None else (None, None, None)
-    a_NxD, cache = self.attn(self.ln1(x_NxD), B, T, rope, cache, pos, k1)
-    x_NxD = x_NxD + dropout(a_NxD, self.rate, k2)
-    x_NxD = x_NxD + dropout(self.mlp(self.ln2(x_NxD), self.dt), self.rate, k3)
-    return x_NxD, cache
+    a_RxD, cache = self.attn(self.ln1(x_RxD), B, T, rope, cache, pos, k1)
+    x_RxD = x_RxD + dropout(a_RxD, self.rate, k2)
+    x_RxD = x_RxD + dropout(self.mlp(self.ln2(x_RxD), self.dt), self.rate, k3)
+    return x_RxD, cache
 
 
 class GPT(nnx.Module):
@@ -280,15 +165,15 @@ class GPT(nnx.Module):
     if self.wpe is not None:
       x_BxTxD = x_BxTxD + jnp.take(self.wpe[...], pos_T, axis=0)[None]
     keys = list(jax.random.split(key, c.n_layer + 1)) if key is not None else [None] * (c.n_layer + 1)
-    x_NxD = dropout(x_BxTxD.reshape(B * T, c.d_model), c.dropout, keys[-1])
+    x_RxD = dropout(x_BxTxD.reshape(B * T, c.d_model), c.dropout, keys[-1])
     new_cache = []
     for i, block in enumerate(self.blocks):
-      x_NxD, layer_cache = block(x_NxD, B, T, rope, None if cache is None else cache[i], pos, keys[i])
+      x_RxD, layer_cache = block(x_RxD, B, T, rope, None if cache is None else cache[i], pos, keys[i])
       new_cache.append(layer_cache)
-    h_NxD = self.ln_f(x_NxD)
+    h_RxD = self.ln_f(x_RxD)
     tied = self.head is None
-    logits_NxV = project(h_NxD, self.wte[...] if tied else self.head.kernel[...], DTYPES[c.dtype], transposed=tied)
-    return logits_NxV.reshape(B, T, c.vocab_size), (new_cache if cache is not None else None)
+    logits_RxV = project(h_RxD, self.wte[...] if tied else self.head.kernel[...], DTYPES[c.dtype], transposed=tied)
+    return logits_RxV.reshape(B, T, c.vocab_size), (new_cache if cache is not None else None)
 
 
 def init_model(c: ModelConfig, seed: int = 0) -> GPT:
@@ -330,26 +215,3 @@ def _matrix_params(c: ModelConfig) -> int:
   attn_w = D * (c.n_head + 2 * c.n_kv_head) * hd + c.n_head * hd * D
   mlp_w = D * c.d_ff * (3 if c.mlp == 'swiglu' else 2)
   return c.n_layer * (attn_w + mlp_w) + D * c.vocab_size
-
-
-def _main(argv):
-  del argv
-  from minillm_jax import cli
-  cfg = cli.config()
-  note = ''
-  if cfg.model.vocab_size is None and cfg.data.vocab_size is None:
-    note = ' (vocab_size comes from the tokenizer at prepare time; counted here with 91, the characters of the embedded Shakespeare text)'
-  c = cli.model_config_or_exit(cfg, 91)
-  n, f = param_counts(c), flops_per_token(c)
-  print(f'parameters      {n["total"]:,}')
-  print(f'non-embedding   {n["non_embedding"]:,}')
-  print(f'FLOPs/token     {f["forward"]:,.0f} forward, {f["train"]:,.0f} train (context {c.block_size})')
-  print(f'shape           {c.n_layer} layers, d_model {c.d_model}, {c.n_head} heads ({c.n_kv_head} kv), d_ff '
-        f'{c.d_ff}, vocab {c.vocab_size}, pos {c.pos}, norm {c.norm}, mlp {c.mlp}, bias {c.bias}, '
-        f'tied {c.tie_embeddings}{note}')
-
-
-if __name__ == '__main__':
-  from minillm_jax import cli
-  cli.define_config(default=None)
-  cli.run(_main)

@@ -15,7 +15,8 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from minillm_jax import cpu_kernels, parallel
+from minillm_jax import parallel
+from minillm_jax.kernels import build as cpu_kernels
 
 SRC = pathlib.Path(__file__).with_name('cpu_attention.cc')
 SRC_AMX = pathlib.Path(__file__).with_name('cpu_attention_amx.cc')

@@ -1,5 +1,5 @@
-"""Jitted sampling with the model's KV cache, the JAX side of minillm_jax.backend (the decoding contract is in
-its docstring).
+"""The JAX side of the backend interface: `JaxBackend`, jitted sampling with the model's KV cache (the decoding
+contract is in inference.backend's docstring).
 
 Two compiled functions per (batch, context) shape and nothing per prompt length or per sampling setting:
 `_prefill` runs the shortest prompt through the cache in fixed chunks of CHUNK tokens (a while_loop over
@@ -7,7 +7,7 @@ chunks at a traced position), `_run` samples and feeds one token per iteration o
 step limit, every row done, or a full cache. Sampling parameters are traced values, so chat's /temp does not
 recompile, and streaming (step limit 1) runs the very computation a full decode runs.
 
-Also here: `generate` / `print_sample` (what train.py calls) and `measure_decode` / `measure_naive` for bench.
+Also here: `generate` (a batch of samples of one prompt) and `measure_decode` / `measure_naive` for bench.
 """
 from __future__ import annotations
 
@@ -20,11 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from minillm_jax.backend import JaxBackend, SampleParams, _sp_arrays
+from minillm_jax.data.tokenizer import Tok
+from minillm_jax.inference.backend import Backend, SampleParams, check_weights, sp_arrays
 from minillm_jax.model import GPT
 
-__all__ = ['SampleParams', 'generate', 'measure_decode', 'measure_naive', 'nll', 'pick', 'poll', 'print_sample',
-           'process_logits', 'run', 'start']
 CHUNK = 64        # prefill chunk (tokens); positions past the prompt in the last chunk are rewritten later
 MAX_STOP_IDS = 8  # stop ids are padded to this many, so their count never changes a shape
 
@@ -32,7 +31,7 @@ MAX_STOP_IDS = 8  # stop ids are padded to this many, so their count never chang
 def process_logits(logits_BxV, seq_BxS, pos, sp: dict):
   """Repetition penalty (CTRL/HF rule: positive logits divided, negative multiplied) over the tokens at
   positions [pos - window, pos) of seq, then temperature, top-k and top-p (the smallest set of tokens whose
-  probability reaches top_p). `sp` holds traced scalars (see backend._sp_arrays); top_k 0 = off."""
+  probability reaches top_p). `sp` holds traced scalars (see backend.sp_arrays); top_k 0 = off."""
   x = logits_BxV.astype(jnp.float32)
   B, V = x.shape
   S = seq_BxS.shape[1]
@@ -173,6 +172,33 @@ def nll(gdef, params, tokens_BxT) -> np.ndarray:
   return np.asarray(_nll(gdef, params, jnp.asarray(tokens_BxT, jnp.int32)))
 
 
+class JaxBackend(Backend):
+  name = 'jax'
+
+  def __init__(self, model, tok: Tok | None = None, meta: dict | None = None, source: str = '',
+               weights: str = 'float32'):
+    super().__init__(tok, meta or {}, model.c.block_size, source)
+    self.model = model
+    self.gdef, self.params = nnx.split(model)
+    self.vocab = model.c.vocab_size
+    self.weights = check_weights(weights)
+    if weights == 'bfloat16':
+      self.params = bf16_weights(self.params, model.c.tie_embeddings)
+
+  def prefill(self, prompts, budgets, sp, seed, stop_ids):
+    return start(self.gdef, self.params, prompts, budgets, sp_arrays(sp, self.vocab), seed, stop_ids,
+                        self.context)
+
+  def decode(self, state, n_steps):
+    return run(self.gdef, self.params, state, n_steps)
+
+  def poll(self, state):
+    return poll(state)
+
+  def nll(self, tokens_BxT):
+    return nll(self.gdef, self.params, tokens_BxT)
+
+
 def generate(model: GPT, prompt: list[int], max_new_tokens: int, sp: SampleParams, seed: int = 0,
              num_samples: int = 1, weights: str = 'float32') -> np.ndarray:
   """Token ids [num_samples, max_new_tokens] continuing `prompt` (cropped from the left to the context)."""
@@ -180,25 +206,6 @@ def generate(model: GPT, prompt: list[int], max_new_tokens: int, sp: SampleParam
   ids, _ = be.crop(list(prompt) or [0])
   out = be.complete_ids([ids] * num_samples, max_new_tokens, sp, seed)
   return np.asarray(out, np.int32).reshape(num_samples, max_new_tokens)
-
-
-def print_sample(workdir: str, step: str | int = 'best') -> str:
-  """Samples the run's checkpoint with its config's `sample` section; prints and appends to samples.txt."""
-  import os
-
-  from minillm_jax import checkpoint
-  from minillm_jax import config as config_lib
-  from minillm_jax.tokenizer import Tok
-  _, model, tok_json, meta = checkpoint.load_for_inference(workdir, step)
-  tok = Tok.from_json_str(tok_json)
-  s = config_lib.from_plain(meta['config']).sample
-  ids = generate(model, tok.encode(s.prompt) or [tok.eot_id or 0], s.max_new_tokens, SampleParams.from_config(s),
-                 seed=s.seed)[0].tolist()
-  text = s.prompt + tok.decode(ids)
-  print(f'--- sample (step {meta["step"]}, val loss {meta.get("val_loss")}) ---\n{text}\n---', flush=True)
-  with open(os.path.join(workdir, 'samples.txt'), 'a') as f:
-    f.write(f'--- step {meta["step"]} ---\n{text}\n')
-  return text
 
 
 # ---------------------------------------------------------------------------------------------- bench
@@ -217,7 +224,7 @@ def measure_decode(model: GPT, batch: int, prompt_len: int, new_tokens: int, see
                      f'{model.c.block_size}')
   be = JaxBackend(model, weights=weights)
   prompts = _prompts(model, batch, prompt_len, seed)
-  sp = _sp_arrays(SampleParams(temperature=0.0), model.c.vocab_size)
+  sp = sp_arrays(SampleParams(temperature=0.0), model.c.vocab_size)
 
   def once():
     t0 = time.perf_counter()

@@ -1,11 +1,9 @@
 """Run monitoring: progress bar, metrics.jsonl, TensorBoard events, run.json (liveness), early stopping, MFU."""
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
-import socket
 import sys
 import time
 
@@ -14,74 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from minillm_jax import cli, cpu_matmul
-from minillm_jax.config import UserError, write_atomic, write_run_config
+from minillm_jax import cli
+from minillm_jax import workdir as wd
+from minillm_jax.kernels import matmul as cpu_matmul
 from minillm_jax.model import mm
-
-
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
-def read_run(workdir: str) -> dict:
-  try:
-    with open(os.path.join(workdir, 'run.json')) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return {}
-
-
-def run_alive(run: dict) -> bool:
-  return (run.get('status') == 'running' and run.get('host') == socket.gethostname()
-          and isinstance(run.get('pid'), int) and _pid_alive(run['pid']))
-
-
-def _write_json(path: str, obj: dict):
-  write_atomic(path, json.dumps(obj, indent=1))
-
-
-_LOCKS: dict[str, int] = {}
-
-
-def check_workdir_free(workdir: str) -> None:
-  """One live run per workdir, from the start of `train` (not only from its claim): an flock on <workdir>/.lock,
-  held until the process ends, and run.json's pid for a run on another host. Writes nothing else, so a run
-  refused later (another model, no data) leaves the workdir as it was."""
-  run = read_run(workdir)
-  if run_alive(run) and run['pid'] != os.getpid():
-    raise UserError(f'{workdir!r} is being trained by pid {run["pid"]}; stop it first or use another --workdir')
-  key = os.path.realpath(workdir)
-  if key in _LOCKS:
-    return
-  os.makedirs(workdir, exist_ok=True)
-  fd = os.open(os.path.join(workdir, '.lock'), os.O_RDWR | os.O_CREAT, 0o644)
-  try:
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except OSError:
-    os.close(fd)
-    raise UserError(f'{workdir!r} is being trained by another process (pid {read_run(workdir).get("pid", "?")}); '
-                    'stop it first or use another --workdir') from None
-  _LOCKS[key] = fd
-
-
-def release_workdir(workdir: str) -> None:
-  fd = _LOCKS.pop(os.path.realpath(workdir), None)
-  if fd is not None:
-    os.close(fd)
-
-
-def claim_workdir(workdir: str, cfg) -> None:
-  """Marks the run as running and writes its resolved config (config.json + config.py), once every check passed."""
-  check_workdir_free(workdir)
-  _write_json(os.path.join(workdir, 'run.json'), {'pid': os.getpid(), 'host': socket.gethostname(),
-                                                  'status': 'running', 'started': time.time()})
-  write_run_config(workdir, cfg)
 
 
 def _peak_key(dtype: str) -> tuple[str, str]:
@@ -122,7 +56,7 @@ def store_peak_flops(dtype: str, peak: float) -> float:
     if os.path.exists(cache):
       with open(cache) as f:
         old = json.load(f)
-    _write_json(cache, {**old, key: peak})
+    wd.write_json(cache, {**old, key: peak})
   except (OSError, ValueError):
     pass
   return peak
@@ -146,8 +80,7 @@ class Monitor:
   def __init__(self, workdir: str, cfg, mc, start: int, steps: int, tokens_per_step: int, flops_per_token: float,
                meta: dict):
     self.workdir, self.steps, self.tps, self.fpt = workdir, steps, tokens_per_step, flops_per_token
-    self.path = os.path.join(workdir, 'metrics.jsonl')
-    self._truncate_after(start)  # rows a killed run wrote past its last checkpoint
+    wd.truncate_metrics(workdir, start)  # rows a killed run wrote past its last checkpoint
     self.tb = _summary_writer(os.path.join(workdir, 'tb'), purge_step=start + 1 if start else None)
     self.peak, self.peak_measured, self.dtype = cfg.train.peak_flops or matmul_peak_flops(mc.dtype), \
         not cfg.train.peak_flops, mc.dtype
@@ -164,15 +97,8 @@ class Monitor:
     self.bar = tqdm(total=steps, initial=start, desc='train', unit='step', dynamic_ncols=True, mininterval=0.5,
                     disable=None)
 
-  def _truncate_after(self, step: int):
-    if not os.path.exists(self.path):
-      return
-    from minillm_jax.status import read_metrics  # it drops a row cut off by a kill or a full disk
-    write_atomic(self.path, ''.join(json.dumps(r) + '\n' for r in read_metrics(self.workdir) if r['step'] <= step))
-
   def _write(self, row: dict):
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(row) + '\n')
+    wd.append_metrics(self.workdir, row)
     for k, v in row.items():
       if k not in ('step', 'time') and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
         self.tb.add_scalar(k, v, row['step'])
@@ -234,8 +160,7 @@ class Monitor:
     if 'tokens_per_s' in row:
       post.update({'tok/s': f'{row["tokens_per_s"]:,.0f}', 'mfu': f'{100 * row["mfu"]:.1f}%'})
     self.bar.set_postfix(post, refresh=False)
-    _write_json(os.path.join(self.workdir, 'run.json'), {**read_run(self.workdir), 'step': row['step'],
-                                                         'steps': self.steps, 'heartbeat': now, **row})
+    wd.update_run(self.workdir, **{'steps': self.steps, 'heartbeat': now, **row})
     return None
 
   def eval(self, step: int, val_loss: float, patience: int) -> bool:
@@ -273,8 +198,7 @@ class Monitor:
   def close(self, status: str) -> dict:
     self.bar.close()
     self.tb.close()
-    run = {**read_run(self.workdir), 'status': status, 'ended': time.time()}
-    _write_json(os.path.join(self.workdir, 'run.json'), run)
+    wd.update_run(self.workdir, status=status, ended=time.time())
     return {'steps': self.step, 'best_val_loss': self.best_val if self.best_val is not None else float('nan'),
             'best_step': self.best_step, 'last_train_loss': self.last_train,
             'tokens_per_s': self.last_row.get('tokens_per_s')}

@@ -10,6 +10,7 @@ max_to_keep, which deletes the newest steps: STACK_NOTES §4), so the latest ste
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -22,9 +23,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from minillm_jax import config as config_lib
+from minillm_jax import workdir as wd
 from minillm_jax.config import ModelConfig, UserError
 from minillm_jax.model import GPT
-from minillm_jax.status import finished_steps
+from minillm_jax.workdir import ckpt_dir, finished_steps
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +35,6 @@ for _name in ('absl', 'orbax', 'orbax.checkpoint'):  # orbax logs every save/res
   logging.getLogger(_name).setLevel(logging.WARNING)
 # A step without a val loss (an import's step 0, a non-finite eval) is saved without metrics on purpose.
 logging.getLogger('absl').addFilter(lambda r: not str(r.msg).startswith('Requested `tracked_metric`'))
-
-
-def ckpt_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 
 def _abstract(tree):
@@ -220,8 +219,6 @@ class _DropFailedReadNoise(logging.Filter):
 
 
 def _quiet_failed_reads():
-  import gc
-  import sys
   log_ = logging.getLogger('asyncio')
   if not any(isinstance(f, _DropFailedReadNoise) for f in log_.filters):
     log_.addFilter(_DropFailedReadNoise())
@@ -246,7 +243,6 @@ def _quiet_failed_reads():
 def init_workdir(workdir: str, cfg_plain: dict | None, model_cfg: ModelConfig, model: GPT,
                  tokenizer_json: str | None, meta: dict) -> None:
   """Writes a weights-only step-0 checkpoint (+ config.json/.py) so `train --workdir` continues from it."""
-  from minillm_jax import config as config_lib
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f'--workdir={workdir!r} is a file, not a directory')
   if finished_steps(workdir):
@@ -270,7 +266,7 @@ def init_workdir(workdir: str, cfg_plain: dict | None, model_cfg: ModelConfig, m
     with open(tok_path, 'w') as f:
       f.write(tokenizer_json)
     cfg.data.tokenizer = tok_path
-  config_lib.write_run_config(workdir, cfg)
+  wd.write_run_config(workdir, cfg)
   ck = Checkpointer(workdir, async_save=False)
   full_meta = {**meta, 'step': 0, 'model_config': model_cfg.to_dict(), 'config': config_lib.to_plain(cfg),
                'tokenizer': tokenizer_json or ''}

@@ -9,7 +9,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from minillm_jax import cpu_attention
+from minillm_jax.kernels import attention as cpu_attention
 
 
 def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH):

@@ -1,0 +1,260 @@
+"""Tokenize a corpus once into flat token files, cached by content.
+
+  python -m minillm_jax.prepare --config=configs/shakespeare_char.py
+
+Cache layout: <data.cache_dir or <repo>/data/cache>/<corpus>-<tokenizer>-<key>/ with train.bin, val.bin (flat
+uint16/uint32 ids, every document followed by <|endoftext|>), tokenizer.json and manifest.json. The key hashes
+the corpus content, the data settings that change the tokens and the tokenizer spec, so a changed corpus or
+tokenizer prepares again and an unchanged one is reused at once. A cache directory only appears by an atomic
+rename of a finished temp directory: a killed prepare leaves no directory that looks complete.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+from ml_collections import ConfigDict
+from tqdm import tqdm
+
+from minillm_jax.config import UserError
+from minillm_jax.data import corpora
+from minillm_jax.data import tokenizer as toklib
+
+log = logging.getLogger(__name__)
+
+VERSION = 1  # bump when the token file format or the tokenization procedure changes
+DEFAULT_CACHE = corpora.DATA_DIR / 'cache'
+_PIECE = 1 << 16       # characters per encode piece (long documents are cut so the Rust threads share them)
+_BATCH = 1 << 23       # characters per encode_batch call (bounds memory and paces the progress bar)
+_STALE_TMP_S = 6 * 3600
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  dir: Path
+  train_path: Path
+  val_path: Path
+  tokenizer_path: Path
+  dtype: np.dtype
+  vocab_size: int
+  n_train: int          # tokens
+  n_val: int
+  eot_id: int
+  manifest: dict
+
+  def tokenizer(self) -> toklib.Tok:
+    return toklib.Tok.from_file(str(self.tokenizer_path))
+
+  def tokens(self, split: str) -> np.ndarray:
+    """The whole split as a read-only memmap ('train' or 'val')."""
+    path, n = (self.train_path, self.n_train) if split == 'train' else (self.val_path, self.n_val)
+    return np.memmap(path, dtype=self.dtype, mode='r', shape=(n,))
+
+
+def cache_root(d: ConfigDict) -> Path:
+  return Path(os.path.expanduser(d.cache_dir)) if d.cache_dir else DEFAULT_CACHE
+
+
+def bpe_vocab_size(cfg: ConfigDict) -> int:
+  v = cfg.data.vocab_size or cfg.model.vocab_size
+  if v is None:
+    raise UserError('data.tokenizer=bpe needs a vocabulary size: set data.vocab_size (or model.vocab_size)')
+  return int(v)
+
+
+def _tokenizer_key(cfg: ConfigDict) -> tuple[str, dict]:
+  """(short name for the directory, everything that determines the tokenizer)."""
+  spec = cfg.data.tokenizer
+  kind = toklib.spec_kind(spec)
+  if kind == 'char':
+    return 'char', {'kind': 'char', 'specials': toklib.SPECIALS + (toklib.UNK,)}
+  if kind == 'bpe':
+    v = bpe_vocab_size(cfg)
+    return f'bpe{v}', {'kind': 'bpe', 'vocab_size': v, 'min_frequency': 2, 'specials': toklib.SPECIALS}
+  if kind == 'hub':
+    return 'hub', {'kind': 'hub', 'name': spec[4:]}
+  path = os.path.expanduser(spec)
+  names = ('vocab.json', 'merges.txt') if kind == 'gpt2_dir' else ('tokenizer.json',)
+  digest = hashlib.sha256()
+  for f in [os.path.join(path, n) for n in names] if os.path.isdir(path) else [path]:
+    try:
+      with open(f, 'rb') as fh:
+        digest.update(fh.read())
+    except OSError as e:
+      raise UserError(f'cannot read tokenizer file {f}: {e.strerror}') from None
+  return 'file', {'kind': kind, 'sha256': digest.hexdigest()}
+
+
+def cache_key(cfg: ConfigDict) -> tuple[str, dict]:
+  """(directory name, the keyed settings). Raises UserError for an unknown corpus/tokenizer or missing path."""
+  d = cfg.data
+  tname, tspec = _tokenizer_key(cfg)  # first: an unknown tokenizer fails before any corpus is read
+  parts = {'version': VERSION, 'corpus': d.corpus, 'corpus_fingerprint': corpora.fingerprint(d),
+           'tokenizer': tspec, 'val_fraction': float(d.val_fraction), 'max_docs': int(d.max_docs)}
+  key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+  return f'{d.corpus}-{tname}-{key}', parts
+
+
+def build_tokenizer(cfg: ConfigDict, corpus: corpora.Corpus, train_docs: list[str]) -> toklib.Tok:
+  spec = cfg.data.tokenizer
+  if spec == 'char':
+    return toklib.build_char(corpus.docs)  # the whole alphabet, so val characters are never <|unk|>
+  if spec == 'bpe':
+    t0 = time.time()
+    tok = toklib.train_bpe(train_docs, bpe_vocab_size(cfg), show_progress=_tty())
+    log.info('trained BPE %d in %.1fs', tok.vocab_size, time.time() - t0)
+    if tok.vocab_size < bpe_vocab_size(cfg):
+      log.warning('BPE vocabulary stopped at %d tokens (asked for %d): the corpus has no more pairs seen twice',
+                  tok.vocab_size, bpe_vocab_size(cfg))
+    return tok
+  return toklib.load(spec)
+
+
+def _tty() -> bool:
+  return sys.stderr.isatty()
+
+
+def _pieces(doc: str, exact_cuts: bool) -> list[str]:
+  """Cuts a long document so encoding the pieces gives exactly the ids of the whole. A cut sits before a
+  newline that follows a non-space character: the byte-level BPE regex never joins such a pair into one
+  pre-token, and the whitespace run after the cut starts afresh in both cases (tested)."""
+  if len(doc) <= _PIECE or not exact_cuts:
+    return [doc]
+  out, i = [], 0
+  while len(doc) - i > _PIECE:
+    k = doc.find('\n', i + _PIECE)
+    while k != -1 and doc[k - 1].isspace():
+      k = doc.find('\n', k + 1)
+    if k == -1:
+      break
+    out.append(doc[i:k])
+    i = k
+  out.append(doc[i:])
+  return out
+
+
+def encode_docs(tok: toklib.Tok, docs: list[str], path: Path, dtype: np.dtype, desc: str = '') -> int:
+  """Writes every document's ids followed by <|endoftext|> to `path`; returns the token count."""
+  exact_cuts = tok.kind in ('char', 'bpe')
+  pieces = [(p, j == len(ps) - 1) for d in docs for ps in [_pieces(d, exact_cuts)] for j, p in enumerate(ps)]
+  eot = np.array([tok.eot_id], dtype)
+  n = 0
+  with open(path, 'wb') as f, tqdm(total=sum(map(len, docs)), unit='char', unit_scale=True, desc=desc,
+                                   disable=not _tty(), leave=False) as bar:
+    i = 0
+    while i < len(pieces):
+      j, chars = i, 0
+      while j < len(pieces) and (j == i or chars + len(pieces[j][0]) <= _BATCH):
+        chars += len(pieces[j][0])
+        j += 1
+      batch = pieces[i:j]
+      out = []
+      for (_, last), ids in zip(batch, tok.encode_batch([p for p, _ in batch])):
+        out.append(np.asarray(ids, dtype))
+        if last:
+          out.append(eot)
+      arr = np.concatenate(out)
+      f.write(arr.tobytes())
+      n += arr.size
+      bar.update(chars)
+      i = j
+    f.flush()
+    os.fsync(f.fileno())
+  return n
+
+
+def _open(out: Path) -> Prepared | None:
+  """A finished cache directory, or None when it is missing or damaged."""
+  try:
+    m = json.loads((out / 'manifest.json').read_text())
+    dtype = np.dtype(m['dtype'])
+    for split in ('train', 'val'):
+      if (out / f'{split}.bin').stat().st_size != m[f'n_{split}'] * dtype.itemsize:
+        raise ValueError(f'{split}.bin size does not match the manifest')
+    if not (out / 'tokenizer.json').is_file():
+      raise ValueError('tokenizer.json missing')
+  except (FileNotFoundError, NotADirectoryError):  # not prepared yet (or cache_dir unusable: makedirs says so)
+    return None
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    log.warning('cache %s is damaged (%s); preparing it again', out, e)
+    return None
+  return Prepared(dir=out, train_path=out / 'train.bin', val_path=out / 'val.bin',
+                  tokenizer_path=out / 'tokenizer.json', dtype=dtype, vocab_size=m['vocab_size'],
+                  n_train=m['n_train'], n_val=m['n_val'], eot_id=m['eot_id'], manifest=m)
+
+
+def _clean_stale(root: Path):
+  now = time.time()
+  for p in root.glob('.tmp-*'):
+    try:
+      if now - p.stat().st_mtime > _STALE_TMP_S:
+        shutil.rmtree(p, ignore_errors=True)
+    except OSError:
+      pass
+
+
+def _build(cfg: ConfigDict, root: Path, name: str, parts: dict) -> None:
+  d = cfg.data
+  t0 = time.time()
+  corpus = corpora.load(d)
+  train, val, mode = corpora.split_docs(corpus.docs, d.val_fraction)
+  tok = build_tokenizer(cfg, corpus, train)
+  dtype = toklib.dtype_for(tok.vocab_size)
+  root.mkdir(parents=True, exist_ok=True)
+  _clean_stale(root)
+  tmp = root / f'.tmp-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}'
+  tmp.mkdir()
+  try:
+    n_train = encode_docs(tok, train, tmp / 'train.bin', dtype, 'tokenize train')
+    n_val = encode_docs(tok, val, tmp / 'val.bin', dtype, 'tokenize val')
+    tok.save(str(tmp / 'tokenizer.json'))
+    source = {k: d[k] for k in ('path', 'hub_name', 'hub_split', 'text_field', 'code_weight')}  # as first seen
+    m = {'name': name, 'key': parts, 'corpus': corpus.name, 'corpus_info': corpus.info, 'source': source,
+         'tokenizer': {'spec': d.tokenizer, 'kind': tok.kind, 'hash': tok.hash}, 'vocab_size': tok.vocab_size,
+         'eot_id': tok.eot_id, 'pad_id': tok.pad_id, 'dtype': dtype.name, 'n_train': n_train, 'n_val': n_val,
+         'n_train_docs': len(train), 'n_val_docs': len(val), 'train_chars': sum(map(len, train)),
+         'val_chars': sum(map(len, val)), 'split': mode, 'replaced_bytes': corpus.n_replaced,
+         'seconds': round(time.time() - t0, 2), 'created': time.strftime('%Y-%m-%dT%H:%M:%S')}
+    # The manifest goes last and the rename publishes the directory: both are what "complete" means.
+    (tmp / 'manifest.json').write_text(json.dumps(m, indent=2, default=str))
+    out = root / name
+    try:
+      os.rename(tmp, out)
+    except OSError:  # a concurrent prepare finished first (or a damaged dir is in the way): keep a good one
+      if _open(out) is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+      else:
+        shutil.rmtree(out, ignore_errors=True)
+        os.rename(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  log.info('prepared %s in %.1fs: %d train + %d val tokens', out, time.time() - t0, n_train, n_val)
+
+
+def prepare(cfg: ConfigDict) -> Prepared:
+  """Token files for cfg.data, built on first use; checks both splits hold a model.block_size + 1 window."""
+  root = cache_root(cfg.data)
+  name, parts = cache_key(cfg)
+  prep = _open(root / name)
+  if prep is None:
+    _build(cfg, root, name, parts)
+    prep = _open(root / name)
+    if prep is None:
+      raise UserError(f'the cache {root / name} was written but cannot be read back; is the disk full?')
+  need = cfg.model.block_size + 1
+  for split, n in (('train', prep.n_train), ('val', prep.n_val)):
+    if n < need:
+      hint = 'raise data.val_fraction, ' if split == 'val' else ''
+      raise UserError(f'the {split} split of corpus {cfg.data.corpus} has {n} tokens, fewer than model.block_size'
+                      f' + 1 = {need}; {hint}use more text or lower model.block_size')
+  return prep

@@ -1,0 +1,98 @@
+"""Text on top of a backend's token decoding: prompt encoding with cropping, streamed text that is cut at stop
+strings and stop tokens and never shows half a character, and batched completions."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+
+from minillm_jax.config import UserError
+from minillm_jax.inference.backend import Backend, SampleParams
+
+DEFAULT_MAX_NEW = 256
+
+
+def encode_prompt(be: Backend, text: str, reserve: int = 1, warn: bool = True) -> list[int]:
+  """Token ids of a non-empty prompt, cropped from the left (with a warning) to leave room for `reserve` new
+  tokens; longer generations slide the context (backend.generate_ids)."""
+  if not text:
+    raise UserError('empty prompt: give some text to continue')
+  ids = be.tok.encode(text)
+  if not ids:
+    raise UserError(f'prompt {text!r} encodes to no tokens')
+  kept, dropped = be.crop(ids, reserve)
+  if dropped and warn:
+    print(f'warning: the prompt is {len(ids)} tokens, longer than the context ({be.context}); kept the last '
+          f'{len(kept)}', file=sys.stderr, flush=True)
+  return kept
+
+
+class TextStream:
+  """Tokens in, printable text out: decodes across multi-byte characters, ends at a stop token (not shown)
+  or a stop string (not shown), and holds back text that might be the start of a stop string."""
+
+  def __init__(self, be: Backend, stop: Sequence[str] = (), stop_ids: Sequence[int] = ()):
+    self.dec, self.stops, self.stop_ids = be.tok.stream(), [s for s in stop if s], set(stop_ids)
+    self.pending, self.stopped = '', False
+
+  def feed(self, token: int) -> str:
+    if self.stopped:
+      return ''
+    if token in self.stop_ids:
+      self.stopped = True
+      return self.finish()
+    self.pending += self.dec.step(token)
+    hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+    if hits:
+      out, self.pending, self.stopped = self.pending[:min(hits)], '', True
+      return out
+    hold = max((k for s in self.stops for k in range(1, min(len(s), len(self.pending) + 1))
+                if self.pending.endswith(s[:k])), default=0)
+    out, self.pending = self.pending[:len(self.pending) - hold], self.pending[len(self.pending) - hold:]
+    return out
+
+  def finish(self) -> str:
+    out, self.pending = self.pending, ''
+    return out
+
+
+def stream(be: Backend, prompt_ids: Sequence[int], max_new_tokens: int, sp: SampleParams, seed: int = 0,
+           stop: Sequence[str] = (), stop_ids: Sequence[int] | None = None) -> Iterator[str]:
+  """Text pieces as they are sampled (one decode step per token). stop_ids defaults to end-of-text."""
+  stop_ids = default_stop_ids(be) if stop_ids is None else list(stop_ids)
+  ts, seen = TextStream(be, stop, stop_ids), 0
+  for rows in be.generate_ids([prompt_ids], max_new_tokens, sp, seed, stop_ids, chunk=1):
+    for t in rows[0][seen:]:
+      piece = ts.feed(t)
+      if piece:
+        yield piece
+      if ts.stopped:
+        return
+    seen = len(rows[0])
+  tail = ts.finish()
+  if tail:
+    yield tail
+
+
+def complete(be: Backend, prompts: Sequence[Sequence[int]], max_new_tokens: int, sp: SampleParams, seed: int = 0,
+             stop: Sequence[str] = (), stop_ids: Sequence[int] | None = None) -> list[str]:
+  """Continuations of a batch of prompts in one decode; the same text `stream` yields for each prompt."""
+  stop_ids = default_stop_ids(be) if stop_ids is None else list(stop_ids)
+  out = []
+  for ids in be.complete_ids(prompts, max_new_tokens, sp, seed, stop_ids):
+    ts = TextStream(be, stop, stop_ids)
+    out.append(''.join(ts.feed(t) for t in ids) + ts.finish())
+  return out
+
+
+def default_stop_ids(be: Backend) -> list[int]:
+  return [be.tok.eot_id] if be.tok is not None else []
+
+
+def config_sampling(be: Backend) -> tuple[SampleParams, int, int]:
+  """(sampling params, max_new_tokens, seed) from the checkpoint's run config, or the defaults."""
+  s = ((be.meta.get('config') or {}).get('sample')) or {}
+  d = SampleParams()
+  sp = SampleParams(float(s.get('temperature', d.temperature)), s.get('top_k', d.top_k),
+                    float(s.get('top_p', d.top_p)), float(s.get('repetition_penalty', d.repetition_penalty)),
+                    int(s.get('repetition_window', d.repetition_window)))
+  return sp, int(s.get('max_new_tokens', DEFAULT_MAX_NEW)), int(s.get('seed', 0))

@@ -1,0 +1,135 @@
+"""The training step as pure functions: the optimizer (AdamW, warmup + cosine, clipping, decay mask), the loss,
+gradients (accumulated micro-batches, the flat data-parallel reduction) and `train_steps`, several steps in one
+jitted call. minillm_jax.training.loop drives them."""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.flatten_util import ravel_pytree
+from jax.sharding import PartitionSpec as P
+
+from minillm_jax import parallel
+
+
+# ----------------------------------------------------------------------------------------------- optimizer
+def lr_schedule(o, steps: int) -> optax.Schedule:
+  """Linear warmup (from lr/(warmup+1), as nanoGPT, so step 0 is not a no-op) then cosine to min_lr."""
+  if o.warmup_steps == 0:
+    return optax.cosine_decay_schedule(o.lr, max(steps, 1), alpha=o.min_lr / o.lr)
+  return optax.warmup_cosine_decay_schedule(o.lr / (o.warmup_steps + 1), o.lr, o.warmup_steps,
+                                            max(steps, o.warmup_steps + 1), o.min_lr)
+
+
+def decay_mask(params, decay_embeddings: bool):
+  """Weight decay on matrices only: never norms or biases; embeddings only when asked."""
+  def rule(path, x):
+    name = jax.tree_util.keystr(path)
+    is_emb = name.startswith(("['wte']", "['wpe']"))
+    return x.ndim >= 2 and (decay_embeddings or not is_emb)
+  return jax.tree_util.tree_map_with_path(rule, params)
+
+
+def make_optimizer(o, steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  sched = lr_schedule(o, steps)
+  adamw = optax.adamw(sched, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                      mask=functools.partial(decay_mask, decay_embeddings=o.decay_embeddings))
+  # always the same chain (clip at inf when off) so the optimizer state has one structure for every config
+  clip = optax.clip_by_global_norm(o.grad_clip if o.grad_clip > 0 else float('inf'))
+  return optax.chain(clip, adamw), sched
+
+
+# ----------------------------------------------------------------------------------------------- steps
+def loss_fn(params, gdef, inputs_BxT, targets_BxT, key):
+  logits_BxTxV = nnx.merge(gdef, params)(inputs_BxT, key=key)
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT).mean()
+
+
+def local_grads(params, gdef, batch: dict, key) -> tuple[jax.Array, dict]:
+  """Mean loss and gradients of a batch [B,T], or of [A,B,T] accumulated micro-batches (scanned, so the result
+  equals one A*B batch)."""
+  grad_fn = jax.value_and_grad(loss_fn)
+  if batch['inputs'].ndim == 2:
+    return grad_fn(params, gdef, batch['inputs'], batch['targets'], key)
+  A = batch['inputs'].shape[0]
+
+  def micro(carry, xs):
+    i, x, y = xs
+    l, g = grad_fn(params, gdef, x, y, jax.random.fold_in(key, i))
+    return jax.tree.map(jnp.add, carry, (l, g)), None
+
+  zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+  (loss, grads), _ = jax.lax.scan(micro, zero, (jnp.arange(A), batch['inputs'], batch['targets']))
+  return jax.tree.map(lambda x: x / A, (loss, grads))
+
+
+def flat_dp_grads(params, gdef, batch: dict, key, mesh) -> tuple[jax.Array, dict]:
+  """local_grads per device on its batch shard, averaged as one flat buffer. XLA's own data-parallel gradient
+  all-reduce is one tuple of every parameter, and XLA:CPU makes the device threads meet once per tuple element:
+  one flat buffer meets once, ~5% of a shakespeare_char step on 2 cores. For replicated parameters and no
+  dropout (a dropout mask drawn per shard would differ from the global one)."""
+  rows = parallel.batch_sharding(mesh, batch['inputs'].ndim - 2).spec
+
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), rows, P()),
+                     out_specs=(P(), P()), check_vma=False)  # check_vma: the custom-VJP matmul has no rule
+  def per_device(params, batch, key):
+    loss, grads = local_grads(params, gdef, batch, key)
+    flat, unravel = ravel_pytree(grads)
+    tot = jax.lax.psum(jnp.concatenate([loss[None], flat]), parallel.AXIS) / mesh.shape[parallel.AXIS]
+    return tot[0], unravel(tot[1:])
+
+  return per_device(params, batch, key)
+
+
+def flat_dp_mesh(mesh, fsdp: bool, dropout: float):
+  """The mesh `flat_dp_grads` reduces over, or None where the partitioner's own reduction applies."""
+  return mesh if mesh.shape[parallel.AXIS] > 1 and not fsdp and dropout == 0 else None
+
+
+def train_step(state: dict, batch: dict, step, *, gdef, tx, seed: int, sched=None, dp_mesh=None
+               ) -> tuple[dict, dict]:
+  """One optimizer update on a batch [B,T] or [A,B,T] (A accumulated micro-batches). A non-finite loss or
+  gradient leaves the weights finite. With `sched`, the metrics include this update's learning rate (computed
+  here: evaluated eagerly it costs compiles). `dp_mesh`: reduce gradients with `flat_dp_grads` on it."""
+  params, key = state['params'], jax.random.fold_in(jax.random.key(seed), step)
+  if dp_mesh is not None:
+    loss, grads = flat_dp_grads(params, gdef, batch, key, dp_mesh)
+  else:
+    loss, grads = local_grads(params, gdef, batch, key)
+  gnorm = optax.tree.norm(grads)
+  # A non-finite loss/gradient becomes a zero gradient, so the weights never turn NaN (the loop then stops
+  # the run). Masking the gradient, not selecting old vs new state, lets XLA update the donated state in place.
+  ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+  grads = jax.tree.map(lambda g: jnp.where(ok, g, 0.0), grads)
+  updates, opt = tx.update(grads, state['opt'], params)
+  metrics = {'loss': loss, 'grad_norm': gnorm} | ({'lr': sched(step)} if sched is not None else {})
+  return {'params': optax.apply_updates(params, updates), 'opt': opt}, metrics
+
+
+def train_steps(state: dict, batches: dict, step0, *, gdef, tx, seed: int, sched=None, dp_mesh=None
+                ) -> tuple[dict, dict]:
+  """len(batches) train_steps in one call (lax.scan); metrics come back as [n] arrays. A small model's
+  step is not much longer than the dispatch and host sync around it: a call of several steps pays them once."""
+  def body(st, xs):
+    batch, i = xs
+    return train_step(st, batch, step0 + i, gdef=gdef, tx=tx, seed=seed, sched=sched, dp_mesh=dp_mesh)
+  n = jax.tree.leaves(batches)[0].shape[0]
+  return jax.lax.scan(body, state, (batches, jnp.arange(n, dtype=jnp.int32)))
+
+
+def eval_loss(params, batches: dict, *, gdef) -> jax.Array:
+  """Mean loss over stacked batches [E,B,T]: one call, one batch's activations in memory at a time."""
+  return jax.lax.map(lambda b: loss_fn(params, gdef, b['inputs'], b['targets'], None), batches).mean()
+
+
+def steps_per_call(t, flops_per_step: float) -> int:
+  """train.steps_per_call, or auto: steps worth about 5e10 FLOPs (half a second or less on a CPU, so SIGTERM
+  still answers quickly), at most 16, dividing the eval and checkpoint intervals (calls never cross them)."""
+  if t.steps_per_call:
+    return t.steps_per_call
+  cap = int(min(16, max(1, 5e10 // flops_per_step)))
+  return parallel.largest_divisor(math.gcd(t.eval_every, t.ckpt_every), cap)

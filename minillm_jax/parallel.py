@@ -2,6 +2,7 @@
 over the same 'data' axis, ZeRO-3 style) as an option. Works unchanged across processes (multi-host)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import jax
@@ -45,21 +46,19 @@ def largest_divisor(n: int, limit: int) -> int:
 
 
 def use_cpu_devices(n: int) -> bool:
-  """Splits the host CPU into n JAX devices, so data parallelism spreads a step over the cores: XLA:CPU
-  parallelises a single small op poorly (the shakespeare_char step: 1 thread 77 ms, 2 threads 65 ms, 2 devices
-  45 ms). Must run before JAX starts its backends; a device count already in XLA_FLAGS wins. Returns whether
-  it applied. Callers keep few programs in flight: dozens of queued programs with collectives deadlocked
-  XLA:CPU's in-process all-reduce on 2 cores (jax 0.10.2)."""
-  import importlib.util
-
-  from jax._src import xla_bridge
-  flags = os.environ.get('XLA_FLAGS', '')
+  """Splits the host CPU into n JAX devices (JAX's jax_num_cpu_devices), so data parallelism spreads a step over
+  the cores: XLA:CPU parallelises a single small op poorly (BENCHMARKS.md, "CPU"). Must run before JAX starts
+  its backends; a device count already in XLA_FLAGS wins, and machines with an accelerator plugin are left
+  alone. Returns whether it applied. Callers keep few programs in flight: dozens of queued programs with
+  collectives deadlocked XLA:CPU's in-process all-reduce on 2 cores (jax 0.10.2)."""
   accelerator = os.environ.get('JAX_PLATFORMS', '') != 'cpu' and any(
       importlib.util.find_spec(m) for m in ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'libtpu', 'jax_plugins'))
-  if (n <= 1 or accelerator or 'xla_force_host_platform_device_count' in flags
-      or xla_bridge.backends_are_initialized()):
+  if n <= 1 or accelerator or 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
     return False
-  os.environ['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={n}'.strip()
+  try:
+    jax.config.update('jax_num_cpu_devices', n)
+  except RuntimeError:  # the backends already started (a library call ran JAX first): keep what they have
+    return False
   return True
 
 

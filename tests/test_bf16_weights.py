@@ -35,7 +35,7 @@ def test_kernel_matches_float64_on_rounded_weights(M, K, N, tb):
   """Both layouts, any M <= 16, K off the 4-row unroll and N off the 32-column block, the contraction whole
   (K < 128) or split over the pool's threads with partial sums added: x @ w with w widened exactly, float32
   accumulation."""
-  assert cpu_matmul.available()
+  assert cpu_matmul.bf16_available()
   r = np.random.default_rng(M * K + N)
   x = r.standard_normal((M, K)).astype(np.float32)
   w = jnp.asarray(r.standard_normal((N, K) if tb else (K, N)), jnp.bfloat16)
@@ -94,7 +94,7 @@ def test_without_the_kernel_same_tokens(monkeypatch):
   flat = random_flat(c, seed=3)
   with_kernel = JaxBackend(convert.load_into_flax(c, flat), tok, weights='bfloat16').complete_ids([[4, 5]], 30,
                                                                                                    GREEDY)
-  monkeypatch.setattr(cpu_matmul, 'available', lambda: False)
+  monkeypatch.setattr(cpu_matmul, 'bf16_available', lambda: False)
   be = JaxBackend(convert.load_into_flax(c, flat), tok, weights='bfloat16')
   assert 'minillm_gemv_bf16' not in jax.jit(lambda x, w: model.project(x, w, jnp.float32)).lower(
       jnp.ones((1, 8)), jnp.ones((8, 4), jnp.bfloat16)).as_text()

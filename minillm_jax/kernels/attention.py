@@ -1,12 +1,11 @@
-"""Fused causal attention on CPU: cpu_attention.cc compiled on first use and called as an XLA FFI custom call.
-
-Built by cpu_kernels on first use. Without a compiler (or with MINILLM_CPU_ATTENTION=0) `available()` is False and
-the model keeps its pure-JAX blockwise attention, which computes the same function.
+"""Fused causal attention on CPU (cpu_attention.cc, an XLA FFI custom call): training's forward and backward in
+float32, and decode steps reading the KV cache in place. Switch: MINILLM_CPU_ATTENTION; where it is on by
+default: build.enabled and BENCHMARKS.md, "CPU kernels". Off or unbuildable, `available()` is False and the
+model keeps its pure-JAX attention, which computes the same function.
 """
 from __future__ import annotations
 
 import functools
-import os
 import pathlib
 
 import jax
@@ -20,12 +19,14 @@ from minillm_jax.kernels import build as cpu_kernels
 
 SRC = pathlib.Path(__file__).with_name('cpu_attention.cc')
 SRC_AMX = pathlib.Path(__file__).with_name('cpu_attention_amx.cc')
+# CPU classes where the kernel made a whole step at least 15% faster than XLA alone (BENCHMARKS.md, "CPU kernels")
+ATTENTION_ON = ('x86-avx512',)
 
 
 @functools.cache
 def available() -> bool:
   """True when the fused kernel is built and registered (once per process)."""
-  if os.environ.get('MINILLM_CPU_ATTENTION', '1') == '0':
+  if not cpu_kernels.enabled('MINILLM_CPU_ATTENTION', ATTENTION_ON):
     return False
   targets = {f'minillm_attention_{n.lower()}': f'MinillmAttention{n}' for n in ('Forward', 'Backward', 'Decode')}
   return cpu_kernels.load(SRC, targets, 'fused CPU attention unavailable, using the pure-JAX attention (same '
@@ -36,7 +37,7 @@ def available() -> bool:
 def amx() -> bool:
   """True when the bfloat16 AMX kernels (cpu_attention_amx.cc) are built and this process may use the tiles:
   bfloat16 compute then runs attention in bfloat16 instead of on float32 copies. MINILLM_AMX=0 turns it off."""
-  if os.environ.get('MINILLM_AMX', '1') == '0' or not available() or 'amx_bf16' not in parallel.cpu_flags():
+  if not cpu_kernels.enabled('MINILLM_AMX', ATTENTION_ON) or not available() or 'amx_bf16' not in parallel.cpu_flags():
     return False
   targets = {f'minillm_attention_{n.lower()}_bf16': f'MinillmAttention{n}Bf16' for n in ('Forward', 'Backward')}
   lib = cpu_kernels.load(SRC_AMX, targets, 'bfloat16 AMX attention unavailable, bfloat16 compute keeps the float32 '

@@ -31,8 +31,8 @@ using Matrix = ffi::Buffer<ffi::F32, 2>;  // (an alias: a comma inside the bindi
 using MatrixBf16 = ffi::Buffer<ffi::BF16, 2>;
 
 // acc[M, N] = x[:, k0:k1] w[k0:k1, :] for w [K, N]: this thread's rows of w are one contiguous run, read once,
-// four rows per pass over the accumulators (a quarter of their loads and stores). The prefetch 8 rows ahead
-// measured 5-10% on the `tiny` chain.
+// four rows per pass over the accumulators (a quarter of their loads and stores), and a prefetch 8 rows ahead
+// (BENCHMARKS.md, "bfloat16 decode weights": the kernel versions).
 void RowsKN(const float* x, const uint16_t* w, float* acc, int M, int K, int N, int k0, int k1) {
   std::fill(acc, acc + size_t(M) * N, 0.f);
   int k = k0;
@@ -94,7 +94,7 @@ ffi::Error GemvBf16(ffi::ThreadPool pool, Matrix x, MatrixBf16 w, ffi::Result<Ma
     return ffi::Error::Success();
   }
   // parts split the rows of w (the contraction), each streaming one contiguous block of it into its own partial
-  // sums, added at the end: split by columns instead, each thread read short strided runs (9 vs 12 GB/s)
+  // sums, added at the end: split by columns instead, each thread would read short strided runs
   const int T = std::max(1, std::min(threads, K / 64));
   thread_local std::vector<float> scratch;
   scratch.resize(size_t(T - 1) * M * N);

@@ -1,19 +1,16 @@
-"""Float32 matrix products on CPU through OpenBLAS: cpu_matmul.cc (built by cpu_kernels on first use, linked to
-the scipy-openblas32 wheel) called as an XLA FFI custom call by the model's `mm`, forward and backward.
-
-Measured on the project's 2-core CPUs, `tiny` shapes ([8192, 512] x [512, 1536] and the like, both gradients):
-OpenBLAS 150-230 GFLOP/s against 90-210 for XLA:CPU's dots, 0.92 s against 1.25 s per layer. Products under
-MIN_MACS multiply-adds stay on XLA: in a `shakespeare_char` step ([384, 128] x [128, 512]) OpenBLAS's per-call
-cost and its threads contending with XLA's made the step slower (46 against 38 ms per step with 2 devices,
-94 against 52 ms with one), and decoding's matrix-vector products are bound by reading the weights anyway.
-Without a compiler (or with MINILLM_CPU_MATMUL=0) `available()` is False and `mm` uses XLA's dots;
-MINILLM_CPU_MATMUL_MIN_MACS moves the threshold (0: every float32 product, as the tests use it).
-
-`transposed` writes a bfloat16 matrix's transpose where XLA cannot fold it back into the dot that reads it: the
-bfloat16 train step's gradient products then run as XLA:CPU's native bfloat16 dots instead of widened float32 ones.
-
-`gemv_bf16` is decoding's product with weights stored in bfloat16 (the samplers' `weights='bfloat16'`): float32
-activations and accumulation, half the bytes of weights read per token, which is what bounds batch-1 decoding.
+"""Matrix kernels of XLA:CPU as XLA FFI custom calls:
+- `matmul`: float32 products through OpenBLAS (cpu_matmul.cc, linked to the scipy-openblas32 wheel of the
+  `blas` extra), the model's `mm` forward and backward. Products under MIN_MACS multiply-adds stay on XLA, whose
+  per-call cost is lower; MINILLM_CPU_MATMUL_MIN_MACS moves that threshold (0: every float32 product, as the
+  tests use it). Switch: MINILLM_CPU_MATMUL.
+- `gemv_bf16` (cpu_bf16.cc): decoding's products with weights stored in bfloat16 (the samplers'
+  `weights='bfloat16'`): float32 activations and accumulation, half the bytes of weights read per token, which
+  is what bounds batch-1 decoding.
+- `transposed` (cpu_bf16.cc): a bfloat16 matrix's transpose written where XLA cannot fold it back into the dot
+  that reads it, so the bfloat16 train step's gradient products run as XLA:CPU's native bfloat16 dots instead
+  of widened float32 ones. Switch for both: MINILLM_CPU_BF16.
+Where each is on by default: build.enabled and BENCHMARKS.md, "CPU kernels". Off or unbuildable, the callers
+use XLA's dots, which compute the same function.
 """
 from __future__ import annotations
 
@@ -34,6 +31,10 @@ from minillm_jax import parallel
 from minillm_jax.kernels import build as cpu_kernels
 
 SRC = pathlib.Path(__file__).with_name('cpu_matmul.cc')
+SRC_BF16 = pathlib.Path(__file__).with_name('cpu_bf16.cc')
+# CPU classes where the kernels made a whole step at least 15% faster than XLA alone (BENCHMARKS.md, "CPU kernels")
+MATMUL_ON = ('x86-avx512',)
+BF16_ON = ('x86-avx512',)
 
 
 def _min_macs(default: int = 2 ** 28) -> int:
@@ -50,29 +51,36 @@ FALLBACK = "OpenBLAS matmuls unavailable, using XLA's dots (same results, slower
 
 
 def _blas_flags() -> tuple[str, ...]:
-  import scipy_openblas32 as blas
+  import scipy_openblas32 as blas  # the optional `blas` extra: only NumPy and SciPy should need it at run time
   lib = blas.get_lib_dir()
-  return (f'-I{blas.get_include_dir()}', f'-L{lib}', f'-l{blas.get_library()}', f'-Wl,-rpath,{lib}',
-          '-fopenmp-simd', '-ffp-contract=fast')  # gemv_bf16's vectorized sums and fused multiply-adds
+  return (f'-I{blas.get_include_dir()}', f'-L{lib}', f'-l{blas.get_library()}', f'-Wl,-rpath,{lib}')
 
 
 @functools.cache
 def available() -> bool:
-  """True when the kernel is built and registered (once per process)."""
-  if os.environ.get('MINILLM_CPU_MATMUL', '1') == '0':
+  """True when the OpenBLAS matmul is on for this CPU, built and registered (once per process)."""
+  if not cpu_kernels.enabled('MINILLM_CPU_MATMUL', MATMUL_ON):
     return False
   try:
     flags = _blas_flags()
-  except ImportError as e:
-    logging.warning('%s: %s', FALLBACK, e)
+  except ImportError:
+    logging.warning("%s: OpenBLAS is not installed; pip install 'minillm-jax[blas]' (scipy-openblas32)", FALLBACK)
     return False
-  targets = {'minillm_gemm': 'MinillmGemm', 'minillm_gemv_bf16': 'MinillmGemvBf16',
-             'minillm_transpose_bf16': 'MinillmTransposeBf16'}
-  return cpu_kernels.load(SRC, targets, FALLBACK, flags) is not None
+  return cpu_kernels.load(SRC, {'minillm_gemm': 'MinillmGemm'}, FALLBACK, flags) is not None
 
 
-def supported(a_NxD: jax.Array, b_DxF: jax.Array) -> bool:
-  return (a_NxD.dtype == b_DxF.dtype == jnp.float32 and math.prod(a_NxD.shape) * b_DxF.shape[1] >= MIN_MACS
+@functools.cache
+def bf16_available() -> bool:
+  """True when the bfloat16 GEMV and transpose are on for this CPU, built and registered (once per process)."""
+  if not cpu_kernels.enabled('MINILLM_CPU_BF16', BF16_ON):
+    return False
+  targets = {'minillm_gemv_bf16': 'MinillmGemvBf16', 'minillm_transpose_bf16': 'MinillmTransposeBf16'}
+  return cpu_kernels.load(SRC_BF16, targets, "bfloat16 CPU kernels unavailable, using XLA's dots (same results, "
+                          'slower)', ('-fopenmp-simd', '-ffp-contract=fast')) is not None
+
+
+def supported(a_RxD: jax.Array, b_DxF: jax.Array) -> bool:
+  return (a_RxD.dtype == b_DxF.dtype == jnp.float32 and math.prod(a_RxD.shape) * b_DxF.shape[1] >= MIN_MACS
           and jax.default_backend() == 'cpu' and available())
 
 
@@ -112,9 +120,9 @@ def _partitioned(ta: bool, tb: bool):
   return f
 
 
-def _require():
-  if not available():
-    raise RuntimeError('the CPU matmul kernels are not available here; check cpu_matmul.available() first')
+def _require(ready: bool):
+  if not ready:
+    raise RuntimeError('this CPU kernel is not available here; check matmul.available() or bf16_available() first')
 
 
 def _shard_map_mesh() -> jax.sharding.AbstractMesh | None:
@@ -124,8 +132,8 @@ def _shard_map_mesh() -> jax.sharding.AbstractMesh | None:
 
 
 def matmul(a: jax.Array, b: jax.Array, ta: bool = False, tb: bool = False) -> jax.Array:
-  """op(a) @ op(b) in float32, op transposing when ta / tb: a [M, K] (ta: [K, M]), b [K, N] (tb: [N, K])."""
-  _require()
+  """op(a) @ op(b) in float32, op transposing when ta / tb: a [M, D] (ta: [D, M]), b [D, N] (tb: [N, D])."""
+  _require(available())
   if (mesh := _shard_map_mesh()) is not None:
     return _call(a, b, ta, tb, mesh.size)
   return _partitioned(ta, tb)(a, b)
@@ -133,28 +141,27 @@ def matmul(a: jax.Array, b: jax.Array, ta: bool = False, tb: bool = False) -> ja
 
 GEMV_MAX_ROWS = 16  # more rows (a prefill chunk) read each weight often enough for widened float32 dots to win
 # Smaller matrices are widened for XLA's dots too: they sit in cache, and splitting them over threads costs more
-# than the bytes saved (shakespeare_char, <= 65K weights each, batch 8: 7,300-7,700 against 10,000-10,700
-# tokens/s in float32; `tiny`, >= 262K, batch 1: 330-340 against 170)
+# than the bytes saved (BENCHMARKS.md, "bfloat16 decode weights")
 GEMV_MIN_WEIGHTS = 2 ** 18
 
 
-def gemv_supported(x_MxK: jax.Array, w: jax.Array) -> bool:
-  return (x_MxK.dtype == jnp.float32 and w.dtype == jnp.bfloat16 and x_MxK.ndim == 2
-          and x_MxK.shape[0] <= GEMV_MAX_ROWS and w.size >= GEMV_MIN_WEIGHTS and jax.default_backend() == 'cpu'
-          and available())
+def gemv_supported(x_MxD: jax.Array, w: jax.Array) -> bool:
+  return (x_MxD.dtype == jnp.float32 and w.dtype == jnp.bfloat16 and x_MxD.ndim == 2
+          and x_MxD.shape[0] <= GEMV_MAX_ROWS and w.size >= GEMV_MIN_WEIGHTS and jax.default_backend() == 'cpu'
+          and bf16_available())
 
 
-def gemv_bf16(x_MxK: jax.Array, w: jax.Array, tb: bool = False) -> jax.Array:
+def gemv_bf16(x_MxD: jax.Array, w: jax.Array, tb: bool = False) -> jax.Array:
   """x @ w (tb: x @ w.T) in float32 for float32 x [M, K] and bfloat16 w [K, N] (tb: [N, K]), on XLA's
   intra-op thread pool."""
-  _require()
+  _require(bf16_available())
   N = w.shape[0 if tb else 1]
-  return jax.ffi.ffi_call('minillm_gemv_bf16', jax.ShapeDtypeStruct((x_MxK.shape[0], N), jnp.float32))(
-      x_MxK, w, tb=tb)
+  return jax.ffi.ffi_call('minillm_gemv_bf16', jax.ShapeDtypeStruct((x_MxD.shape[0], N), jnp.float32))(
+      x_MxD, w, tb=tb)
 
 
 def transpose_supported(x: jax.Array) -> bool:
-  return x.dtype == jnp.bfloat16 and x.ndim == 2 and jax.default_backend() == 'cpu' and available()
+  return x.dtype == jnp.bfloat16 and x.ndim == 2 and jax.default_backend() == 'cpu' and bf16_available()
 
 
 def _transpose_call(x):
@@ -181,7 +188,7 @@ def _partitioned_transpose():
 @jax.custom_vjp
 def transposed(x_RxC: jax.Array) -> jax.Array:
   """x.T for a 2-D bfloat16 x on CPU, written out row-major (see the module docstring)."""
-  _require()
+  _require(bf16_available())
   return _transpose_call(x_RxC) if _shard_map_mesh() is not None else _partitioned_transpose()(x_RxC)
 
 

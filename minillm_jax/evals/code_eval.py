@@ -1,18 +1,13 @@
 """The code-generation suite of `evaluate`: fixed prompts per category, the checks that score greedy
-completions, and the execution of generated functions against unit tests, each in its own subprocess with
-limits (never in-process)."""
+completions, and the execution of generated functions against unit tests, each in the sandbox of
+`minillm_jax.evals.sandbox` (never in-process)."""
 from __future__ import annotations
 
 import ast
-import math
-import os
-import secrets
-import subprocess
-import sys
-import tempfile
 
 import numpy as np
 
+from minillm_jax.evals import sandbox
 from minillm_jax.inference.backend import Backend, SampleParams
 from minillm_jax.inference.text import complete
 
@@ -38,61 +33,22 @@ EXEC = [  # (prompt, unit tests)
     ('def factorial(n):\n    """Return n factorial."""\n', 'assert factorial(5) == 120\nassert factorial(0) == 1'),
     ('def square(x):\n    """Return x squared."""\n', 'assert square(3) == 9 and square(-2) == 4'),
 ]
-# Limits, then HumanEval's reliability guard (destructive os/shutil/subprocess calls and exit() disabled): not a
-# security sandbox, a guard against generated code that deletes files or kills processes by accident.
-_HARNESS = """import resource as _r, os as _os, shutil as _sh, subprocess as _sp, builtins as _b
-for _k, _v in ((_r.RLIMIT_AS, 1 << 30), (_r.RLIMIT_FSIZE, 1 << 20), (_r.RLIMIT_CPU, {cpu})):
-    try:
-        _r.setrlimit(_k, (_v, _v))
-    except (ValueError, OSError):
-        pass
-for _m, _ns in ((_os, 'kill killpg system popen fork forkpty remove removedirs rmdir unlink rename renames replace '
-                      'truncate chmod chown lchown chroot chdir fchdir setuid'),
-                (_sh, 'rmtree move chown'), (_sp, 'Popen run call check_call check_output'), (_b, 'exit quit')):
-    for _n in _ns.split():
-        setattr(_m, _n, None)
-_w, _so = _os.write, __import__('sys').stdout
-del _r, _k, _v, _m, _ns, _n, _os, _sh, _sp, _b
-"""
 
 
 # ------------------------------------------------------------------------------------------- execution
 
 def run_tests(source: str, tests: str, timeout: float = 3.0) -> dict:
-  """Runs `source` then `tests` in a fresh interpreter (`python -I`, empty temp cwd, memory/CPU/output-size
-  limits, the guard above) killed with its children after `timeout` seconds. A pass needs a clean exit AND a
-  random token the harness prints after the tests: a function that calls sys.exit(0) or os._exit(0) fails.
-  status: pass | fail | syntax_error | timeout."""
+  """Runs `source` then `tests` in the execution sandbox (`sandbox.run`: a fresh interpreter in its own
+  session, user/network/pid namespaces where available, rlimits including no new processes, an audit hook that
+  refuses process creation, signals to others, the network, native code and file access outside its temp dir),
+  killed with everything it started after `timeout` seconds. A pass needs a clean exit AND a record only the
+  harness can write after the tests returned: a function that exits early, prints a fake result or writes to the
+  verdict pipe fails. status: pass | fail | syntax_error | timeout; executed runs also carry 'namespaces'."""
   try:
     ast.parse(source)
   except SyntaxError as e:
     return {'status': 'syntax_error', 'detail': f'{e.msg} (line {e.lineno})'}
-  token = secrets.token_hex(16)
-  program = (_HARNESS.format(cpu=math.ceil(timeout) + 1) + source + '\n\n' + tests +
-             f'\n\n_so.flush()\n_w(1, b"\\n{token}\\n")\n')
-  # output goes to files under the 1 MB file-size limit, not to pipes read into this process's memory
-  with tempfile.TemporaryDirectory() as d, open(os.path.join(d, '.out'), 'w+b') as out, \
-       open(os.path.join(d, '.err'), 'w+b') as err:
-    p = subprocess.Popen([sys.executable, '-I', '-c', program], cwd=d, stdin=subprocess.DEVNULL, stdout=out,
-                         stderr=err, start_new_session=True,
-                         env={'PATH': os.environ.get('PATH', ''), 'PYTHONHASHSEED': '0'})
-    try:
-      p.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-      pass
-    try:  # the whole session, always: the function may have left children running
-      os.killpg(p.pid, 9)
-    except ProcessLookupError:
-      pass
-    rc = p.wait()
-    tail = lambda f: (f.seek(max(0, f.seek(0, 2) - 4096)), f.read().decode('utf-8', 'replace'))[1]
-    stdout, stderr = tail(out), tail(err)
-  if rc == -9 and token not in stdout:
-    return {'status': 'timeout', 'detail': f'killed after {timeout}s'}
-  if rc == 0 and token in stdout:
-    return {'status': 'pass', 'detail': ''}
-  last = (stderr.strip().splitlines() or [f'exit code {rc}' if rc else 'exited before its tests finished'])[-1]
-  return {'status': 'fail', 'detail': last[:200]}
+  return sandbox.run(source, tests, timeout)
 
 
 # ------------------------------------------------------------------------------------------------ checks

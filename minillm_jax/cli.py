@@ -126,8 +126,9 @@ def cache_dir() -> str:
 
 
 def use_compilation_cache():
-  """Reuses compiled XLA programs across runs: the second run of a config skips compiling its train step (~1.5 s
-  of a shakespeare_char start). JAX_COMPILATION_CACHE_DIR overrides the place; set it empty to turn it off."""
+  """Reuses compiled XLA programs across runs: the second run of a config skips compiling its train step
+  (BENCHMARKS.md tables, "compile s"). JAX_COMPILATION_CACHE_DIR overrides the place; set it empty to turn it
+  off."""
   if 'JAX_COMPILATION_CACHE_DIR' in os.environ:  # jax reads it itself
     return
   import jax

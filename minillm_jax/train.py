@@ -24,7 +24,7 @@ def bf16_hint(dtype: str) -> str | None:
   """A float32 run on a CPU that multiplies bfloat16 in hardware (AMX) is leaving speed behind: say so."""
   if dtype == 'float32' and jax.default_backend() == 'cpu' and 'amx_bf16' in parallel.cpu_flags():
     return ('this CPU has AMX bfloat16 units: --config.model.dtype=bfloat16 (float32 weights and optimizer, '
-            'bfloat16 matmuls) trained `tiny` 1.4x faster on one (BENCHMARKS.md)')
+            'bfloat16 matmuls) is the faster path on such CPUs (BENCHMARKS.md, "bfloat16 compute on CPU")')
   return None
 
 

@@ -249,7 +249,7 @@ def _model_config(fmt: str, j: dict, sd: dict, d: str, allow_inexact: bool,
     gelu(g('activation_function', 'gelu_new'))
     if not g('scale_attn_weights', True) or g('scale_attn_by_inverse_layer_idx') or g('add_cross_attention'):
       refuse('attention scaling/cross-attention options differ from standard GPT-2')
-    D, H, P = g('n_embd', 768), g('n_head', 12), g('n_positions', 1024)
+    D, N, n_pos = g('n_embd', 768), g('n_head', 12), g('n_positions', 1024)
     kw = {'n_layer': g('n_layer', 12), 'd_ff': g('n_inner') or 4 * D, 'pos': 'learned', 'norm': 'layernorm',
           'mlp': 'gelu', 'norm_eps': g('layer_norm_epsilon', 1e-5),
           'tie_embeddings': g('tie_word_embeddings', True), 'dropout': g('resid_pdrop', 0.1),
@@ -257,11 +257,11 @@ def _model_config(fmt: str, j: dict, sd: dict, d: str, allow_inexact: bool,
   elif fmt == 'llama':
     if g('hidden_act', 'silu') not in ('silu', 'swish'):
       refuse(f'hidden_act {g("hidden_act")!r} (minillm SwiGLU uses silu)')
-    D, H, P = g('hidden_size', 4096), g('num_attention_heads', 32), g('max_position_embeddings', 2048)
-    if (g('head_dim') or D // H) != D // H or rp.get('partial_rotary_factor', 1.0) != 1.0:
-      refuse(f'head_dim={g("head_dim")} differs from hidden_size/num_attention_heads={D // H} '
+    D, N, n_pos = g('hidden_size', 4096), g('num_attention_heads', 32), g('max_position_embeddings', 2048)
+    if (g('head_dim') or D // N) != D // N or rp.get('partial_rotary_factor', 1.0) != 1.0:
+      refuse(f'head_dim={g("head_dim")} differs from hidden_size/num_attention_heads={D // N} '
              'or the rotary is partial')
-    kw = {'n_layer': g('num_hidden_layers', 32), 'n_kv_head': g('num_key_value_heads') or H,
+    kw = {'n_layer': g('num_hidden_layers', 32), 'n_kv_head': g('num_key_value_heads') or N,
           'd_ff': g('intermediate_size', 11008), 'pos': 'rope',
           'rope_theta': float(rp.get('rope_theta', g('rope_theta', 10000.0))), 'norm': 'rmsnorm',
           'mlp': 'swiglu',
@@ -274,7 +274,7 @@ def _model_config(fmt: str, j: dict, sd: dict, d: str, allow_inexact: bool,
     rot = float(rp.get('partial_rotary_factor', g('rotary_pct', 0.25)))
     if rot != 1.0:
       refuse(f'partial rotary (rotary_pct={rot}; minillm rotates the whole head)')
-    D, H, P = g('hidden_size', 6144), g('num_attention_heads', 64), g('max_position_embeddings', 2048)
+    D, N, n_pos = g('hidden_size', 6144), g('num_attention_heads', 64), g('max_position_embeddings', 2048)
     kw = {'n_layer': g('num_hidden_layers', 44), 'd_ff': g('intermediate_size', 24576), 'pos': 'rope',
           'rope_theta': float(rp.get('rope_theta', g('rotary_emb_base', 10000.0))), 'norm': 'layernorm',
           'mlp': 'gelu', 'norm_eps': g('layer_norm_eps', 1e-5),
@@ -284,7 +284,7 @@ def _model_config(fmt: str, j: dict, sd: dict, d: str, allow_inexact: bool,
   V = g('vocab_size') or (wte.shape[0] if wte is not None else None)
   if not V:
     refuse('config.json has no vocab_size')
-  kw = {'n_head': H, 'n_kv_head': H, **kw, 'd_model': D, 'max_positions': P, 'block_size': P}
+  kw = {'n_head': N, 'n_kv_head': N, **kw, 'd_model': D, 'max_positions': n_pos, 'block_size': n_pos}
   kw['norm_eps'], kw['dropout'] = float(kw['norm_eps']), float(kw['dropout'])
   try:
     c = ModelConfig.from_dict({'vocab_size': int(V), 'init_std': float(g('initializer_range', 0.02)), **kw})

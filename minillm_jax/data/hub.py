@@ -11,7 +11,7 @@ from minillm_jax.config import UserError
 
 def offline_reason() -> str | None:
   """Why the HF hub cannot be reached right now (offline variables, no DNS/TCP), None when it looks reachable.
-  Checked up front because the hub clients otherwise retry for ~20 s before failing."""
+  Checked up front because the hub clients otherwise retry with backoff before failing."""
   for var in ('HF_HUB_OFFLINE', 'HF_DATASETS_OFFLINE', 'TRANSFORMERS_OFFLINE'):
     if os.environ.get(var, '').upper() in ('1', 'ON', 'YES', 'TRUE'):
       return f'{var}={os.environ[var]} is set'
@@ -49,7 +49,7 @@ def column(ds, field: str, where: str) -> list[str]:
 
 def dataset_docs(name: str, split: str, field: str, max_docs: int) -> list[str]:
   """Non-empty text rows of field `field` of a hub dataset. Without network it loads only from the local cache
-  and fails at once otherwise (the datasets client would retry for ~23 s)."""
+  and fails at once otherwise (the datasets client would retry with backoff)."""
   reason = offline_reason()
   datasets = datasets_module(offline=reason is not None)
   try:

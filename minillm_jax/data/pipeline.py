@@ -133,7 +133,7 @@ def train_iter(prep: Prepared, batch_size: int, block_size: int, seed: int, num_
         .batch(batch_size, drop_remainder=True, batch_fn=np.asarray)
         .map_with_index(_Windows(tokens, block_size, batch_size, per_process, max_shift, seed)))
   # One reader thread a few batches ahead: the batch is ready when a step ends, and grain's default (16
-  # threads, 500 elements) only adds GIL contention for a sub-millisecond gather.
+  # threads, 500 elements) only adds GIL contention for a gather this small.
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
   if num_workers > 0:
     _flags_parsed()

@@ -203,8 +203,8 @@ def train_bench(cfg, mc, a: dict) -> dict:
   s = interleave(runs, dict.fromkeys(runs, 1), 1, probe)
   steps = {v: a['steps'] or int(np.clip(round(1.0 / s[v][0]), 1, 50)) for v in runs}
   for v, r in runs.items():  # whole calls for variants that run several steps per call, as the trainer does
-    K = getattr(r, 'steps_per_call', 1)
-    steps[v] = K * max(1, round(steps[v] / K))
+    per_call = getattr(r, 'steps_per_call', 1)
+    steps[v] = per_call * max(1, round(steps[v] / per_call))
   steps |= {v: max(1, round(0.5 / s[v][0])) for v in runs if v.startswith('matmul')}
   repeats = a['repeats'] or (5 if sum(s[v][0] * steps[v] for v in runs) < 30 else 3)
   kept = 0 if any(k > 1 for v, k in steps.items() if not v.startswith('matmul')) else 1
@@ -225,10 +225,10 @@ def train_bench(cfg, mc, a: dict) -> dict:
         'steps_per_s': 1e3 / ms, 'compile_s': first[v] - ms / 1e3, 'first_call_s': first[v],
         'loss_step0': loss0[v], 'compute_dtype': dt, 'flops_per_s': tps * fpt, 'mfu': tps * fpt / peak[dt],
         'step_peak_mb': mem.get(v), **(extra[v]() if v in extra else {})}
-  V = out['variants']
+  variants = out['variants']
   for key, ms in (('speedup', 'ms'), ('speedup_best', 'best_ms')):  # torch / JAX: > 1 means JAX is faster
-    out[key] = {j: {t: V[t][ms] / V[j][ms] for t in V if t.startswith('torch')}
-                for j in V if j.startswith('jax')}
+    out[key] = {j: {t: variants[t][ms] / variants[j][ms] for t in variants if t.startswith('torch')}
+                for j in variants if j.startswith('jax')}
   return out
 
 
@@ -244,8 +244,8 @@ def decode_bench(cfg, mc, a: dict) -> dict:
 
   from torch_compat import convert, hf
   from torch_compat import model as tmodel
-  P, N, dev = a['prompt_len'], a['new_tokens'], _tdev()
-  T = max(mc.block_size, P + N)  # room for prompt + new tokens: nobody crops or re-prefills
+  n_prompt, n_new, dev = a['prompt_len'], a['new_tokens'], _tdev()
+  T = max(mc.block_size, n_prompt + n_new)  # room for prompt + new tokens: nobody crops or re-prefills
   c = dataclasses.replace(mc, block_size=T, max_positions=max(T, mc.max_positions))
   model = init_model(c, cfg.train.seed)
   flat = convert.flax_flat(model)
@@ -258,63 +258,66 @@ def decode_bench(cfg, mc, a: dict) -> dict:
     hm = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).to(dev).eval()
   bs = [int(b) for b in a['decode_batch']]
   # the prompts measure_decode draws (its seed 0), one row per batch entry
-  ids = {b: torch.tensor(np.random.default_rng(0).integers(0, c.vocab_size, (b, P)).tolist(), device=dev)
+  ids = {b: torch.tensor(np.random.default_rng(0).integers(0, c.vocab_size, (b, n_prompt)).tolist(),
+                         device=dev)
          for b in bs}
-  gens = {'torch': lambda b, n: tm.generate(ids[b], n)[:, P:].cpu().numpy(),
+  gens = {'torch': lambda b, n: tm.generate(ids[b], n)[:, n_prompt:].cpu().numpy(),
           'hf': lambda b, n: hm.generate(input_ids=ids[b], attention_mask=torch.ones_like(ids[b]),
                                          do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                                         pad_token_id=0)[:, P:].cpu().numpy()}
+                                         pad_token_id=0)[:, n_prompt:].cpu().numpy()}
   jx = {}
   jaxes = {'jax': 'float32', 'jax_bf16w': 'bfloat16'}
   jaxes = {k: w for k, w in jaxes.items() if w in a['decode_weights']}
 
   def jax_run(_, j, b):  # measure_decode warms up, then one timed decode
-    jx.setdefault(f'{j}/{b}', []).append(jax_backend.measure_decode(model, b, P, N, repeats=1, weights=jaxes[j]))
+    jx.setdefault(f'{j}/{b}', []).append(jax_backend.measure_decode(model, b, n_prompt, n_new, repeats=1,
+                                                                    weights=jaxes[j]))
 
   runs = {f'{j}/{b}': functools.partial(jax_run, j=j, b=b) for j in jaxes for b in bs}
   runs |= {f'{o}/{b}/{n}': lambda k, g=g, b=b, n=n: g(b, n)
-           for o, g in gens.items() for b in bs for n in (N, 1)}
+           for o, g in gens.items() for b in bs for n in (n_new, 1)}
   # the bytes a step reads at the mean cache length of the timed steps; a buffer of the float32 batch-1 size
   # gives the read bandwidth in the same cache regime (tiny: DRAM; shakespeare_char: the caches)
-  nbytes = {(o, b): decode_bytes(c, b, P + N / 2, 2 if o == 'jax_bf16w' else 4)
+  nbytes = {(o, b): decode_bytes(c, b, n_prompt + n_new / 2, 2 if o == 'jax_bf16w' else 4)
             for o in [*jaxes, *gens] for b in bs}
-  read_bytes = decode_bytes(c, 1, P + N / 2)
+  read_bytes = decode_bytes(c, 1, n_prompt + n_new / 2)
   reads = read_runs(int(read_bytes))
   first = {k: _timed(r, 1)[0] for k, r in runs.items()}  # compiles and warms up
   steps = dict.fromkeys(runs, 1) | {k: max(1, round(0.2 / _timed(r, 1)[0])) for k, r in reads.items()}
   jx.clear()
   s = interleave(runs | reads, steps, a['decode_repeats'])
   bw = max(read_bytes / _med(s.pop(k)) for k in reads)
-  res = {'prompt_len': P, 'new_tokens': N, 'context': T, 'hf_class': hf.CLASSES[hf.arch_for(c)],
+  res = {'prompt_len': n_prompt, 'new_tokens': n_new, 'context': T, 'hf_class': hf.CLASSES[hf.arch_for(c)],
          'jax_method': 'jax_backend.measure_decode', 'samples_s': s, 'jax_raw': jx, 'read_bytes_per_s': bw,
          'impls': {}}
   for b in bs:
     for o in gens:  # a stalled 1-token call (torch's OpenMP under load) can outlast the full one: measure again
       for _ in range(5):
-        if any(f - t > 0 for f, t in zip(s[f'{o}/{b}/{N}'], s[f'{o}/{b}/1'])):
+        if any(f - t > 0 for f, t in zip(s[f'{o}/{b}/{n_new}'], s[f'{o}/{b}/1'])):
           break
-        for n in (N, 1):
+        for n in (n_new, 1):
           s[f'{o}/{b}/{n}'].append(_timed(runs[f'{o}/{b}/{n}'], 1)[0])
     one = {**{j: [r['ttft_s'] for r in jx[f'{j}/{b}']] for j in jaxes}, **{o: s[f'{o}/{b}/1'] for o in gens}}
     rest = {**{j: [r['decode_s'] for r in jx[f'{j}/{b}']] for j in jaxes},
-            **{o: [d for d in np.subtract(s[f'{o}/{b}/{N}'], one[o]) if d > 0] or [float('nan')]
+            **{o: [d for d in np.subtract(s[f'{o}/{b}/{n_new}'], one[o]) if d > 0] or [float('nan')]
                for o in gens}}
     for o, t1 in one.items():
       res['impls'].setdefault(o, {})[str(b)] = {
-          'decode_tokens_per_s': b * (N - 1) / _med(rest[o]), 'ttft_ms': 1e3 * _med(t1),
-          'end_to_end_tokens_per_s': b * N / (_med(t1) + _med(rest[o])), 'spread': _spread(rest[o]),
-          'ms_per_token': 1e3 * _med(rest[o]) / max(N - 1, 1), 'step_bytes': nbytes[o, b],
-          'mbu': nbytes[o, b] * (N - 1) / _med(rest[o]) / bw, 'floor_ms': 1e3 * nbytes[o, b] / bw,
-          'first_call_s': first[f'{o}/{b}'] if o in jaxes else first[f'{o}/{b}/{N}']}
+          'decode_tokens_per_s': b * (n_new - 1) / _med(rest[o]), 'ttft_ms': 1e3 * _med(t1),
+          'end_to_end_tokens_per_s': b * n_new / (_med(t1) + _med(rest[o])), 'spread': _spread(rest[o]),
+          'ms_per_token': 1e3 * _med(rest[o]) / max(n_new - 1, 1), 'step_bytes': nbytes[o, b],
+          'mbu': nbytes[o, b] * (n_new - 1) / _med(rest[o]) / bw, 'floor_ms': 1e3 * nbytes[o, b] / bw,
+          'first_call_s': first[f'{o}/{b}'] if o in jaxes else first[f'{o}/{b}/{n_new}']}
   rate = lambda o, b: res['impls'][o][b]['decode_tokens_per_s']
   for j in jaxes:  # 'speedup': float32 JAX; 'speedup_jax_bf16w': bfloat16 weights
     res['speedup' if j == 'jax' else f'speedup_{j}'] = {o: {str(b): rate(j, str(b)) / rate(o, str(b)) for b in bs}
                                                         for o in gens}
   if 1 in ids and 'jax' in jaxes:  # the common greedy prefix with float32 JAX's tokens, batch 1
-    greedy = lambda w: jax_backend.generate(model, ids[1][0].tolist(), N, SampleParams(temperature=0.0),
+    greedy = lambda w: jax_backend.generate(model, ids[1][0].tolist(), n_new, SampleParams(temperature=0.0),
                                        weights=w)[0]
     j = greedy('float32')
-    others = {o: g(1, N)[0] for o, g in gens.items()} | {k: greedy(w) for k, w in jaxes.items() if k != 'jax'}
+    others = ({o: g(1, n_new)[0] for o, g in gens.items()}
+              | {k: greedy(w) for k, w in jaxes.items() if k != 'jax'})
     res['greedy_agree_tokens'] = {o: int(np.argmin(np.append(j == t, False))) for o, t in others.items()}
   return res
 

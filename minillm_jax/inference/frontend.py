@@ -80,7 +80,8 @@ def define_model_flags():
 def define_weights_flag():
   flags.DEFINE_enum('weights', 'float32', ['float32', 'bfloat16'],
                     'JAX backend: store the matrices in bfloat16 (float32 math on rounded weights; on CPU '
-                    'about 1.5x faster batch-1 decoding of models with matrices of 2^18+ weights, which reads every weight per token).')
+                    'faster batch-1 decoding of models with matrices of 2^18+ weights, which reads every '
+                    'weight per token; BENCHMARKS.md, "bfloat16 decode weights").')
 
 
 def define_sampling_flags():

@@ -62,7 +62,8 @@ def process_logits(logits_BxV, seq_BxS, pos, sp: dict):
 def bf16_weights(params: nnx.State, tied: bool) -> nnx.State:
   """`params` with every matrix the matmuls read (the Dense kernels, and the embedding when the head is tied to
   it) stored in bfloat16: the model still computes in float32 (model.project), on weights rounded to bfloat16.
-  Batch-1 decoding reads every weight once per token, so this halves its bytes (`tiny`: 92 -> 46 MB)."""
+  Batch-1 decoding reads every weight once per token, so this halves its bytes (BENCHMARKS.md, "bfloat16
+  decode weights")."""
   def cast(path, x):
     name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]  # (the path ends in .value)
     hit = x.ndim == 2 and x.dtype == jnp.float32 and (name == 'kernel' or (tied and name == 'wte'))
@@ -72,7 +73,8 @@ def bf16_weights(params: nnx.State, tied: bool) -> nnx.State:
 
 def pick(logits_BxV, seq_BxS, pos, sp: dict, key):
   x = process_logits(logits_BxV, seq_BxS, pos, sp)
-  # a cond, not a where: the Gumbel noise of categorical costs 4% of a greedy `tiny` decode step
+  # a cond, not a where: a greedy step then skips drawing the Gumbel noise of categorical (BENCHMARKS.md,
+  # "Where the `tiny` step's time goes before the fused attention", decoding)
   return jax.lax.cond(sp['temperature'] > 0, lambda x: jax.random.categorical(key, x, axis=-1).astype(jnp.int32),
                       lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), x)
 
@@ -82,20 +84,22 @@ def _prefill(gdef, params, seq_BxS, n_pre):
   """Runs positions [0, n_pre) in CHUNK-token chunks; returns the logits at n_pre - 1 and the cache."""
   model = nnx.merge(gdef, params)
   B, S = seq_BxS.shape
-  C = min(CHUNK, S)
+  chunk_len = min(CHUNK, S)
   cache = model.init_cache(B, S)
   logits0 = jnp.zeros((B, model.c.vocab_size), jnp.float32)
 
   def body(c):
     i, cache, last = c
-    start = jnp.minimum(i * C, S - C)  # the last chunk slides back inside the buffer; rewrites are identical
-    chunk = jax.lax.dynamic_slice_in_dim(seq_BxS, start, C, axis=1)
+    # the last chunk slides back inside the buffer; rewrites are identical
+    start = jnp.minimum(i * chunk_len, S - chunk_len)
+    chunk = jax.lax.dynamic_slice_in_dim(seq_BxS, start, chunk_len, axis=1)
     logits, cache = model.decode(chunk, cache, start)
     j = n_pre - 1 - start
-    row = jax.lax.dynamic_index_in_dim(logits, jnp.clip(j, 0, C - 1), axis=1, keepdims=False)
-    return i + 1, cache, jnp.where((j >= 0) & (j < C), row, last)
+    row = jax.lax.dynamic_index_in_dim(logits, jnp.clip(j, 0, chunk_len - 1), axis=1, keepdims=False)
+    return i + 1, cache, jnp.where((j >= 0) & (j < chunk_len), row, last)
 
-  _, cache, last = jax.lax.while_loop(lambda c: c[0] * C < n_pre, body, (jnp.int32(0), cache, logits0))
+  _, cache, last = jax.lax.while_loop(lambda c: c[0] * chunk_len < n_pre, body,
+                                      (jnp.int32(0), cache, logits0))
   return last, cache
 
 

@@ -1,7 +1,7 @@
 """Causal self-attention kernels of the model: the dispatch per backend (accelerators: jax.nn's fused attention;
 CPU: the C++ kernels of cpu_attention, float32 or bfloat16 on AMX), the pure-JAX blockwise CPU attention with a recomputing backward
-(no C++ compiler), and the attention over a KV cache for decoding. Shapes: B batch, T query
-positions, S key positions, N query heads, K kv heads, G = N / K, H head size; C = B * K cache rows."""
+(no C++ compiler), and the attention over a KV cache for decoding. Shape letters are the legend of
+minillm_jax.model.gpt."""
 from __future__ import annotations
 
 import math
@@ -15,11 +15,12 @@ from minillm_jax.kernels import attention as cpu_attention
 def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH):
   """Causal self-attention, float32 logits and softmax. Accelerators use jax.nn.dot_product_attention
   (GQA-aware; implementation='cudnn' can be plugged in there for flash attention). On CPU, float32 takes the
-  fused C++ kernel of cpu_attention (tiny, T=1024, one layer forward and backward: 256 ms against 540 ms for
-  the pure-JAX path below and about 300 ms for torch's SDPA; shakespeare_char: 1.6 against 5.2 ms). Bfloat16
-  compute on a CPU with AMX takes the bfloat16 kernel (`tiny` forward and backward: 80 against 140 ms for the
-  float32 one); elsewhere the float32 kernel on float32 copies of q, k, v: XLA:CPU's bfloat16 attention (the
-  pure-JAX path) was the slower one even on AMX hosts."""
+  fused C++ kernel of cpu_attention: XLA:CPU has no fused attention, and the pure-JAX path below writes every
+  score block to memory between its dots and the softmax, where the kernel keeps it in cache (BENCHMARKS.md,
+  "Fused CPU attention"). Bfloat16 compute on a CPU with AMX takes the bfloat16 kernel on AMX tiles
+  (BENCHMARKS.md, "bfloat16 attention on AMX and the q/k/v split"); elsewhere the float32 kernel on float32
+  copies of q, k, v: XLA:CPU's bfloat16 attention (the pure-JAX path) was the slower one even on AMX hosts
+  (BENCHMARKS.md, "bfloat16 compute on CPU")."""
   if jax.default_backend() != 'cpu':
     return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, is_causal=True)
   if q_BxTxNxH.dtype == jnp.bfloat16 and cpu_attention.amx():
@@ -33,8 +34,8 @@ def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH):
 
 def blockwise_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH):
   """The pure-JAX CPU attention (no C++ compiler for the fused kernel). Short sequences
-  (T <= ATTN_BLOCK) are plain batched matmuls whose backward keeps the [T, T] probabilities (small there, and
-  5-10% faster per shakespeare_char step than recomputing them); longer ones use the blockwise
+  (T <= ATTN_BLOCK) are plain batched matmuls whose backward keeps the [T, T] probabilities (small there, so
+  keeping them is cheaper than recomputing them); longer ones use the blockwise
   `causal_attention` with a recomputing backward."""
   B, T, N, H = q_BxTxNxH.shape
   K = k_BxTxKxH.shape[2]
@@ -49,10 +50,10 @@ def blockwise_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH):
 
 def _materialized(xs, q):
   """xs written to memory once. Otherwise XLA:CPU fuses the k/v transpose (and RoPE) into each query block's
-  key-prefix slice and recomputes it over the prefix, 4.5x in all (1.25 s of a 13 s `tiny` step); an
-  optimization_barrier is dropped before fusion, and a cond with equal branches is simplified away. This cond's
-  other branch is taken only when q is NaN, where it gives NaN as the attention would (10 interleaved step pairs:
-  8 faster, median ratio 0.89-0.91)."""
+  key-prefix slice and recomputes it over the whole prefix, once per block; an optimization_barrier is
+  dropped before fusion, and a cond with equal branches is simplified away. This cond's other branch is taken
+  only when q is NaN, where it gives NaN as the attention would (BENCHMARKS.md, "Where the `tiny` step's time
+  goes before the fused attention")."""
   q0 = q.reshape(-1)[0]
   return jax.lax.cond(~jnp.isnan(q0), lambda xs: xs, lambda xs: jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), xs), xs)
 
@@ -66,7 +67,7 @@ def _bdot(a, b, b_contract: int, a_contract: int = 3):
 def cached_attention(q_BxTxNxH, k_CxSxH, v_CxSxH, pos):
   """Queries at positions [pos, pos+T) against a cache laid out [C = B*K, S, H] whose [0, pos+T) is written.
   One batch axis with no unit dimensions: with [B, K, S, H] at batch 1, XLA:CPU copied every layer's cache on
-  every decode step (half of the `tiny` decode time)."""
+  every decode step."""
   if cpu_attention.decode_supported(q_BxTxNxH, k_CxSxH):  # CPU float32 decode steps: the cache read in place
     return cpu_attention.decode_attention(q_BxTxNxH, k_CxSxH, v_CxSxH, pos)
   T, S = q_BxTxNxH.shape[1], k_CxSxH.shape[1]
@@ -75,8 +76,9 @@ def cached_attention(q_BxTxNxH, k_CxSxH, v_CxSxH, pos):
     return lambda: _grouped_attention(q_BxTxNxH, k_CxSxH[:, :L], v_CxSxH[:, :L],
                                       jnp.arange(L)[None, :] <= pos + jnp.arange(T)[:, None])
 
-  # Decoding is bound by memory traffic, and the cache of `tiny` (25 MB at batch 1) is read on every token: read
-  # only the shortest prefix S/2^i (i < 5, at least 64 slots) that holds [0, pos+T); one switch branch runs.
+  # Decoding is bound by memory traffic, and the cache is read on every token: read only the shortest prefix
+  # S/2^i (i < 5, at least 64 slots) that holds [0, pos+T); one switch branch runs (BENCHMARKS.md, "Where the
+  # `tiny` step's time goes before the fused attention", decoding).
   Ls = sorted({max(T, S >> i) for i in range(5) if S >> i >= 64} | {S})
   return jax.lax.switch(jnp.sum(pos + T > jnp.array(Ls[:-1], jnp.int32)), [upto(L) for L in Ls])
 
@@ -112,7 +114,7 @@ def _causal_block(q_BxKxGxTxH, k_BxKxSxH, a: int, b: int):
 def causal_attention(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH):
   """Causal attention in blocks of query rows, each against only the keys it can see (about half the work of
   a full T x T product), flash-style: the backward recomputes the probabilities from a saved logsumexp instead
-  of keeping [T, T] per head alive (at T=1024 that was 1.6 GB and 5x torch's time)."""
+  of keeping [T, T] per head alive, whose memory grows with T^2."""
   return _causal_fwd(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH)[0]
 
 
@@ -151,7 +153,8 @@ def _causal_bwd(res, do_BxKxGxTxH):
     dks.append(_bdot(ds, qb, 2, a_contract=2))
     dvs.append(_bdot(p.astype(v.dtype).reshape(B, K, G * n, b), dob, 2, a_contract=2))
   # Summed per key block, each from the query blocks that see it: one small fusion per block. Accumulating
-  # with dk.at[:, :, :b].add rewrote the whole [B, K, T, H] buffer once per block (0.4 s of a `tiny` step).
+  # with dk.at[:, :, :b].add rewrote the whole [B, K, T, H] buffer once per block (BENCHMARKS.md, "Where the
+  # `tiny` step's time goes before the fused attention").
   def per_key_block(parts):
     return jnp.concatenate([sum(x[:, :, a:a + ATTN_BLOCK] for x in parts[a // ATTN_BLOCK:])
                             for a in range(0, T, ATTN_BLOCK)], 2)

@@ -157,7 +157,7 @@ class GPT(nnx.Module):
     B, T = tokens_BxT.shape
     # Known positions (training, full forward): positions and RoPE tables computed once at trace time and
     # embedded. Traced, XLA:CPU fuses cos/sin into every use and evaluates them per element of q, k and their
-    # gradients (0.6 s of a 10 s `tiny` step).
+    # gradients (BENCHMARKS.md, "Fused CPU attention", RoPE tables).
     with jax.ensure_compile_time_eval() if isinstance(pos, int) else contextlib.nullcontext():
       pos_T = pos + jnp.arange(T)
       rope = rope_tables(pos_T, c.head_dim, c.rope_theta) if c.pos == 'rope' else None
@@ -178,7 +178,7 @@ class GPT(nnx.Module):
 
 def init_model(c: ModelConfig, seed: int = 0) -> GPT:
   """Freshly initialised weights, made by one compiled program: built eagerly, every parameter's random init
-  compiles its own small program (2 s of a 2-core start-up for `shakespeare_char`). Same values either way."""
+  would compile its own small program, and those compiles add up at start-up. Same values either way."""
   return nnx.jit(lambda: GPT(c, nnx.Rngs(params=seed)))()
 
 

@@ -19,7 +19,8 @@ def _dot(a, b):
 @jax.custom_vjp
 def mm(a_RxD: jax.Array, b_DxF: jax.Array) -> jax.Array:
   """a @ b with float32 accumulation and a float32 result, whatever the operand dtype. Float32 on CPU runs on
-  OpenBLAS (cpu_matmul: about 1.3x XLA:CPU's dots on the train step's shapes)."""
+  OpenBLAS (cpu_matmul), faster than XLA:CPU's dots on the train step's shapes (BENCHMARKS.md, "OpenBLAS
+  matmuls")."""
   return _mm_fwd(a_RxD, b_DxF)[0]
 
 
@@ -35,8 +36,8 @@ def _mm_bwd(res, g_RxF):
   if cpu_matmul.supported(a, b):
     return cpu_matmul.matmul(g, b, tb=True), cpu_matmul.matmul(a, g, ta=True)
   if cpu_matmul.transpose_supported(a) and cpu_matmul.transpose_supported(b):
-    # XLA folds a transpose of its own into the dot, and then widens the bfloat16 dot to float32 (`tiny`, one
-    # step's loss and gradients: 7.6-8.9 s against 11.2-14.6 s)
+    # XLA folds a transpose of its own into the dot, and then widens the bfloat16 dot to float32
+    # (BENCHMARKS.md, "bfloat16 compute on CPU")
     return _dot(g, cpu_matmul.transposed(b)).astype(a.dtype), _dot(cpu_matmul.transposed(a), g).astype(b.dtype)
   return _dot(g, b.T).astype(a.dtype), _dot(a.T, g).astype(b.dtype)
 
@@ -66,8 +67,8 @@ def dropout(x, rate: float, key):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def normalize(x_RxD, scale_D, eps: float, center: bool):
   """(x - mean if center) * rsqrt(mean square + eps) * scale, with the textbook backward: two row reductions
-  and one elementwise pass over the saved x_hat. XLA's autodiff of the forward made more passes and cost 1.2-1.8x
-  as much (13 norms of a `tiny` step: 440-580 ms against 320-530)."""
+  and one elementwise pass over the saved x_hat. XLA's autodiff of the forward made more passes over the
+  activations (BENCHMARKS.md, "Where the `tiny` step's time goes before the fused attention")."""
   return _normalize_fwd(x_RxD, scale_D, eps, center)[0]
 
 
@@ -110,7 +111,7 @@ def apply_rope(x_BxTxNxH, cos_TxH, sin_TxH):
 def split_heads(qkv_BxTxMxH, N: int, K: int):
   """q, k, v = the first N, next K and last K heads. Its backward is one concatenate: the slices' own transpose
   is three zero pads summed, which XLA:CPU fuses in bfloat16 with a round trip through float32 per add
-  (1.7 ms per layer of a 42 ms shakespeare_char bfloat16 step)."""
+  (BENCHMARKS.md, "bfloat16 attention on AMX and the q/k/v split")."""
   return qkv_BxTxMxH[:, :, :N], qkv_BxTxMxH[:, :, N:N + K], qkv_BxTxMxH[:, :, N + K:]
 
 

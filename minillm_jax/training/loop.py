@@ -109,7 +109,7 @@ class Run:
   tx: optax.GradientTransformation
   sched: optax.Schedule
   it: Any                  # the Grain train iterator (its state is checkpointed)
-  val: dict                # stacked validation batches [E, B, T], on the devices
+  val: dict                # stacked validation batches [batches, B, T], on the devices
   ck: checkpoint.Checkpointer
   tok_json: str
   start: int
@@ -196,14 +196,14 @@ def open_run(cfg, workdir: str) -> Run:
 def loop(r: Run) -> dict:
   """Trains an opened run; returns a summary with `status`: finished | interrupted | early_stopped |
   stopped_nonfinite (raised as a UserError after the run is closed)."""
-  cfg, workdir, mc, t, A = r.cfg, r.workdir, r.mc, r.cfg.train, r.cfg.optim.accum_steps
+  cfg, workdir, mc, t, accum = r.cfg, r.workdir, r.mc, r.cfg.train, r.cfg.optim.accum_steps
   wd.claim(workdir, cfg)
   n_dev = r.mesh.shape[parallel.AXIS]
   dp_mesh = flat_dp_mesh(r.mesh, t.fsdp, mc.dropout)
   step_fn = jax.jit(functools.partial(train_steps, gdef=r.gdef, tx=r.tx, seed=t.seed, sched=r.sched,
                                       dp_mesh=dp_mesh), donate_argnums=(0,), out_shardings=(r.s_shard, None))
   eval_fn = jax.jit(functools.partial(eval_loss, gdef=r.gdef))
-  tokens_per_step, fpt = A * t.batch_size * mc.block_size, flops_per_token(mc)['train']
+  tokens_per_step, fpt = accum * t.batch_size * mc.block_size, flops_per_token(mc)['train']
   per_call = steps_per_call(t, tokens_per_step * fpt)
   mon = monitor.Monitor(workdir, cfg, mc, r.start, t.steps, tokens_per_step=tokens_per_step, flops_per_token=fpt,
                         meta=r.meta0)
@@ -215,9 +215,10 @@ def loop(r: Run) -> dict:
             'tokenizer': r.tok_json, **mon.state()}
     r.ck.save(step, state['params'], meta, state['opt'], r.it, val_loss)
 
-  def next_batches(k: int) -> dict:
-    bs = [next(r.it) for _ in range(k * A)]
-    return parallel.global_batch({key: np.stack([x[key] for x in bs]).reshape(k, *([A] * (A > 1)), *v.shape)
+  def next_batches(n_steps: int) -> dict:
+    bs = [next(r.it) for _ in range(n_steps * accum)]
+    lead = (n_steps, *([accum] * (accum > 1)))
+    return parallel.global_batch({key: np.stack([x[key] for x in bs]).reshape(*lead, *v.shape)
                                   for key, v in bs[0].items()}, r.b_shard)
 
   step, prev, row_done = r.start, None, False
@@ -226,14 +227,14 @@ def loop(r: Run) -> dict:
     # compiled sizes at most). A resumed run starts on a call boundary of the uninterrupted one, so it makes the
     # same calls and its losses stay bitwise equal.
     room = min(t.eval_every - step % t.eval_every, t.ckpt_every - step % t.ckpt_every, t.steps - step)
-    k = per_call if room >= per_call else 1
-    state, m = step_fn(state, next_batches(k), jnp.int32(step))
+    n_steps = per_call if room >= per_call else 1
+    state, m = step_fn(state, next_batches(n_steps), jnp.int32(step))
     # At most two calls in flight: with several CPU devices, a deep queue of programs with collectives can
     # deadlock XLA:CPU's in-process all-reduce. Costs nothing: the next batch is still prepared while a call runs.
     if prev is not None and n_dev > 1:
       jax.block_until_ready(prev)
-    ends_row = step // t.log_every != (step + k) // t.log_every
-    step, prev = step + k, m['loss']
+    ends_row = step // t.log_every != (step + n_steps) // t.log_every
+    step, prev = step + n_steps, m['loss']
     mon.record(step, m)
     last = step == t.steps
     final = last or stop.reason or step % t.eval_every == 0 or step % t.ckpt_every == 0

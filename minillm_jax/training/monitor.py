@@ -63,7 +63,7 @@ def store_peak_flops(dtype: str, peak: float) -> float:
 
 
 def _summary_writer(logdir: str, purge_step: int | None):
-  # tensorboardX imports torch at module level only to accept torch tensors (1.9 s of a 2-core start-up);
+  # tensorboardX imports torch at module level only to accept torch tensors (a slow import, for nothing here);
   # it is written floats here, so torch is hidden while it imports (a later `import torch` works as usual).
   hide = 'torch' not in sys.modules
   if hide:

@@ -50,12 +50,12 @@ def loss_fn(params, gdef, inputs_BxT, targets_BxT, key):
 
 
 def local_grads(params, gdef, batch: dict, key) -> tuple[jax.Array, dict]:
-  """Mean loss and gradients of a batch [B,T], or of [A,B,T] accumulated micro-batches (scanned, so the result
-  equals one A*B batch)."""
+  """Mean loss and gradients of a batch [B,T], or of [accum,B,T] accumulated micro-batches (scanned, so the
+  result equals one accum*B batch)."""
   grad_fn = jax.value_and_grad(loss_fn)
   if batch['inputs'].ndim == 2:
     return grad_fn(params, gdef, batch['inputs'], batch['targets'], key)
-  A = batch['inputs'].shape[0]
+  accum = batch['inputs'].shape[0]
 
   def micro(carry, xs):
     i, x, y = xs
@@ -63,15 +63,15 @@ def local_grads(params, gdef, batch: dict, key) -> tuple[jax.Array, dict]:
     return jax.tree.map(jnp.add, carry, (l, g)), None
 
   zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-  (loss, grads), _ = jax.lax.scan(micro, zero, (jnp.arange(A), batch['inputs'], batch['targets']))
-  return jax.tree.map(lambda x: x / A, (loss, grads))
+  (loss, grads), _ = jax.lax.scan(micro, zero, (jnp.arange(accum), batch['inputs'], batch['targets']))
+  return jax.tree.map(lambda x: x / accum, (loss, grads))
 
 
 def flat_dp_grads(params, gdef, batch: dict, key, mesh) -> tuple[jax.Array, dict]:
   """local_grads per device on its batch shard, averaged as one flat buffer. XLA's own data-parallel gradient
   all-reduce is one tuple of every parameter, and XLA:CPU makes the device threads meet once per tuple element:
-  one flat buffer meets once, ~5% of a shakespeare_char step on 2 cores. For replicated parameters and no
-  dropout (a dropout mask drawn per shard would differ from the global one)."""
+  one flat buffer meets once, which matters most to small models, whose steps are short. For replicated
+  parameters and no dropout (a dropout mask drawn per shard would differ from the global one)."""
   rows = parallel.batch_sharding(mesh, batch['inputs'].ndim - 2).spec
 
   @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), rows, P()),
@@ -92,7 +92,7 @@ def flat_dp_mesh(mesh, fsdp: bool, dropout: float):
 
 def train_step(state: dict, batch: dict, step, *, gdef, tx, seed: int, sched=None, dp_mesh=None
                ) -> tuple[dict, dict]:
-  """One optimizer update on a batch [B,T] or [A,B,T] (A accumulated micro-batches). A non-finite loss or
+  """One optimizer update on a batch [B,T] or [accum,B,T] (accumulated micro-batches). A non-finite loss or
   gradient leaves the weights finite. With `sched`, the metrics include this update's learning rate (computed
   here: evaluated eagerly it costs compiles). `dp_mesh`: reduce gradients with `flat_dp_grads` on it."""
   params, key = state['params'], jax.random.fold_in(jax.random.key(seed), step)
@@ -122,13 +122,13 @@ def train_steps(state: dict, batches: dict, step0, *, gdef, tx, seed: int, sched
 
 
 def eval_loss(params, batches: dict, *, gdef) -> jax.Array:
-  """Mean loss over stacked batches [E,B,T]: one call, one batch's activations in memory at a time."""
+  """Mean loss over stacked batches [batches,B,T]: one call, one batch's activations in memory at a time."""
   return jax.lax.map(lambda b: loss_fn(params, gdef, b['inputs'], b['targets'], None), batches).mean()
 
 
 def steps_per_call(t, flops_per_step: float) -> int:
-  """train.steps_per_call, or auto: steps worth about 5e10 FLOPs (half a second or less on a CPU, so SIGTERM
-  still answers quickly), at most 16, dividing the eval and checkpoint intervals (calls never cross them)."""
+  """train.steps_per_call, or auto: steps worth about 5e10 FLOPs (a short call on a CPU, so SIGTERM still
+  answers quickly), at most 16, dividing the eval and checkpoint intervals (calls never cross them)."""
   if t.steps_per_call:
     return t.steps_per_call
   cap = int(min(16, max(1, 5e10 // flops_per_step)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import re
 import zipfile
 
 import numpy as np
@@ -48,18 +49,25 @@ def export_meta(meta: dict) -> dict:
   return plain(keep)
 
 
+_GLOBAL = re.compile(r'GLOBAL\s+([\w.<>]+)')
+
+
 def torch_load(path: str):
-  """torch.load(weights_only=True) with one-line errors; a pickled object other than plain data is refused."""
+  """torch.load(weights_only=True) with one-line errors; a pickled object other than plain data is refused.
+  torch's own message advises weights_only=False, which would run the file's code: it is never passed on."""
   try:
     return torch.load(path, map_location='cpu', weights_only=True)
   except pickle.UnpicklingError as e:
-    # torch wraps every weights-only failure in the same preamble; the line after 'WeightsUnpickler error:'
-    # says what it was. Only a GLOBAL (a class or function to import) means code; anything else is a bad file.
-    msg = str(e).split('WeightsUnpickler error:', 1)[-1]
+    # Only a GLOBAL (a class or function to import: torch says 'Unsupported global: GLOBAL x' or 'Trying to load
+    # unsupported GLOBAL x', by version) means code; anything else is a bad file.
+    g = _GLOBAL.search(str(e))
+    if g:
+      raise UserError(f'refusing to load {path}: it holds pickled objects other than tensors and plain data '
+                      f'({g.group(1)[:80]}), which could run code when loaded; re-save it with plain dicts and '
+                      'tensors only') from None
+    msg = str(e).split('WeightsUnpickler error:', 1)[-1] if 'WeightsUnpickler error:' in str(e) else ''
     why = next((ln.strip() for ln in msg.splitlines() if ln.strip()), '').split('. Please use')[0]
-    if 'global' in why.lower():
-      raise UserError(f'refusing to load {path}: it holds pickled objects other than tensors and plain data, '
-                      f'which could run code ({why[:160]}); re-save it with plain dicts and tensors only') from None
+    why = '' if 'weights_only' in why.lower() else why  # torch's advice to load unsafely is not a reason
     raise UserError(f'{path} is not a readable torch checkpoint (corrupt, or not a torch.save file: '
                     f'{why[:120] or type(e).__name__})') from None
   except FileNotFoundError:
@@ -80,10 +88,25 @@ def keys(obj) -> list:
   return sorted(map(str, obj))[:8] if isinstance(obj, dict) else [type(obj).__name__]
 
 
+def is_torch_archive(path: str) -> bool:
+  """True for a zip as torch.save writes it: every entry under one top folder `<name>/`, among them
+  `<name>/data.pkl` and `<name>/version` (or `<name>/.data/version`). A .docx, .xlsx or .jar is a zip too."""
+  try:
+    with zipfile.ZipFile(path) as z:
+      names = z.namelist()
+  except (zipfile.BadZipFile, OSError, ValueError):
+    return False
+  tops = {n.split('/', 1)[0] for n in names}
+  if len(tops) != 1 or not all('/' in n for n in names):
+    return False
+  top = tops.pop()
+  return f'{top}/data.pkl' in names and bool({f'{top}/version', f'{top}/.data/version'} & set(names))
+
+
 def mkparent(path: str):
   if not path or os.path.isdir(path):
     raise UserError(f'--out={path!r} is {"a directory" if path else "empty"}; this format writes a file')
-  if os.path.exists(path) and not zipfile.is_zipfile(path):  # a torch.save archive may be replaced, nothing else
+  if os.path.exists(path) and not is_torch_archive(path):  # a torch.save archive may be replaced, nothing else
     raise UserError(f'--out={path} exists and is not a torch checkpoint; refusing to overwrite it (pick a new '
                     'path)')
   parent = os.path.dirname(os.path.abspath(path))

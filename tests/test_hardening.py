@@ -1,11 +1,15 @@
 """Issue 29 (hardening): nothing the user owns is overwritten without asking, files from others are read as
 data only, and the errors are one line naming the problem and the fix. Tiny models, CPU, offline."""
+import dataclasses
+import json
 import zipfile
 
 import pytest
 import torch
+from conftest import run_module
 from torch_fixtures import FAMILIES, random_flat
 
+from minillm_jax import config as config_lib
 from minillm_jax.config import UserError
 from torch_compat import formats, pt
 
@@ -39,6 +43,26 @@ def test_export_replaces_only_a_torch_archive(tmp_path):
   assert formats.load_any(str(old)).model_config == c
 
 
+def test_import_takes_no_paths_or_data_sources_from_the_file(tmp_path):
+  """Item 4: an imported .pt's run config must not choose what a later `train --workdir` reads."""
+  from torch_compat.import_ckpt import import_ckpt
+  c = FAMILIES['tiny']
+  cfg = config_lib.to_plain(config_lib.default_config())
+  cfg['data'].update(corpus='local', path='/etc/passwd', cache_dir='/tmp/elsewhere', hub_name='evil/set',
+                     tokenizer='hub:someone/tok')
+  cfg['train'].update(init_from='/home/author/runs/base', steps=777)
+  cfg['optim'].update(lr=3e-4)
+  src = str(tmp_path / 'theirs.pt')
+  pt.save_pt(src, c, random_flat(c), None, {'config': cfg, 'step': 5})
+  msg = import_ckpt(src, str(tmp_path / 'run'))
+  assert 'data settings and paths were not' in msg and 'data.path' in msg
+  got = json.loads((tmp_path / 'run' / 'config.json').read_text())
+  assert got['data'] == config_lib.to_plain(config_lib.default_config())['data']
+  assert got['train']['init_from'] == ''
+  assert got['train']['steps'] == 777 and got['optim']['lr'] == 3e-4  # harmless hyperparameters are kept
+  assert got['model']['n_layer'] == c.n_layer
+
+
 def _pickle_archive(path, pkl: bytes):
   """A torch.save-shaped zip around a hand-written pickle (never unpickled unsafely: the test only asks
   the weights-only loader, which must refuse it)."""
@@ -60,3 +84,18 @@ def test_pickled_globals_are_refused_as_code_never_as_corrupt(tmp_path, pkl):
   msg = str(e.value)
   assert msg.startswith(f'refusing to load {path}: it holds pickled objects') and 'could run code' in msg
   assert 'weights_only' not in msg and 'corrupt' not in msg and '\n' not in msg and len(msg) < 300
+
+
+def test_a_file_claiming_2000_layers_fails_fast(tmp_path):
+  """Item 12: the tensors are checked against the file's config before any model is traced or built."""
+  c = FAMILIES['tiny']
+  src = str(tmp_path / 'big.pt')
+  pt.save_pt(src, c, random_flat(c), None, {})
+  ckpt = torch.load(src, weights_only=True)
+  ckpt['model_config'] = dataclasses.replace(c, n_layer=2000).to_dict()
+  torch.save(ckpt, src)
+  r = run_module('torch_compat.import_ckpt', f'--src={src}', f'--workdir={tmp_path / "run"}', timeout=120)
+  assert r.returncode == 2
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: checkpoint lacks tensor transformer.h.2.') and 'expected shape' in last
+  assert not (tmp_path / 'run').exists()

@@ -78,11 +78,18 @@ def flax_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
   return dict(_shapes(c))
 
 
-@functools.lru_cache(maxsize=16)  # every conversion asks several times; tracing the model is not free
+@functools.lru_cache(maxsize=16)  # every conversion asks several times
 def _shapes(c: ModelConfig) -> tuple:
-  abstract = nnx.eval_shape(lambda: GPT(c, nnx.Rngs(params=0)))
-  flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
-  return tuple(('.'.join(map(str, k)), tuple(v.get_value().shape)) for k, v in flat)
+  # A one-layer model is traced and its block repeated: the table costs the same for 2 layers or for the
+  # 2,000 a file may claim, so a file's tensors are checked against its config before any model is built.
+  abstract = nnx.eval_shape(lambda: GPT(dataclasses.replace(c, n_layer=1), nnx.Rngs(params=0)))
+  flat = [('.'.join(map(str, k)), tuple(v.get_value().shape))
+          for k, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))]
+  block = [(n.removeprefix('blocks.0.'), s) for n, s in flat if n.startswith('blocks.0.')]
+  first = next(i for i, (n, _) in enumerate(flat) if n.startswith('blocks.0.'))
+  layers = [(f'blocks.{i}.{n}', s) for i in range(c.n_layer) for n, s in block]
+  rest = [(n, s) for n, s in flat if not n.startswith('blocks.')]
+  return tuple(rest[:first] + layers + rest[first:])
 
 
 def flax_flat(model: GPT) -> dict[str, np.ndarray]:

@@ -25,8 +25,8 @@ def import_ckpt(src: str, workdir: str, allow_inexact: bool = False) -> str:
   """Writes a step-0 checkpoint of `src` into `workdir`; returns a one-line summary."""
   if not os.path.exists(src):
     raise UserError(f'--src={src} does not exist')
-  imp = formats.load_any(src, allow_inexact=allow_inexact)
-  model = convert.load_into_flax(imp.model_config, imp.flat)
+  imp = formats.load_any(src, allow_inexact=allow_inexact)  # every tensor checked against the config here,
+  model = convert.load_into_flax(imp.model_config, imp.flat)  # before a model is built
   meta = {'imported_from': os.path.abspath(src), 'source_format': imp.fmt,
           'source_step': imp.meta.get('step'), 'source_val_loss': imp.meta.get('val_loss')}
   if imp.notes:
@@ -36,6 +36,12 @@ def import_ckpt(src: str, workdir: str, allow_inexact: bool = False) -> str:
   c = imp.model_config
   tok = 'with tokenizer' if imp.tokenizer_json else 'no tokenizer (set data.tokenizer when training)'
   notes = ''.join(f'\nnote: {n}' for n in imp.notes)
+  _, dropped = checkpoint.imported_config(imp.cfg_plain)
+  if imp.cfg_plain:  # paths and data sources chosen by the file's author: a later `train --workdir` must not read them
+    more = ', ...' if len(dropped) > 4 else ''
+    which = f' ({", ".join(dropped[:4])}{more})' if dropped else ''
+    notes += (f'\nnote: only the model and training hyperparameters of the source\'s run config were taken; its '
+              f'data settings and paths were not{which}: the defaults are set, give data.* when training')
   return (f'imported {src} ({imp.fmt}) into {workdir}: {c.n_layer} layers, d_model {c.d_model}, vocab '
           f'{c.vocab_size}, pos {c.pos}, norm {c.norm}, mlp {c.mlp}; {tok}{notes}')
 

@@ -240,9 +240,36 @@ def _quiet_failed_reads():
   gc.collect()
 
 
+# What an imported file's run config may bring: training hyperparameters only. Its data section (corpus, paths,
+# hub dataset, cache dir, tokenizer) and train.init_from name files and sources its author chose; a later plain
+# `train --workdir` would read them, so they are reset to the defaults (the model section comes from the weights).
+IMPORTED_SECTIONS = ('optim', 'train', 'sample')
+NOT_IMPORTED = {'train.init_from', 'train.cpu_devices', 'train.fsdp', 'train.peak_flops', 'sample.prompt'}
+
+
+def imported_config(cfg_plain: dict | None) -> tuple[config_lib.ConfigDict, list[str]]:
+  """(default_config() plus the harmless hyperparameters of `cfg_plain`, the keys set in `cfg_plain` to
+  something other than the default that were not taken)."""
+  cfg = config_lib.default_config()
+  dropped = []
+  for sec, sub in (cfg_plain or {}).items():
+    if not isinstance(sub, dict) or sec == 'model':
+      continue
+    for k, v in sub.items():
+      name = f'{sec}.{k}'
+      if sec not in cfg or k not in cfg[sec]:
+        dropped.append(name)
+      elif sec in IMPORTED_SECTIONS and name not in NOT_IMPORTED:
+        cfg[sec][k] = tuple(v) if isinstance(v, list) else v
+      elif v != cfg[sec][k]:
+        dropped.append(name)
+  return config_lib.validate(cfg), dropped
+
+
 def init_workdir(workdir: str, cfg_plain: dict | None, model_cfg: ModelConfig, model: GPT,
                  tokenizer_json: str | None, meta: dict) -> None:
-  """Writes a weights-only step-0 checkpoint (+ config.json/.py) so `train --workdir` continues from it."""
+  """Writes a weights-only step-0 checkpoint (+ config.json/.py) so `train --workdir` continues from it.
+  Of `cfg_plain` (the source's run config) only the hyperparameters are kept: see imported_config."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f'--workdir={workdir!r} is a file, not a directory')
   if finished_steps(workdir):
@@ -255,8 +282,7 @@ def init_workdir(workdir: str, cfg_plain: dict | None, model_cfg: ModelConfig, m
   if other:
     raise UserError(f'{workdir!r} already holds files ({", ".join(other[:4])}); import into a new or empty '
                     '--workdir')
-  cfg = config_lib.default_config() if cfg_plain is None else config_lib.from_plain(cfg_plain)
-  cfg.train.init_from = ''  # the source's own base run (a path on another machine, maybe) is not this run's
+  cfg, _ = imported_config(cfg_plain)
   for k, v in model_cfg.to_dict().items():
     if k in cfg.model:
       cfg.model[k] = v

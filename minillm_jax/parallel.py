@@ -102,6 +102,6 @@ def batch_sharding(mesh: Mesh, lead: int = 0) -> NamedSharding:
 
 def global_batch(batch: dict, sharding: NamedSharding) -> dict:
   """This process's rows -> global arrays sharded over the mesh (the per-process data shards join)."""
-  if jax.process_count() == 1:  # same result; device_put is ~0.5 ms/step cheaper on the host
+  if jax.process_count() == 1:  # same result, with less host work per step
     return jax.device_put(batch, sharding)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

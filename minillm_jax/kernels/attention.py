@@ -14,11 +14,9 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from minillm_jax import parallel
 from minillm_jax.kernels import build as cpu_kernels
 
 SRC = pathlib.Path(__file__).with_name('cpu_attention.cc')
-SRC_AMX = pathlib.Path(__file__).with_name('cpu_attention_amx.cc')
 # CPU classes where the kernel made a whole step at least 15% faster than XLA alone (BENCHMARKS.md, "CPU kernels")
 ATTENTION_ON = ('x86-avx512',)
 
@@ -33,38 +31,21 @@ def available() -> bool:
                           'results, slower)') is not None
 
 
-@functools.cache
-def amx() -> bool:
-  """True when the bfloat16 AMX kernels (cpu_attention_amx.cc) are built and this process may use the tiles:
-  bfloat16 compute then runs attention in bfloat16 instead of on float32 copies. MINILLM_AMX=0 turns it off."""
-  if not cpu_kernels.enabled('MINILLM_AMX', ATTENTION_ON) or not available() or 'amx_bf16' not in parallel.cpu_flags():
-    return False
-  targets = {f'minillm_attention_{n.lower()}_bf16': f'MinillmAttention{n}Bf16' for n in ('Forward', 'Backward')}
-  lib = cpu_kernels.load(SRC_AMX, targets, 'bfloat16 AMX attention unavailable, bfloat16 compute keeps the float32 '
-                         'kernel (slower)')
-  return lib is not None and lib.MinillmAmxReady() == 1
-
-
 @jax.custom_vjp
 def causal_attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array) -> jax.Array:
-  """softmax(q k^T / sqrt(H), causal) v with kv head n // (N/K) for query head n; float32, or bfloat16 on AMX
-  (when `amx()`: float32 scores and softmax, bfloat16 products)."""
+  """softmax(q k^T / sqrt(H), causal) v with kv head n // (N/K) for query head n, in float32."""
   return _fwd(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)[0]
-
-
-def _target(name: str, q) -> str:
-  return f'minillm_attention_{name}' + ('_bf16' if q.dtype == jnp.bfloat16 else '')
 
 
 def _forward_call(q, k, v):
   B, T, N, _ = q.shape
-  return jax.ffi.ffi_call(_target('forward', q), (jax.ShapeDtypeStruct(q.shape, q.dtype),
+  return jax.ffi.ffi_call('minillm_attention_forward', (jax.ShapeDtypeStruct(q.shape, q.dtype),
                                                   jax.ShapeDtypeStruct((B, N, T), jnp.float32)))(q, k, v)
 
 
 def _backward_call(q, k, v, o, lse, do):
-  return jax.ffi.ffi_call(_target('backward', q), tuple(jax.ShapeDtypeStruct(x.shape, x.dtype)
-                                                        for x in (q, k, v)))(q, k, v, o, lse, do)
+  return jax.ffi.ffi_call('minillm_attention_backward', tuple(jax.ShapeDtypeStruct(x.shape, x.dtype)
+                                                             for x in (q, k, v)))(q, k, v, o, lse, do)
 
 
 def _batch_sharded(fn, rule: str):
@@ -92,9 +73,8 @@ _backward = _batch_sharded(_backward_call, 'b t n h, b t k h, b t k h, b t n h, 
 
 
 def _fwd(q, k, v):
-  if not available() or (q.dtype == jnp.bfloat16 and not amx()):
-    raise RuntimeError('the fused CPU attention is not available here for this dtype; check cpu_attention.available() '
-                       '(float32) or amx() (bfloat16) first')
+  if not available() or q.dtype != jnp.float32:
+    raise RuntimeError('the fused CPU attention runs float32 and is not available here; check available() first')
   o, lse_BxNxT = _forward(q, k, v)
   return o, (q, k, v, o, lse_BxNxT)
 

@@ -1,8 +1,8 @@
 // Causal self-attention for XLA:CPU, forward and backward, as XLA FFI custom calls (see cpu_attention.py).
 //
 // Why it exists: XLA:CPU has no fused attention. Its blockwise attention writes every [rows, keys] score block
-// to memory between two batched dots and the softmax, and copies query blocks and key prefixes around them;
-// on `tiny` (T=1024) that is 5-6 s of a 15 s train step, against about 2 s for torch's fused CPU kernel.
+// to memory between two batched dots and the softmax, and copies query blocks and key prefixes around them
+// (BENCHMARKS.md, "Fused CPU attention").
 // Here each (batch, head) is one work item: its Q, K, V are packed into contiguous per-thread buffers once,
 // and each 64-row query block computes its scores against the keys it can see into a buffer that stays in
 // the L2 cache, then the softmax and the product with V. The backward recomputes the probabilities from the

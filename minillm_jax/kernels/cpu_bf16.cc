@@ -111,7 +111,7 @@ ffi::Error GemvBf16(ffi::ThreadPool pool, Matrix x, MatrixBf16 w, ffi::Result<Ma
 }
 
 // 8 x 8 block of 16-bit values: x rows at xs (row stride sx) to y rows at ys (stride sy), in SSE2 registers
-// (three rounds of interleaves; about 5x the scalar loop), scalar where SSE2 is missing.
+// (three rounds of interleaves instead of 64 scalar moves), scalar where SSE2 is missing.
 inline void Transpose8x8(const uint16_t* xs, int64_t sx, uint16_t* ys, int64_t sy) {
 #ifdef __SSE2__
   __m128i r[8], t[8], u[8];

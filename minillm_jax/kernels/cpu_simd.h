@@ -1,4 +1,4 @@
-// Vector helpers of the C++ kernels (cpu_attention.cc, cpu_attention_amx.cc, cpu_matmul.cc): GCC vector
+// Vector helpers of the C++ kernels (cpu_attention.cc, cpu_bf16.cc): GCC vector
 // extensions sized for AVX-512, a vector exp, the softmax row pieces, and bfloat16 -> float32.
 #pragma once
 

@@ -34,7 +34,7 @@ SRC = pathlib.Path(__file__).with_name('cpu_matmul.cc')
 SRC_BF16 = pathlib.Path(__file__).with_name('cpu_bf16.cc')
 # CPU classes where the kernels made a whole step at least 15% faster than XLA alone (BENCHMARKS.md, "CPU kernels")
 MATMUL_ON = ('x86-avx512',)
-BF16_ON = ('x86-avx512',)
+BF16_ON = ('x86-avx512', 'x86-avx2')
 
 
 def _min_macs(default: int = 2 ** 28) -> int:
@@ -145,19 +145,19 @@ GEMV_MAX_ROWS = 16  # more rows (a prefill chunk) read each weight often enough 
 GEMV_MIN_WEIGHTS = 2 ** 18
 
 
-def gemv_supported(x_MxD: jax.Array, w: jax.Array) -> bool:
-  return (x_MxD.dtype == jnp.float32 and w.dtype == jnp.bfloat16 and x_MxD.ndim == 2
-          and x_MxD.shape[0] <= GEMV_MAX_ROWS and w.size >= GEMV_MIN_WEIGHTS and jax.default_backend() == 'cpu'
+def gemv_supported(x_RxD: jax.Array, w: jax.Array) -> bool:
+  return (x_RxD.dtype == jnp.float32 and w.dtype == jnp.bfloat16 and x_RxD.ndim == 2
+          and x_RxD.shape[0] <= GEMV_MAX_ROWS and w.size >= GEMV_MIN_WEIGHTS and jax.default_backend() == 'cpu'
           and bf16_available())
 
 
-def gemv_bf16(x_MxD: jax.Array, w: jax.Array, tb: bool = False) -> jax.Array:
-  """x @ w (tb: x @ w.T) in float32 for float32 x [M, K] and bfloat16 w [K, N] (tb: [N, K]), on XLA's
+def gemv_bf16(x_RxD: jax.Array, w: jax.Array, tb: bool = False) -> jax.Array:
+  """x @ w (tb: x @ w.T) in float32 for float32 x [R, D] and bfloat16 w [D, F] (tb: [F, D]), on XLA's
   intra-op thread pool."""
   _require(bf16_available())
   N = w.shape[0 if tb else 1]
-  return jax.ffi.ffi_call('minillm_gemv_bf16', jax.ShapeDtypeStruct((x_MxD.shape[0], N), jnp.float32))(
-      x_MxD, w, tb=tb)
+  return jax.ffi.ffi_call('minillm_gemv_bf16', jax.ShapeDtypeStruct((x_RxD.shape[0], N), jnp.float32))(
+      x_RxD, w, tb=tb)
 
 
 def transpose_supported(x: jax.Array) -> bool:

@@ -1,5 +1,5 @@
 """Causal self-attention kernels of the model: the dispatch per backend (accelerators: jax.nn's fused attention;
-CPU: the C++ kernels of cpu_attention, float32 or bfloat16 on AMX), the pure-JAX blockwise CPU attention with a recomputing backward
+CPU: the C++ kernel of kernels/attention.py), the pure-JAX blockwise CPU attention with a recomputing backward
 (no C++ compiler), and the attention over a KV cache for decoding. Shape letters are the legend of
 minillm_jax.model.gpt."""
 from __future__ import annotations
@@ -17,14 +17,11 @@ def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH):
   (GQA-aware; implementation='cudnn' can be plugged in there for flash attention). On CPU, float32 takes the
   fused C++ kernel of cpu_attention: XLA:CPU has no fused attention, and the pure-JAX path below writes every
   score block to memory between its dots and the softmax, where the kernel keeps it in cache (BENCHMARKS.md,
-  "Fused CPU attention"). Bfloat16 compute on a CPU with AMX takes the bfloat16 kernel on AMX tiles
-  (BENCHMARKS.md, "bfloat16 attention on AMX and the q/k/v split"); elsewhere the float32 kernel on float32
-  copies of q, k, v: XLA:CPU's bfloat16 attention (the pure-JAX path) was the slower one even on AMX hosts
-  (BENCHMARKS.md, "bfloat16 compute on CPU")."""
+  "Fused CPU attention"). Bfloat16 compute runs the same kernel on float32 copies of q, k, v: XLA:CPU's
+  bfloat16 attention (the pure-JAX path) was the slower one even on AMX hosts (BENCHMARKS.md, "bfloat16
+  compute on CPU"; "CPU kernels" for why no bfloat16 kernel remains)."""
   if jax.default_backend() != 'cpu':
     return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, is_causal=True)
-  if q_BxTxNxH.dtype == jnp.bfloat16 and cpu_attention.amx():
-    return cpu_attention.causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
   if cpu_attention.available():
     f32 = lambda x: x.astype(jnp.float32)
     o = cpu_attention.causal_attention(f32(q_BxTxNxH), f32(k_BxTxKxH), f32(v_BxTxKxH))

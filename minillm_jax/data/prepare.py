@@ -15,7 +15,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import sys
 import time
 import uuid
@@ -36,6 +38,9 @@ DEFAULT_CACHE = corpora.DATA_DIR / 'cache'
 _PIECE = 1 << 16       # characters per encode piece (long documents are cut so the Rust threads share them)
 _BATCH = 1 << 23       # characters per encode_batch call (bounds memory and paces the progress bar)
 _STALE_TMP_S = 6 * 3600
+_MARKER = '.minillm-prepare'  # written first into prepare's own temp dirs: {"pid", "host"}
+_TMP_NAME = re.compile(r'\.tmp-.+-(\d+)-[0-9a-f]{8}')
+_HASH_CHUNK = 1 << 24
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,8 +177,21 @@ def encode_docs(tok: toklib.Tok, docs: list[str], path: Path, dtype: np.dtype, d
   return n
 
 
+def file_digest(path: Path, dtype: np.dtype) -> tuple[str, int]:
+  """(blake2b-128 of the file, its largest id): one pass in 16 MB chunks (about 0.2 s for 100 MB)."""
+  h, top = hashlib.blake2b(digest_size=16), -1
+  with open(path, 'rb') as f:
+    while chunk := f.read(_HASH_CHUNK):
+      h.update(chunk)
+      ids = np.frombuffer(chunk, dtype=dtype, count=len(chunk) // dtype.itemsize)
+      if ids.size:
+        top = max(top, int(ids.max()))
+  return h.hexdigest(), top
+
+
 def _open(out: Path) -> Prepared | None:
-  """A finished cache directory, or None when it is missing or damaged."""
+  """A finished cache directory, or None when it is missing or damaged (sizes, content hash, ids beyond the
+  vocabulary: the cache is derived data, so a damaged one is said in one line and prepared again)."""
   try:
     m = json.loads((out / 'manifest.json').read_text())
     dtype = np.dtype(m['dtype'])
@@ -182,23 +200,52 @@ def _open(out: Path) -> Prepared | None:
         raise ValueError(f'{split}.bin size does not match the manifest')
     if not (out / 'tokenizer.json').is_file():
       raise ValueError('tokenizer.json missing')
+    for split in ('train', 'val'):
+      digest, top = file_digest(out / f'{split}.bin', dtype)
+      if m.get(f'{split}_blake2b') not in (None, digest):  # caches made before the hash was recorded: sizes only
+        raise ValueError(f'{split}.bin content does not match the hash in manifest.json')
+      if top >= m['vocab_size']:
+        raise ValueError(f'{split}.bin holds token id {top}, beyond the vocabulary of {m["vocab_size"]}')
   except (FileNotFoundError, NotADirectoryError):  # not prepared yet (or cache_dir unusable: makedirs says so)
     return None
   except (OSError, ValueError, KeyError, TypeError) as e:
-    log.warning('cache %s is damaged (%s); preparing it again', out, e)
+    log.warning('token cache %s is damaged (%s); rebuilding it', out, e)
     return None
   return Prepared(dir=out, train_path=out / 'train.bin', val_path=out / 'val.bin',
                   tokenizer_path=out / 'tokenizer.json', dtype=dtype, vocab_size=m['vocab_size'],
                   n_train=m['n_train'], n_val=m['n_val'], eot_id=m['eot_id'], manifest=m)
 
 
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except (PermissionError, OverflowError):
+    return True
+  return True
+
+
 def _clean_stale(root: Path):
+  """Removes temp dirs a killed prepare left: only prepare's own (its name pattern and the marker it writes
+  first), and only when the process that made it is gone (same host) or, from another host, older than 6 h.
+  Anything else named .tmp-* under the cache root is the user's and stays."""
   now = time.time()
   for p in root.glob('.tmp-*'):
     try:
-      if now - p.stat().st_mtime > _STALE_TMP_S:
-        shutil.rmtree(p, ignore_errors=True)
-    except OSError:
+      match = _TMP_NAME.fullmatch(p.name)
+      if not match or p.is_symlink() or not p.is_dir():
+        continue
+      mark = json.loads((p / _MARKER).read_text())
+      if not isinstance(mark, dict) or mark.get('pid') != int(match.group(1)):
+        continue
+      if mark.get('host') == socket.gethostname():
+        if _pid_alive(mark['pid']):
+          continue
+      elif now - p.stat().st_mtime <= _STALE_TMP_S:
+        continue
+      shutil.rmtree(p, ignore_errors=True)
+    except (OSError, ValueError):
       pass
 
 
@@ -214,17 +261,20 @@ def _build(cfg: ConfigDict, root: Path, name: str, parts: dict) -> None:
   tmp = root / f'.tmp-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}'
   tmp.mkdir()
   try:
+    (tmp / _MARKER).write_text(json.dumps({'pid': os.getpid(), 'host': socket.gethostname()}))
     n_train = encode_docs(tok, train, tmp / 'train.bin', dtype, 'tokenize train')
     n_val = encode_docs(tok, val, tmp / 'val.bin', dtype, 'tokenize val')
     tok.save(str(tmp / 'tokenizer.json'))
+    digests = {f'{split}_blake2b': file_digest(tmp / f'{split}.bin', dtype)[0] for split in ('train', 'val')}
     source = {k: d[k] for k in ('path', 'hub_name', 'hub_split', 'text_field', 'code_weight')}  # as first seen
     m = {'name': name, 'key': parts, 'corpus': corpus.name, 'corpus_info': corpus.info, 'source': source,
          'tokenizer': {'spec': d.tokenizer, 'kind': tok.kind, 'hash': tok.hash}, 'vocab_size': tok.vocab_size,
          'eot_id': tok.eot_id, 'pad_id': tok.pad_id, 'dtype': dtype.name, 'n_train': n_train, 'n_val': n_val,
          'n_train_docs': len(train), 'n_val_docs': len(val), 'train_chars': sum(map(len, train)),
-         'val_chars': sum(map(len, val)), 'split': mode, 'replaced_bytes': corpus.n_replaced,
+         'val_chars': sum(map(len, val)), **digests, 'split': mode, 'replaced_bytes': corpus.n_replaced,
          'seconds': round(time.time() - t0, 2), 'created': time.strftime('%Y-%m-%dT%H:%M:%S')}
     # The manifest goes last and the rename publishes the directory: both are what "complete" means.
+    (tmp / _MARKER).unlink()
     (tmp / 'manifest.json').write_text(json.dumps(m, indent=2, default=str))
     out = root / name
     try:

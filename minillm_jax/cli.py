@@ -1,6 +1,7 @@
 """Shared entry-point plumbing: --config/--workdir flags, one-line errors with exit code 2 instead of tracebacks."""
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -13,6 +14,20 @@ from minillm_jax import config as config_lib
 FLAGS = flags.FLAGS
 flags.disclaim_key_flags()  # --config/--workdir defined here belong to the entry point (shown in its --help)
 EXIT_USER_ERROR = 2
+
+
+# errors of the disk rather than of a path the user gave: one line and exit 2 (cli.run), never a traceback
+DISK_ERRNOS = {errno.ENOSPC: 'disk full', errno.EDQUOT: 'disk quota exceeded', errno.EROFS: 'read-only filesystem'}
+
+
+def disk_error(e: BaseException) -> OSError | None:
+  """The OSError for a full disk, exhausted quota or read-only filesystem in e or its causes, else None."""
+  seen = 0
+  while e is not None and seen < 10:
+    if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+      return e
+    e, seen = e.__cause__ or e.__context__, seen + 1
+  return None
 
 
 def die(msg: str, code: int = EXIT_USER_ERROR):
@@ -155,8 +170,8 @@ def run(main):
     except config_lib.UserError as e:
       die(str(e))
     except (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
-      # a path the user gave that cannot be created, read or written (other OSErrors, e.g. a full disk, keep
-      # their traceback: they are not bad input)
+      # a path the user gave that cannot be created, read or written (a full disk or read-only filesystem: below;
+      # other OSErrors keep their traceback: they are not bad input)
       paths = ' -> '.join(repr(p) for p in (e.filename, e.filename2) if p is not None)
       die(f'{e.strerror or type(e).__name__}: {paths}' if paths else f'{type(e).__name__}: {e}')
     except KeyboardInterrupt:
@@ -164,5 +179,14 @@ def run(main):
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
       os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
       sys.exit(141)
+    except Exception as e:
+      # a full disk, an exhausted quota or a read-only filesystem: the user's to fix, not a bug (the training loop
+      # closes the run first and says so itself)
+      err = disk_error(e)
+      if err is None:
+        raise
+      fix = ('free space and run the same command again' if err.errno != errno.EROFS else
+             'make it writable or write somewhere else (--workdir, --out)')
+      die(f'{DISK_ERRNOS[err.errno]} while writing {err.filename or "a file"}; {fix}')
 
   app.run(wrapped, flags_parser=_parse)

@@ -10,6 +10,7 @@ WORKSPACE.md describes every file.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -35,12 +36,34 @@ def get_config(variant: str = ''):
 '''
 
 
+def fault(site: str, path: str = '') -> None:
+  """Test hook, off unless MINILLM_FAULT is set: MINILLM_FAULT=SITE:ERRNO[,SITE:ERRNO] raises OSError(ERRNO) at
+  SITE (metrics, run_json, checkpoint, figure), so tests see a full or read-only disk without making one.
+  E.g. MINILLM_FAULT=metrics:ENOSPC. Only tests set it."""
+  spec = os.environ.get('MINILLM_FAULT')
+  if not spec:
+    return
+  for item in spec.split(','):
+    where, _, code = item.partition(':')
+    if where == site:
+      n = getattr(errno, code, errno.EIO)
+      raise OSError(n, os.strerror(n), path or site)
+
+
 def write_atomic(path: str, text: str) -> None:
   """Written beside `path`, then renamed over it: an interrupted write leaves the old file whole."""
+  fault('run_json' if os.path.basename(path) == 'run.json' else 'write', path)
   tmp = os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}.tmp{os.getpid()}')
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.write(text)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, 'w', encoding='utf-8') as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:  # a full disk: no half-written temp file is left beside the old one
+    try:
+      os.unlink(tmp)
+    except OSError:
+      pass
+    raise
 
 
 def write_json(path: str, obj: dict) -> None:
@@ -170,6 +193,7 @@ def truncate_metrics(workdir: str, step: int) -> None:
 
 
 def append_metrics(workdir: str, row: dict) -> None:
+  fault('metrics', metrics_path(workdir))
   with open(metrics_path(workdir), 'a') as f:
     f.write(json.dumps(row) + '\n')
 

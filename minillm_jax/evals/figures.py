@@ -55,6 +55,7 @@ def save_figure(fig, out: str, flag: str = 'out') -> str:
   """Saves to figure_path(out); returns the path actually written."""
   import matplotlib.pyplot as plt
   out = figure_path(out, flag)
+  wd.fault('figure', out)  # test hook (workdir.fault), off by default
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   fig.savefig(out, dpi=110)
   plt.close(fig)

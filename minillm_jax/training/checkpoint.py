@@ -86,6 +86,7 @@ class Checkpointer:
     if data_iter is not None:
       args['data'] = grain.checkpoint.CheckpointSave(data_iter)
     metrics = {'val_loss': float(val_loss)} if val_loss is not None and np.isfinite(val_loss) else None
+    wd.fault('checkpoint', os.path.join(self.dir, str(step)))  # test hook (workdir.fault), off by default
     if step in self.mngr.all_steps():  # re-saving the same step (e.g. SIGTERM right after a periodic save)
       return False
     return self.mngr.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=force)

@@ -6,7 +6,9 @@ the same device count).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import functools
 import os
 import signal
@@ -20,8 +22,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from minillm_jax import cli, parallel
 from minillm_jax import config as config_lib
-from minillm_jax import parallel
 from minillm_jax import workdir as wd
 from minillm_jax.config import ModelConfig, UserError
 from minillm_jax.data import pipeline, prepare
@@ -115,6 +117,7 @@ class Run:
   start: int
   meta0: dict              # the restored checkpoint's meta ({} for a fresh run)
   t_start: float
+  mon_close: Any = None    # closes the monitor's bar and TensorBoard writer after a disk error
 
 
 def open_run(cfg, workdir: str) -> Run:
@@ -196,6 +199,39 @@ def open_run(cfg, workdir: str) -> Run:
 def loop(r: Run) -> dict:
   """Trains an opened run; returns a summary with `status`: finished | interrupted | early_stopped |
   stopped_nonfinite (raised as a UserError after the run is closed)."""
+  try:
+    return _loop(r)
+  except Exception as e:
+    err = cli.disk_error(e)
+    if err is None:
+      raise
+    _fail_on_disk(r, err)
+
+
+def _fail_on_disk(r: Run, err: OSError):
+  """A full disk (or quota, or a read-only remount) while writing metrics, run.json or a checkpoint: end the run
+  as cleanly as the disk allows (run.json says 'failed' and why, where it can still be written; the checkpoints
+  already finished stay), then one line."""
+  what = cli.DISK_ERRNOS[err.errno]
+  where = err.filename or 'the run directory'
+  for close in (r.ck.close, r.mon_close):
+    # the same full disk again (an async save that failed) is already reported
+    with contextlib.suppress(Exception):
+      if close is not None:
+        close()
+  try:
+    wd.update_run(r.workdir, status='failed', reason=f'{what} while writing {where}', ended=time.time())
+  except OSError:
+    pass
+  wd.release(r.workdir)
+  kept = r.ck.latest_step()
+  fix = ('free space and resume with the same command' if err.errno != errno.EROFS else
+         'make it writable (or use another --workdir) and resume with the same command')
+  raise UserError(f'{what} while writing {where}; {fix}'
+                  + (f' (the last good checkpoint, step {kept}, is kept)' if kept is not None else '')) from None
+
+
+def _loop(r: Run) -> dict:
   cfg, workdir, mc, t, accum = r.cfg, r.workdir, r.mc, r.cfg.train, r.cfg.optim.accum_steps
   wd.claim(workdir, cfg)
   n_dev = r.mesh.shape[parallel.AXIS]
@@ -207,6 +243,7 @@ def loop(r: Run) -> dict:
   per_call = steps_per_call(t, tokens_per_step * fpt)
   mon = monitor.Monitor(workdir, cfg, mc, r.start, t.steps, tokens_per_step=tokens_per_step, flops_per_token=fpt,
                         meta=r.meta0)
+  r.mon_close = lambda: (mon.bar.close(), mon.tb.close())
   stop, status, bad = Stop(), 'running', None
   state = r.state
 

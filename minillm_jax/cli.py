@@ -81,7 +81,15 @@ def _parse(argv):
   except flags.Error as e:
     if 'Error whilst parsing config file' in str(e):  # config_flags wraps the file's own exception and traceback
       last = [ln for ln in str(e).splitlines() if ln.strip()][-1]
-      die(f'cannot load config {_config_path(argv)}: ' + re.sub(r'^[\w.]+\.(\w+):', r'\1:', last.strip()))
+      path = _config_path(argv)
+      lines = re.findall(r'File "([^"]+)", line (\d+)', str(e))
+      at = [n for f, n in lines if path and os.path.abspath(f) == os.path.abspath(path)]
+      where = f'{path}:{at[-1]}' if at else path
+      m = re.search(r"Could not override field '(\w+)' \(reference\)\. (.*) is of original type <class '(\w+)'> "
+                    r"and cannot be casted to type <class '(\w+)'>", last)
+      if m:  # ml_collections' own words for a value of the wrong type: name the field, both types and the line
+        die(f'cannot load config {where}: field {m[1]!r} must be {m[4]}, not {m[3]} ({m[2]!r}); fix that line')
+      die(f'cannot load config {where}: ' + re.sub(r'^[\w.]+\.(\w+):', r'\1:', last.strip()))
     hint = ''
     if "flag 'config." in str(e):
       hint = ' (config overrides need --config=FILE; a run\'s own config is <workdir>/config.py)'

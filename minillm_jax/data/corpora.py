@@ -61,6 +61,17 @@ def decode(raw: bytes) -> tuple[str, int]:
     return text, text.count('\ufffd') - raw.count('\ufffd'.encode())
 
 
+def is_binary(raw: bytes) -> bool:
+  """NUL bytes, or more than 30% undecodable sequences in the first 64 kB: not text (an image, an archive; random
+  bytes decode to about half replacement characters, Latin-1 text to a few per cent)."""
+  head = raw[:1 << 16]
+  if b'\0' in head:
+    return True
+  text = head.decode('utf-8', errors='replace')
+  bad = text.count('\ufffd') - head.count('\ufffd'.encode())
+  return bad > 0.3 * max(1, len(text))
+
+
 def _sha(*parts) -> str:
   h = hashlib.sha256()
   for p in parts:
@@ -220,18 +231,34 @@ def local(spec: str, field: str) -> Corpus:
   datasets into a throw-away cache (the HF cache is not filled with copies of the user's files)."""
   files = local_files(spec)
   datasets = hub.datasets_module(offline=False)  # local builders need no network
-  docs, n_bad = [], 0
+  docs, n_bad, skipped, empty = [], 0, [], []
   with tempfile.TemporaryDirectory(prefix='minillm-hf-') as cache:
     for i, f in enumerate(files):
       if LOCAL_EXTS[Path(f).suffix] == 'parquet':
         continue  # parquet strings are UTF-8 checked by arrow
       # Count bad bytes here (datasets would replace them silently, or pyarrow's JSON reader would fail on them
       # later) and hand datasets a repaired copy.
-      text, bad = decode(_read(f))
+      raw = _read(f)
+      if is_binary(raw):  # an image or archive named .txt: its bytes would become thousands of "characters"
+        skipped.append(f)
+        continue
+      if not raw.strip():  # datasets' json builder raises StopIteration on an empty file
+        empty.append(f)
+        continue
+      text, bad = decode(raw)
       if bad:
         n_bad += bad
         files[i] = os.path.join(cache, f'fixed{i}{Path(f).suffix}')
         Path(files[i]).write_text(text, encoding='utf-8')
+    if skipped:
+      log.warning('data.path: skipped %d binary file(s) (NUL bytes or mostly undecodable), e.g. %s', len(skipped),
+                  skipped[0])
+    files = [f for f in files if f not in skipped and f not in empty]
+    if not files:
+      what = (f'{len(skipped)} binary' if skipped else '') + (' and ' if skipped and empty else '') + \
+          (f'{len(empty)} empty' if empty else '')
+      raise UserError(f'corpus local is empty: data.path {spec!r} has only {what} file(s) (e.g. '
+                      f'{(skipped or empty)[0]}); point data.path at text files')
     for builder in ('text', 'json', 'parquet'):
       group = [f for f in files if LOCAL_EXTS[Path(f).suffix] == builder]
       if not group:
@@ -243,7 +270,13 @@ def local(spec: str, field: str) -> Corpus:
         cause = e.__cause__ or e
         raise UserError(f'cannot load {builder} files {group[0]}{" ..." if len(group) > 1 else ""}: '
                         f'{type(cause).__name__}: {" ".join(str(cause).split())[:300]}') from None
-      docs += hub.column(ds, 'text' if builder == 'text' else field, f'{builder} data {group[0]}')
+      col = 'text' if builder == 'text' else field
+      got = hub.column(ds, col, f'{builder} data {group[0]}')
+      if not got and len(ds) and col in ds.column_names:  # rows, but no strings in the field: name its type
+        kinds = sorted({type(v).__name__ for v in ds[col][:1000] if v is not None}) or ['null']
+        raise UserError(f'field {col!r} of {group[0]} holds {"/".join(kinds)} values, not text; set '
+                        f'data.text_field to a field of strings (fields: {", ".join(ds.column_names)})')
+      docs += got
   return Corpus('local', docs, n_bad, info={'files': len(files)})
 
 

@@ -45,6 +45,7 @@ def _abstract(tree):
 class Checkpointer:
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, read_only: bool = False):
     self.dir = ckpt_dir(workdir)
+    self.last_resolved = None  # the step load_for_inference is reading (to tell retention from damage)
     if read_only and not os.path.isdir(self.dir):
       raise UserError(f'no checkpoints in {workdir!r} (expected {self.dir}); train first or check --workdir')
     policy = ocp.checkpoint_managers.AnyPreservationPolicy([
@@ -183,26 +184,45 @@ def load_for_inference(workdir: str, step: str | int = 'best') -> tuple[ModelCon
   """(model config, model with restored params, tokenizer.json text, meta) of a run's checkpoint."""
   ck = Checkpointer(workdir, read_only=True)
   try:
-    n = ck.resolve_step(step)
-    meta = ck.meta(n)
-    if meta is None or 'model_config' not in meta:
-      raise UserError(f'checkpoint {n} in {workdir!r} has no readable meta item; it is corrupt')
-    mc = ModelConfig.from_dict(meta['model_config'])
-    gdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT(mc, nnx.Rngs(params=0))))
-    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), abstract)
-    err = None
-    try:
-      params = ck.restore(n, target)['params']
-    except Exception as e:  # noqa: BLE001 - tensorstore/orbax raise many kinds for damaged files
-      err = f'{type(e).__name__}: ' + ' '.join(str(e).split()).split('. See full TensorStore details')[0][:160]
-      _quiet_failed_reads()
-    if err is not None:
-      older = [s for s in ck.steps() if s < n]
-      raise UserError(f'cannot restore checkpoint {n} in {workdir!r} (damaged or incomplete: {err})'
-                      + (f'; try --step={older[-1]}' if older else ''))
+    for attempt in range(3):  # a live run's retention may delete the step between listing and reading it
+      try:
+        return _load(ck, workdir, step)
+      except UserError:
+        gone = ck.last_resolved is not None and not os.path.isdir(os.path.join(ck.dir, str(ck.last_resolved)))
+        if not gone:
+          raise
+        if step not in ('latest', 'best') or attempt == 2:
+          raise UserError(f'checkpoint step {ck.last_resolved} in {workdir!r} was removed by retention (train.keep) '
+                          f'while it was read; pass --step=latest or one of {ck.steps() or "none left"}') from None
+        print(f'warning: checkpoint step {ck.last_resolved} was removed by retention while it was read; '
+              f'trying the newest again', file=sys.stderr, flush=True)
+        ck.mngr.reload()
   finally:
     ck.close()
+  raise AssertionError('unreachable')
+
+
+def _load(ck: Checkpointer, workdir: str, step: str | int) -> tuple[ModelConfig, GPT, str, dict]:
+  """load_for_inference's one attempt; ck.last_resolved says which step it read."""
+  ck.last_resolved = None
+  n = ck.last_resolved = ck.resolve_step(step)
+  meta = ck.meta(n)
+  if meta is None or 'model_config' not in meta:
+    raise UserError(f'checkpoint {n} in {workdir!r} has no readable meta item; it is corrupt')
+  mc = ModelConfig.from_dict(meta['model_config'])
+  gdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT(mc, nnx.Rngs(params=0))))
+  dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), abstract)
+  err = None
+  try:
+    params = ck.restore(n, target)['params']
+  except Exception as e:  # noqa: BLE001 - tensorstore/orbax raise many kinds for damaged files
+    err = f'{type(e).__name__}: ' + ' '.join(str(e).split()).split('. See full TensorStore details')[0][:160]
+    _quiet_failed_reads()
+  if err is not None:
+    older = [s for s in ck.steps() if s < n]
+    raise UserError(f'cannot restore checkpoint {n} in {workdir!r} (damaged or incomplete: {err})'
+                    + (f'; try --step={older[-1]}' if older else ''))
   return mc, nnx.merge(gdef, params), meta.get('tokenizer', ''), meta
 
 

@@ -9,6 +9,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import flax
 import jax
 
 from minillm_jax import parallel
@@ -17,8 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 
 def environment() -> dict:
-  import flax
-  import torch
+  import torch  # bench compares against torch and transformers: both are installed where it runs
   import transformers
   txt = Path('/proc/cpuinfo').read_text() if os.path.exists('/proc/cpuinfo') else ''
   cpu = re.search(r'(?:model name|Hardware)\s*:\s*(.*)', txt)

@@ -72,8 +72,7 @@ class TorchBackend(Backend):
 
 
 def torch_process_logits(logits_BxV, seq_BxS, pos: int, sp: dict):
-  """The torch twin of sample.process_logits (same order and tie rules)."""
-  import torch
+  """The torch twin of jax_backend.process_logits (same order and tie rules)."""
   x = logits_BxV.float()
   B, V = x.shape
   if sp['penalty'] != 1.0:
@@ -98,7 +97,6 @@ def torch_process_logits(logits_BxV, seq_BxS, pos: int, sp: dict):
 
 
 def torch_pick(logits_BxV, seq_BxS, pos: int, sp: dict, gen):
-  import torch
   x = torch_process_logits(logits_BxV, seq_BxS, pos, sp)
   if sp['temperature'] <= 0:
     return x.argmax(-1)

@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import math
 import os
+import sys
 
 from ml_collections import ConfigDict, FieldReference
 
@@ -107,7 +108,8 @@ def no_variant(variant: str):
 
 
 def validate(cfg: ConfigDict) -> ConfigDict:
-  """Raises ConfigError with a one-line message; returns cfg unchanged when valid."""
+  """Raises ConfigError with a one-line message; returns cfg when valid, unchanged but for one rule:
+  optim.warmup_steps above train.steps becomes train.steps // 10 (a tenth of the run), with a printed note."""
   schema, flat = _schema(), _flat(cfg)
   for name, value in flat.items():
     if name not in schema:
@@ -163,8 +165,11 @@ def validate(cfg: ConfigDict) -> ConfigDict:
   need(m.init_std > 0, f'model.init_std={m.init_std} must be > 0')
   need(o.lr > 0, f'optim.lr={o.lr} must be > 0; a typical value is 1e-3 for small models')
   need(o.min_lr <= o.lr, f'optim.min_lr={o.min_lr} is above optim.lr={o.lr}; lower min_lr')
-  need(o.warmup_steps <= t.steps, f'optim.warmup_steps={o.warmup_steps} exceeds train.steps={t.steps}; '
-       'lower warmup_steps or raise steps')
+  if o.warmup_steps > t.steps:  # a quick run of a preset (train.steps=20): warm up over the run's first tenth
+    note = (f'note: optim.warmup_steps={o.warmup_steps} exceeds train.steps={t.steps}; warming up over '
+            f'{t.steps // 10} steps (a tenth of the run) instead')
+    print(note, file=sys.stderr, flush=True)
+    o.warmup_steps = t.steps // 10
   need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f'optim.b1={o.b1}, optim.b2={o.b2} must be in [0, 1)')
   need(o.eps > 0, f'optim.eps={o.eps} must be > 0')
   _validate_data(cfg, need)

@@ -18,7 +18,6 @@ def cfg_with(**changes):
     (dict(model__n_layer=0), 'model.n_layer=0 must be a positive integer'),
     (dict(train__batch_size=-2), 'train.batch_size=-2 must be a positive integer'),
     (dict(optim__lr=0.0), 'optim.lr=0.0 must be > 0'),
-    (dict(optim__warmup_steps=500, train__steps=100), 'optim.warmup_steps=500 exceeds train.steps=100'),
     (dict(model__block_size=128, model__max_positions=64), 'model.block_size=128 exceeds model.max_positions=64'),
     (dict(model__pos='alibi'), "model.pos='alibi' is not one of learned, rope"),
     (dict(model__dropout=1.0), 'model.dropout=1.0 must be < 1'),
@@ -28,6 +27,13 @@ def cfg_with(**changes):
 def test_validation_errors(changes, message):
   with pytest.raises(ConfigError, match=message.replace('(', r'\(').replace(')', r'\)').replace('[', r'\[')):
     validate(cfg_with(**changes))
+
+
+def test_warmup_longer_than_the_run_is_clamped_with_a_note(capsys):
+  c = validate(cfg_with(optim__warmup_steps=500, train__steps=100))
+  assert c.optim.warmup_steps == 10  # a tenth of the run
+  assert 'note: optim.warmup_steps=500 exceeds train.steps=100; warming up over 10 steps' in capsys.readouterr().err
+  assert validate(cfg_with(optim__warmup_steps=50, train__steps=100)).optim.warmup_steps == 50  # fits: kept
 
 
 def test_unknown_key_and_wrong_type():

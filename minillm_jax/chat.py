@@ -7,7 +7,8 @@
 Instruction-tuned checkpoints (meta `instruction_tuned: true` and a tokenizer with the chat tokens) get the chat
 template and stop at <|end|> or <|endoftext|>. Any other model gets plain continuation of a transcript
 ("User: ...\\nAssistant:") and stops at the next "\\nUser:". When the conversation outgrows the context, the
-oldest exchanges are dropped first (with a notice); the system message is kept.
+oldest exchanges are dropped first (with a notice); the system message is kept. A reply is at most
+MAX_REPLY_TOKENS (16,384) tokens (/len, --max_new_tokens); /save never replaces a file, /save! does.
 """
 from __future__ import annotations
 
@@ -28,9 +29,12 @@ from minillm_jax.data.template import END, render_plain, render_template
 from minillm_jax.inference import frontend as fe
 from minillm_jax.inference import load
 from minillm_jax.inference.backend import Backend, SampleParams
-from minillm_jax.inference.text import encode_prompt, stream
+from minillm_jax.inference.text import encode_prompt, printable, stream, warn_unknown_chars
 
 PLAIN_STOPS = ('\nUser:', '\nAssistant:')
+# The longest reply /len and --max_new_tokens allow: beyond the context the decoder slides (a new prefill every
+# context/2 tokens), so a reply this long already takes minutes on a CPU; Ctrl-C stops any reply early.
+MAX_REPLY_TOKENS = 16384
 HELP = """commands:
   /help             this list
   /clear            forget the conversation
@@ -39,9 +43,10 @@ HELP = """commands:
   /topk [N]         top-k (0 = off)
   /topp [X]         top-p (1 = off)
   /penalty [X]      repetition penalty (1 = off)
-  /len [N]          max tokens per reply
+  /len [N]          max tokens per reply (at most {max_reply})
   /ckpt best|latest|N   load another checkpoint of the run
-  /save [PATH]      write the conversation (.json for JSON, else text)"""
+  /save [PATH]      write the conversation (.json for JSON, else text); never replaces a file
+  /save! PATH       the same, replacing PATH if it exists""".format(max_reply=f'{MAX_REPLY_TOKENS:,}')
 
 
 @dataclasses.dataclass
@@ -84,17 +89,18 @@ class Chat:
     self.out, self.err = out or sys.stdout, err or sys.stderr  # errors apart: piped replies stay clean
     self.style, self.err_style, self.turn = fe.Style(self.out), fe.Style(self.err), 0
 
-  def say(self, text: str, *styles: str):
-    print(self.style(text, *styles), file=self.out, flush=True)
+  def say(self, text: str, *styles: str):  # control characters (a pasted ESC ...) are shown escaped
+    print(self.style(printable(text), *styles), file=self.out, flush=True)
 
   def error(self, text: str):
-    print(self.err_style(text, 'red'), file=self.err, flush=True)
+    print(self.err_style(printable(text), 'red'), file=self.err, flush=True)
 
   def banner(self):
     mode = 'chat template' if self.conv.templated else 'plain continuation (not instruction-tuned)'
     self.say(f'{self.be.describe()}; {mode}. /help for commands, Ctrl-D to quit.', 'dim')
 
   def reply(self, user: str, prefix: str = '') -> str:
+    warn_unknown_chars(self.be, user, self.err)
     ids, dropped = self.conv.prompt_ids(self.be, user, self.max_new)
     if dropped:
       self.say(f'(dropped the {dropped} oldest exchange{"s" if dropped > 1 else ""} to fit the context of '
@@ -141,6 +147,8 @@ class Chat:
           n = int(arg)
           if n < 1:
             raise ValueError('must be >= 1')
+          if n > MAX_REPLY_TOKENS:
+            raise ValueError(f'at most {MAX_REPLY_TOKENS} tokens per reply; pick a smaller N')
           self.max_new = n
         except ValueError as e:
           self.error(f'error: /len {arg}: {e}')
@@ -148,8 +156,8 @@ class Chat:
       self.say(f'max_new_tokens = {self.max_new}', 'dim')
     elif name == '/ckpt':
       self._ckpt(arg)
-    elif name == '/save':
-      self._save(arg)
+    elif name in ('/save', '/save!'):
+      self._save(arg, overwrite=name == '/save!')
     else:
       self.error(f'unknown command {name}; /help lists them')
     return True
@@ -173,17 +181,23 @@ class Chat:
     self.be, self.conv.templated = be, be.instruction_tuned
     self.say(f'loaded {be.describe()}', 'dim')
 
-  def _save(self, arg: str):
+  def _save(self, arg: str, overwrite: bool = False):
+    if overwrite and not arg:
+      self.error('error: /save! needs the PATH to replace')
+      return
     path = os.path.expanduser(arg or f'chat-{time.strftime("%Y%m%d-%H%M%S")}.txt')
     msgs = self.conv.messages(self.conv.exchanges, '')[:-1]
     try:
-      with open(path, 'w', encoding='utf-8') as f:
+      with open(path, 'w' if overwrite else 'x', encoding='utf-8') as f:  # 'x': an existing file is kept
         if path.endswith('.json'):
           json.dump({'source': self.be.source, 'step': self.be.step, 'backend': self.be.name,
                      'sampling': dataclasses.asdict(self.sp), 'max_new_tokens': self.max_new, 'messages': msgs},
                     f, indent=1, ensure_ascii=False)
         else:
           f.write(''.join(f'{m["role"]}: {m["content"]}\n\n' for m in msgs))
+    except FileExistsError:
+      self.error(f'error: {path} exists and was kept; /save another name, or /save! {path} to replace it')
+      return
     except OSError as e:
       self.error(f'error: cannot write {path}: {e.strerror}')
       return
@@ -254,6 +268,11 @@ def main(argv):
     if interactive:  # compile now, while the threads XLA starts for it inherit the blocked SIGINT
       be.complete_ids([[be.tok.eot_id]], 1, SampleParams(temperature=0.0))
   sp, max_new, seed = fe.sampling_from_flags(be)
+  if max_new > MAX_REPLY_TOKENS:
+    if f.max_new_tokens is not None:
+      raise UserError(f'--max_new_tokens={max_new}: chat replies are at most {MAX_REPLY_TOKENS} tokens; pick a '
+                      'smaller value')
+    max_new = MAX_REPLY_TOKENS  # a run config's sample.max_new_tokens beyond the limit
   loader = {'workdir': f.workdir or (f.ckpt if f.ckpt and wd.is_run_dir(f.ckpt) else None),
             'backend': f.backend, 'device': f.device, 'weights': f.weights}
   chat = Chat(be, sp, max_new, seed, f.system, loader, stop=fe.stop_strings())

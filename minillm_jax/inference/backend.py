@@ -101,39 +101,43 @@ class Backend(abc.ABC):
   # -- shared --
   def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sp: SampleParams, seed: int = 0,
                    stop_ids: Sequence[int] = (), chunk: int | None = None) -> Iterator[list[list[int]]]:
-    """Yields every row's new tokens after each decode call: `chunk=1` streams token by token, None decodes
-    to the end in one call. The last yield holds everything (a stop token ends its row and is included).
-    Prompts must fit (len < context); see crop()."""
+    """Yields, after each decode call, every row's tokens generated since the previous yield (so a step costs
+    what it adds, however long the generation): `chunk=1` streams token by token, None decodes to the end in
+    one call. Concatenated, a row's yields are its whole continuation (a stop token ends its row and is
+    included); complete_ids collects them. Prompts must fit (len < context); see crop()."""
     S = self.context
     rows = [list(p) for p in prompts]
     if any(not 0 < len(p) < S for p in rows):
       raise ValueError(f'prompts need 1..{S - 1} tokens; crop them first')
-    got: list[list[int]] = [[] for _ in rows]
+    counts = [0] * len(rows)  # tokens generated (and yielded) per row so far
     done = [max_new_tokens <= 0] * len(rows)
     restarts = 0
     while not all(done):
-      budgets = [0 if d else max_new_tokens - len(g) for d, g in zip(done, got)]
+      budgets = [0 if d else max_new_tokens - n for d, n in zip(done, counts)]
       state = self.prefill(rows, budgets, sp, seed + restarts, stop_ids)
-      base = [len(g) for g in got]
+      since = [[] for _ in rows]  # per row: generated since this prefill (at most the context)
       while True:
         state = self.decode(state, chunk or S)
         new, row_done, full = self.poll(state)
-        for g, b, n in zip(got, base, new):
-          del g[b:]
-          g.extend(n)
+        delta = []
+        for i, n in enumerate(new):
+          delta.append(list(n[len(since[i]):]))
+          since[i] = n
+          counts[i] += len(delta[i])
         done = [d or rd for d, rd in zip(done, row_done)]
-        yield [list(g) for g in got]
+        yield delta
         if all(done) or full:
           break
       # cache full: keep the newest half of each row (prompt tail + generated) and prefill again
-      rows = [(p + g)[-(S // 2):] for p, g in zip(prompts, got)]
+      rows = [(r + list(g))[-(S // 2):] for r, g in zip(rows, since)]
       restarts += 1
 
   def complete_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sp: SampleParams, seed: int = 0,
                    stop_ids: Sequence[int] = ()) -> list[list[int]]:
-    out = [[] for _ in prompts]
-    for out in self.generate_ids(prompts, max_new_tokens, sp, seed, stop_ids):
-      pass
+    out: list[list[int]] = [[] for _ in prompts]
+    for delta in self.generate_ids(prompts, max_new_tokens, sp, seed, stop_ids):
+      for o, d in zip(out, delta):
+        o.extend(d)
     return out
 
   def crop(self, ids: Sequence[int], reserve: int = 1) -> tuple[list[int], int]:

@@ -2,10 +2,12 @@
 strings and stop tokens and never shows half a character, and batched completions."""
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterator, Sequence
 
 from minillm_jax.config import UserError
+from minillm_jax.data.tokenizer import SPECIALS, UNK
 from minillm_jax.inference.backend import Backend, SampleParams
 
 DEFAULT_MAX_NEW = 256
@@ -19,11 +21,45 @@ def encode_prompt(be: Backend, text: str, reserve: int = 1, warn: bool = True) -
   ids = be.tok.encode(text)
   if not ids:
     raise UserError(f'prompt {text!r} encodes to no tokens')
+  if warn:
+    warn_unknown_chars(be, text)
   kept, dropped = be.crop(ids, reserve)
   if dropped and warn:
-    print(f'warning: the prompt is {len(ids)} tokens, longer than the context ({be.context}); kept the last '
-          f'{len(kept)}', file=sys.stderr, flush=True)
+    room = be.context - len(kept)
+    print(f'warning: the prompt is {len(ids)} tokens, longer than the context ({be.context}) minus the {room} '
+          f'kept for new tokens; kept its last {len(kept)}', file=sys.stderr, flush=True)
   return kept
+
+
+def unknown_chars(be: Backend, text: str) -> list[str]:
+  """Characters of `text` the (character-level) tokenizer lacks: they would encode to <|unk|>."""
+  tok = be.tok
+  if tok is None or getattr(tok, 'kind', '') != 'char' or tok.token_to_id(UNK) is None:
+    return []
+  for special in (*SPECIALS, UNK):  # whole tokens of their own, not characters
+    text = text.replace(special, '')
+  return sorted({c for c in text if tok.token_to_id(c) is None})
+
+
+def warn_unknown_chars(be: Backend, text: str, file=None) -> None:
+  """One warning per new unknown character (per backend), naming them: the model sees <|unk|> instead."""
+  seen = be.__dict__.setdefault('_warned_unknown', set())
+  new = [c for c in unknown_chars(be, text) if c not in seen]
+  if new:
+    seen.update(new)
+    shown = ' '.join(repr(c) for c in new[:12]) + (' ...' if len(new) > 12 else '')
+    print(f'warning: {len(new)} character{"s" if len(new) > 1 else ""} not in the tokenizer\'s vocabulary '
+          f'became {UNK}: {shown}', file=file or sys.stderr, flush=True)
+
+
+# C0 and C1 control characters (ESC, BEL, CR, backspace, ...) other than newline and tab: a prompt or a model's
+# output holding them could move the cursor, rewrite the screen or retitle the terminal.
+_CONTROL = re.compile('[\x00-\x08\x0b-\x1f\x7f-\x9f]')
+
+
+def printable(text: str) -> str:
+  """`text` safe to print to a terminal: control characters other than newline and tab shown escaped (\\x1b)."""
+  return _CONTROL.sub(lambda m: f'\\x{ord(m.group()):02x}', text)
 
 
 class TextStream:
@@ -57,20 +93,20 @@ class TextStream:
 
 def stream(be: Backend, prompt_ids: Sequence[int], max_new_tokens: int, sp: SampleParams, seed: int = 0,
            stop: Sequence[str] = (), stop_ids: Sequence[int] | None = None) -> Iterator[str]:
-  """Text pieces as they are sampled (one decode step per token). stop_ids defaults to end-of-text."""
+  """Text pieces as they are sampled (one decode step per token), for a terminal: control characters are
+  escaped (printable). stop_ids defaults to end-of-text."""
   stop_ids = default_stop_ids(be) if stop_ids is None else list(stop_ids)
-  ts, seen = TextStream(be, stop, stop_ids), 0
-  for rows in be.generate_ids([prompt_ids], max_new_tokens, sp, seed, stop_ids, chunk=1):
-    for t in rows[0][seen:]:
+  ts = TextStream(be, stop, stop_ids)
+  for delta in be.generate_ids([prompt_ids], max_new_tokens, sp, seed, stop_ids, chunk=1):
+    for t in delta[0]:
       piece = ts.feed(t)
       if piece:
-        yield piece
+        yield printable(piece)
       if ts.stopped:
         return
-    seen = len(rows[0])
   tail = ts.finish()
   if tail:
-    yield tail
+    yield printable(tail)
 
 
 def complete(be: Backend, prompts: Sequence[Sequence[int]], max_new_tokens: int, sp: SampleParams, seed: int = 0,

@@ -27,7 +27,7 @@ DEMO_PROMPTS = ('Once upon a time', 'def quick_sort(collection):', 'To be or not
 
 def _one(be: Backend, prompt: str, sp, max_new, seed, stop, style: fe.Style):
   ids = text.encode_prompt(be, prompt)
-  sys.stdout.write(style(prompt, 'bold'))
+  sys.stdout.write(style(text.printable(prompt), 'bold'))
   _, interrupted = fe.print_stream(text.stream(be, ids, max_new, sp, seed, stop), style)
   print(style(' [interrupted]', 'yellow') if interrupted else '', flush=True)
 
@@ -79,7 +79,7 @@ def main(argv):
   ids = text.encode_prompt(be, prompt)
   for i, out in enumerate(text.complete(be, [ids] * f.num_samples, max_new, sp, seed, stop)):
     print(style(f'--- sample {i + 1} ---', 'cyan'))
-    print(style(prompt, 'bold') + out, flush=True)
+    print(style(text.printable(prompt), 'bold') + text.printable(out), flush=True)
 
 
 if __name__ == '__main__':

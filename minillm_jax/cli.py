@@ -89,7 +89,7 @@ def _parse(argv):
                     r"and cannot be casted to type <class '(\w+)'>", last)
       if m:  # ml_collections' own words for a value of the wrong type: name the field, both types and the line
         die(f'cannot load config {where}: field {m[1]!r} must be {m[4]}, not {m[3]} ({m[2]!r}); fix that line')
-      die(f'cannot load config {where}: ' + re.sub(r'^[\w.]+\.(\w+):', r'\1:', last.strip()))
+      die(f'cannot load config {path}: ' + re.sub(r'^[\w.]+\.(\w+):', r'\1:', last.strip()))
     hint = ''
     if "flag 'config." in str(e):
       hint = ' (config overrides need --config=FILE; a run\'s own config is <workdir>/config.py)'
@@ -105,8 +105,9 @@ def _parse(argv):
       die(f'cannot load config {path}: it defines no get_config() (see configs/*.py)')
     if _one_line(e) == 'AttributeError: workdir':
       die('bad config override: the run directory is not a config field; pass it as --workdir=DIR')
-    sec = next((a[len('--config.'):].split('.')[0] for a in argv if a.startswith('--config.')), None)
-    if isinstance(e, KeyError) and sec is not None and sec not in _sections():
+    secs = [a[len('--config.'):].split('.')[0] for a in argv if a.startswith('--config.')]
+    sec = next((s for s in secs if s not in _sections()), None)  # not the first override: the unknown one
+    if isinstance(e, KeyError) and sec is not None:
       die(f'bad config override: no config section {sec!r} (sections: {", ".join(_sections())})')
     die(f'bad config override: {_one_line(e)}')
 

@@ -250,10 +250,10 @@ def local(spec: str, field: str) -> Corpus:
         n_bad += bad
         files[i] = os.path.join(cache, f'fixed{i}{Path(f).suffix}')
         Path(files[i]).write_text(text, encoding='utf-8')
-    if skipped:
+    files = [f for f in files if f not in skipped and f not in empty]
+    if skipped and files:  # (with nothing left, the refusal below names them)
       log.warning('data.path: skipped %d binary file(s) (NUL bytes or mostly undecodable), e.g. %s', len(skipped),
                   skipped[0])
-    files = [f for f in files if f not in skipped and f not in empty]
     if not files:
       what = (f'{len(skipped)} binary' if skipped else '') + (' and ' if skipped and empty else '') + \
           (f'{len(empty)} empty' if empty else '')

@@ -14,6 +14,7 @@ import gc
 import logging
 import os
 import sys
+import threading
 import time
 import warnings
 
@@ -154,6 +155,7 @@ class Checkpointer:
     try:
       return self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
     except Exception:  # noqa: BLE001 - status/plot tolerate unreadable steps
+      _quiet_failed_reads()  # its failed reads end in orbax's event loop too, at exit after our one line
       return None
 
   def resolve_step(self, step: str | int) -> int:
@@ -258,6 +260,13 @@ def _quiet_failed_reads():
         prev(t, v, tb)
     excepthook.drops_failed_reads = True
     sys.excepthook = excepthook
+  prev_thread = threading.excepthook
+  if not getattr(prev_thread, 'drops_failed_reads', False):
+    def thread_hook(a, prev=prev_thread):  # the same, raised in orbax's event-loop thread as the process exits
+      if not (a.exc_type is RuntimeError and 'Event loop is closed' in str(a.exc_value)):
+        prev(a)
+    thread_hook.drops_failed_reads = True
+    threading.excepthook = thread_hook
   gc.collect()
 
 

@@ -37,9 +37,10 @@ def main(argv):
   cfg = loop.load_run_config(F.workdir, cfg)
   weights = param_counts(config_lib.model_config(cfg, 2 ** 16))['total']  # before the tokenizer: vocab bound
   n = parallel.cpu_device_count(cfg.train.cpu_devices, cfg.train.batch_size, weights)
-  loop.check_memory(cfg, weights, n if jax.default_backend() == 'cpu' else jax.device_count())
   if parallel.use_cpu_devices(n):
     print(f'CPU: {n} devices, data parallel (train.cpu_devices=1 for a single device)', flush=True)
+  # after use_cpu_devices: asking jax for its backend before it would fix the device count at one
+  loop.check_memory(cfg, weights, n if jax.default_backend() == 'cpu' else jax.device_count())
   if hint := bf16_hint(cfg.model.dtype):
     print(hint, flush=True)
   summary = loop.run(cfg, F.workdir)

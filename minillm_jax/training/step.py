@@ -44,14 +44,61 @@ def make_optimizer(o, steps: int) -> tuple[optax.GradientTransformation, optax.S
 
 
 # ----------------------------------------------------------------------------------------------- steps
-def loss_fn(params, gdef, inputs_BxT, targets_BxT, key):
+# The loss mask. A batch may carry 'mask' [B,T] (or [accum,B,T]) beside 'targets': 1 where the target token
+# counts (assistant tokens in fine-tuning), 0 where it does not; float or int, 0/1 values. The loss is then the
+# token-weighted mean over the masked-in tokens of the whole step: sum(ce * mask) / sum(mask) across rows,
+# accumulated micro-batches and data-parallel devices (not a mean of per-row or per-micro-batch means). Each
+# part is divided by the step's total count before it is summed (count / parts per part, then the parts' mean),
+# which is the same quotient; with an all-ones mask the divisors are exactly the element counts the unmasked
+# means divide by, so the step equals the unmasked one to float rounding. It is not promised bitwise: XLA:CPU
+# compiles the cross-entropy with the mask's multiply into other fusions, and the loss can differ in its last
+# bit (tests/test_masked_loss.py checks 1e-6 relative). A step whose mask is all zero has loss 0 and a zero
+# gradient (the count is taken as 1), never NaN. Masked-out targets get exactly zero gradient (their tokens
+# still act as context for later positions). Counts are float32 sums: exact below 2**24 masked-in tokens per
+# step. A batch without 'mask' takes the unmasked code path, unchanged (the same jaxpr).
+def mask_count(mask) -> jax.Array:
+  """The number of masked-in tokens (float32), or 1 when there are none, so that 0 / count = 0."""
+  c = jnp.sum(mask.astype(jnp.float32))
+  return jnp.where(c > 0, c, 1.0)
+
+
+def loss_fn(params, gdef, inputs_BxT, targets_BxT, key, mask_BxT=None, count=None):
+  """Mean cross-entropy over [B,T]; with `mask_BxT`, sum(ce * mask) / `count` (default mask_count(mask))."""
   logits_BxTxV = nnx.merge(gdef, params)(inputs_BxT, key=key)
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT).mean()
+  if mask_BxT is None:
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT).mean()
+  ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
+  count = mask_count(mask_BxT) if count is None else count
+  return jnp.sum(ce_BxT * mask_BxT.astype(ce_BxT.dtype)) / count
 
 
-def local_grads(params, gdef, batch: dict, key) -> tuple[jax.Array, dict]:
+def _masked_local_grads(params, gdef, batch: dict, key, count=None) -> tuple[jax.Array, dict]:
+  """local_grads of a batch with a 'mask'. `count`: the masked-in tokens this call's loss is normalised by
+  (default: the batch's own mask_count; flat_dp_grads passes the global count / devices)."""
+  grad_fn = jax.value_and_grad(loss_fn)
+  count = mask_count(batch['mask']) if count is None else count
+  if batch['inputs'].ndim == 2:
+    return grad_fn(params, gdef, batch['inputs'], batch['targets'], key, batch['mask'], count)
+  accum = batch['inputs'].shape[0]
+  part = count / accum  # with an all-ones mask exactly B*T, the unmasked micro-batch mean's divisor
+
+  def micro(carry, xs):
+    i, x, y, m = xs
+    l, g = grad_fn(params, gdef, x, y, jax.random.fold_in(key, i), m, part)
+    return jax.tree.map(jnp.add, carry, (l, g)), None
+
+  zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+  (loss, grads), _ = jax.lax.scan(micro, zero, (jnp.arange(accum), batch['inputs'], batch['targets'],
+                                                batch['mask']))
+  return jax.tree.map(lambda x: x / accum, (loss, grads))
+
+
+def local_grads(params, gdef, batch: dict, key, count=None) -> tuple[jax.Array, dict]:
   """Mean loss and gradients of a batch [B,T], or of [accum,B,T] accumulated micro-batches (scanned, so the
-  result equals one accum*B batch)."""
+  result equals one accum*B batch). With batch['mask'], the token-weighted masked mean (see mask_count;
+  `count` only applies then)."""
+  if 'mask' in batch:
+    return _masked_local_grads(params, gdef, batch, key, count)
   grad_fn = jax.value_and_grad(loss_fn)
   if batch['inputs'].ndim == 2:
     return grad_fn(params, gdef, batch['inputs'], batch['targets'], key)
@@ -71,13 +118,23 @@ def flat_dp_grads(params, gdef, batch: dict, key, mesh) -> tuple[jax.Array, dict
   """local_grads per device on its batch shard, averaged as one flat buffer. XLA's own data-parallel gradient
   all-reduce is one tuple of every parameter, and XLA:CPU makes the device threads meet once per tuple element:
   one flat buffer meets once, which matters most to small models, whose steps are short. For replicated
-  parameters and no dropout (a dropout mask drawn per shard would differ from the global one)."""
+  parameters and no dropout (a dropout mask drawn per shard would differ from the global one).
+
+  With batch['mask'], the numerator and the denominator are reduced separately: the mask counts first (one
+  scalar psum), then each device's masked loss sum and gradient, divided by global count / devices, in the flat
+  buffer; the mean over devices is then sum(ce * mask) / sum(mask) over the global batch (with an all-ones
+  mask, the unmasked reduction to float rounding)."""
   rows = parallel.batch_sharding(mesh, batch['inputs'].ndim - 2).spec
+  n = mesh.shape[parallel.AXIS]
 
   @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), rows, P()),
                      out_specs=(P(), P()), check_vma=False)  # check_vma: the custom-VJP matmul has no rule
   def per_device(params, batch, key):
-    loss, grads = local_grads(params, gdef, batch, key)
+    if 'mask' in batch:
+      total = jax.lax.psum(jnp.sum(batch['mask'].astype(jnp.float32)), parallel.AXIS)
+      loss, grads = local_grads(params, gdef, batch, key, jnp.where(total > 0, total, 1.0) / n)
+    else:
+      loss, grads = local_grads(params, gdef, batch, key)
     flat, unravel = ravel_pytree(grads)
     tot = jax.lax.psum(jnp.concatenate([loss[None], flat]), parallel.AXIS) / mesh.shape[parallel.AXIS]
     return tot[0], unravel(tot[1:])
@@ -94,7 +151,8 @@ def train_step(state: dict, batch: dict, step, *, gdef, tx, seed: int, sched=Non
                ) -> tuple[dict, dict]:
   """One optimizer update on a batch [B,T] or [accum,B,T] (accumulated micro-batches). A non-finite loss or
   gradient leaves the weights finite. With `sched`, the metrics include this update's learning rate (computed
-  here: evaluated eagerly it costs compiles). `dp_mesh`: reduce gradients with `flat_dp_grads` on it."""
+  here: evaluated eagerly it costs compiles). `dp_mesh`: reduce gradients with `flat_dp_grads` on it. A batch
+  may carry 'mask': the loss is then the masked token-weighted mean (see mask_count)."""
   params, key = state['params'], jax.random.fold_in(jax.random.key(seed), step)
   if dp_mesh is not None:
     loss, grads = flat_dp_grads(params, gdef, batch, key, dp_mesh)
@@ -122,7 +180,12 @@ def train_steps(state: dict, batches: dict, step0, *, gdef, tx, seed: int, sched
 
 
 def eval_loss(params, batches: dict, *, gdef) -> jax.Array:
-  """Mean loss over stacked batches [batches,B,T]: one call, one batch's activations in memory at a time."""
+  """Mean loss over stacked batches [batches,B,T]: one call, one batch's activations in memory at a time.
+  With batches['mask'], the token-weighted mean over every masked-in token of all the batches (0 when none)."""
+  if 'mask' in batches:
+    part = mask_count(batches['mask']) / batches['inputs'].shape[0]
+    return jax.lax.map(lambda b: loss_fn(params, gdef, b['inputs'], b['targets'], None, b['mask'], part),
+                       batches).mean()
   return jax.lax.map(lambda b: loss_fn(params, gdef, b['inputs'], b['targets'], None), batches).mean()
 
 

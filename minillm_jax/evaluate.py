@@ -63,7 +63,12 @@ def main(argv):
       be = load.load(**{kind: path}, step=step if kind == 'workdir' else 'best', backend=f.backend,
                         device=f.device, weights=f.weights)
       print(f'evaluating {be.describe()} ...', file=sys.stderr, flush=True)
-      runs.append(ev.evaluate(be, suites, f.text, f.max_eval_tokens, f.max_new_tokens, f.exec_timeout, f.seed))
+      execute = f.execute or (kind == 'workdir' and wd.own_run(path))
+      if 'code' in suites and not execute:
+        print(f'code suite: execution skipped for --{kind}={path}: it is not a run trained here, and running its '
+              'generated code needs --execute (it runs in the sandbox: see the README)', file=sys.stderr, flush=True)
+      runs.append(ev.evaluate(be, suites, f.text, f.max_eval_tokens, f.max_new_tokens, f.exec_timeout, f.seed,
+                              execute))
       del be
     except UserError as e:  # a source that fails late (its corpus deleted, ...) keeps the finished ones
       if runs:
@@ -123,6 +128,8 @@ if __name__ == '__main__':
   flags.DEFINE_integer('max_eval_tokens', 16384, 'Tokens scored for perplexity (from the start of the text).')
   flags.DEFINE_integer('max_new_tokens', 128, 'Tokens per generated function / text sample.')
   flags.DEFINE_float('exec_timeout', 3.0, 'Seconds each generated function may run in its subprocess.')
+  flags.DEFINE_bool('execute', False, 'Run generated code (in the sandbox) also for models not trained here: '
+                    '--ckpt files and imported run directories. Runs trained here always execute it.')
   flags.DEFINE_integer('seed', 0, 'Seed of the text samples.')
   flags.DEFINE_string('out', None, 'JSON path (default: <first workdir>/eval.json, else ./eval.json).')
   flags.DEFINE_string('plot', None, 'PNG comparing the runs (default next to the JSON when comparing).')

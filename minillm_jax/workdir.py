@@ -212,3 +212,16 @@ def finished_steps(workdir: str) -> list[int]:
 
 def is_run_dir(path: str) -> bool:
   return os.path.isdir(os.path.join(path, 'checkpoints'))
+
+
+IMPORTED = 'imported.json'  # written by torch_compat.import_ckpt: the weights came from a file, not from training
+
+
+def mark_imported(workdir: str, info: dict) -> None:
+  write_json(os.path.join(workdir, IMPORTED), info)
+
+
+def own_run(path: str) -> bool:
+  """A run directory trained here from scratch: not an import of someone else's weights (evaluate executes
+  generated code only from such runs unless --execute)."""
+  return is_run_dir(path) and not os.path.exists(os.path.join(path, IMPORTED))

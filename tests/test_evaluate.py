@@ -10,11 +10,14 @@ import pytest
 from conftest import run_module
 from test_sample import char_tok, config, make_pt, make_workdir, random_flat
 
+from minillm_jax import workdir as wd
+from minillm_jax.config import ModelConfig
 from minillm_jax.data import tokenizer as toklib
 from minillm_jax.evals import code_eval as ce
 from minillm_jax.evals import suites as ev
 from minillm_jax.inference.jax_backend import JaxBackend
 from minillm_jax.inference.torch_backend import TorchBackend
+from minillm_jax.model import init_model
 from torch_compat import convert
 from torch_compat import model as tmodel
 
@@ -102,8 +105,12 @@ def test_cli_writes_json_with_every_category_and_compares_runs(tmp_path):
   d = json.loads(out.read_text())
   assert [x['backend'] for x in d['runs']] == ['jax', 'torch'] and d['suites'] == list(ev.SUITES)
   assert [x['weights'] for x in d['runs']] == ['float32', 'float32']
+  own, other = d['runs']  # generated code runs for a run trained here, not for someone else's .pt
+  assert set(own['code']['categories']) == set(ce.CODE_CATEGORIES) and own['code']['executed']
+  assert set(other['code']['categories']) == set(ce.CODE_CATEGORIES) - {'execution'}
+  assert not other['code']['executed'] and f'execution skipped for --ckpt={pt}' in r.stderr
+  assert {x['status'] for x in other['code']['details']['execution']} == {'skipped'}
   for run in d['runs']:
-    assert set(run['code']['categories']) == set(ce.CODE_CATEGORIES)
     assert all(0 <= v <= 1 for v in run['code']['categories'].values()) and 0 <= run['code']['overall'] <= 1
     assert run['perplexity']['data'] == 'val' and run['perplexity']['perplexity'] > 1
     assert len(run['text']['samples']) == len(ev.TEXT_PROMPTS) and 0 <= run['text']['distinct_2'] <= 1
@@ -111,6 +118,12 @@ def test_cli_writes_json_with_every_category_and_compares_runs(tmp_path):
   assert 'base@0' in r.stdout and 'later.pt' in r.stdout and 'bpb' in r.stdout
   png = out.with_suffix('.png')
   assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  r = run_module('minillm_jax.evaluate', f'--ckpt={pt}', '--suites=code', '--execute', '--max_new_tokens=12',
+                 f'--out={tmp_path}/x.json', '--exec_timeout=2', timeout=600)
+  run = json.loads((tmp_path / 'x.json').read_text())['runs'][0]
+  assert r.returncode == 0 and run['code']['executed'] and 'execution skipped' not in r.stderr, r.stderr
+  assert set(run['code']['categories']) == set(ce.CODE_CATEGORIES)
+  assert {x['status'] for x in run['code']['details']['execution']} <= {'pass', 'fail', 'timeout', 'error'}
   r = run_module('minillm_jax.evaluate', f'--workdir={a}', '--suites=ppl', f'--text={text}', '--backend=torch',
                  f'--out={tmp_path}/t.json')
   assert r.returncode == 0, r.stderr
@@ -147,3 +160,19 @@ def test_cli_keeps_finished_runs_when_a_later_source_fails(tmp_path):
   assert r.returncode == 2 and cfg.read_bytes() == before, r.stderr
   assert r.stderr.strip().splitlines()[-1] == (f'error: --out={cfg} exists and is not an evaluate result; refusing '
                                                'to overwrite it (pick a new path)'), r.stderr
+
+
+def test_only_runs_trained_here_execute_generated_code_by_default(tmp_path, monkeypatch):
+  run = tmp_path / 'run'
+  (run / 'checkpoints').mkdir(parents=True)
+  assert wd.own_run(str(run)) and not wd.own_run(str(tmp_path))
+  wd.mark_imported(str(run), {'imported_from': '/somewhere/else.pt'})  # what torch_compat.import_ckpt writes
+  assert not wd.own_run(str(run))
+  # execute=False: no generated code reaches the sandbox, and the score leaves the category out
+  monkeypatch.setattr(ce, 'run_tests', lambda *a, **k: pytest.fail('executed generated code'))
+  tok = toklib.build_char(['def f(x):\n    return x + 1\n'])
+  c = ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, d_model=16, d_ff=32, block_size=64,
+                  max_positions=64)
+  res = ce.code_suite(JaxBackend(init_model(c, 0), tok), max_new=4, execute=False)
+  assert 'execution' not in res['categories'] and not res['executed']
+  assert res['overall'] == pytest.approx(np.mean(list(res['categories'].values())))

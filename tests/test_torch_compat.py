@@ -24,6 +24,7 @@ from torch_fixtures import (
   tokens,
 )
 
+from minillm_jax import workdir as wd
 from minillm_jax.config import UserError
 from torch_compat import convert, formats, hf, nanogpt, pt
 
@@ -177,6 +178,7 @@ def test_cli_export_import_round_trip(tmp_path):
     assert 'with tokenizer' in import_ckpt(str(tmp_path / out), dst)
     mc, model, tok, meta = checkpoint.load_for_inference(dst, 'latest')
     assert mc == c and tok == TOK and meta['source_format'] in ('pt', 'hf-neox')
+    assert not wd.own_run(dst)  # marked as imported: evaluate runs its generated code only with --execute
     assert_flat_equal(convert.flax_flat(model), flat)
   r = run_module('torch_compat.export', f'--workdir={src}', f'--out={tmp_path / "n.pt"}', '--format=nanogpt')
   assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith('error: nanoGPT cannot represent')

@@ -14,6 +14,7 @@ import os
 from absl import flags
 
 from minillm_jax import cli
+from minillm_jax import workdir as wd
 from minillm_jax.config import UserError
 from minillm_jax.training import checkpoint
 from torch_compat import common, convert, formats
@@ -33,6 +34,7 @@ def import_ckpt(src: str, workdir: str, allow_inexact: bool = False) -> str:
     meta['import_notes'] = imp.notes
   checkpoint.init_workdir(workdir, imp.cfg_plain, imp.model_config, model, imp.tokenizer_json or None,
                           common.plain(meta))
+  wd.mark_imported(workdir, common.plain(meta))
   c = imp.model_config
   tok = 'with tokenizer' if imp.tokenizer_json else 'no tokenizer (set data.tokenizer when training)'
   notes = ''.join(f'\nnote: {n}' for n in imp.notes)

@@ -114,7 +114,7 @@ def perplexity(be: Backend, tokens: tuple[list[int], list[int]], max_tokens: int
 # ------------------------------------------------------------------------------------------------ runner
 
 def evaluate(be: Backend, suites=SUITES, text_path: str | None = None, max_tokens: int = 16384,
-             max_new: int = 128, timeout: float = 3.0, seed: int = 0) -> dict:
+             max_new: int = 128, timeout: float = 3.0, seed: int = 0, execute: bool = True) -> dict:
   out = {'name': run_name(be), 'source': be.source, 'step': be.step, 'backend': be.name, 'weights': be.weights,
          'context': be.context, 'instruction_tuned': be.instruction_tuned}
   if 'ppl' in suites:
@@ -130,7 +130,7 @@ def evaluate(be: Backend, suites=SUITES, text_path: str | None = None, max_token
     else:
       out['perplexity'] = {'data': 'val', **perplexity(be, val_tokens(be, max_tokens + 1), max_tokens)}
   if 'code' in suites:
-    out['code'] = code_eval.code_suite(be, max_new, timeout)
+    out['code'] = code_eval.code_suite(be, max_new, timeout, execute)
   if 'text' in suites:
     out['text'] = text_suite(be, max_new, seed)
   return out
@@ -188,7 +188,7 @@ def plot(runs: list[dict], path: str) -> str:
       width = 0.8 / len(runs)
       for i, r in enumerate(runs):
         c = r.get('code')
-        vals = [c['categories'][k] for k in code_eval.CODE_CATEGORIES] + [c['overall']] if c else [np.nan] * len(cats)
+        vals = [c['categories'].get(k, np.nan) for k in code_eval.CODE_CATEGORIES] + [c['overall']] if c else [np.nan] * len(cats)
         ax.bar(np.arange(len(cats)) + (i - (len(runs) - 1) / 2) * width, vals, width, label=r['name'],
                color=colors[i])
       ax.set_xticks(range(len(cats)), cats, rotation=35, ha='right', fontsize=8)

@@ -14,28 +14,19 @@ import time
 import numpy as np
 import pytest
 from conftest import run_module
+from test_train import TEXT, args
 
 from minillm_jax.config import UserError
 
-TEXT = ''.join(f'{w} the quick brown fox {i % 7} jumps over the lazy dog number {i % 13}.\n'
-               for i, w in enumerate(['alpha', 'beta', 'gamma', 'delta', 'omega'] * 200))
 # a PNG header and random bytes: what a renamed image looks like to the corpus reader
 PNG = b'\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR' + np.random.default_rng(0).integers(0, 256, 20_000, np.uint8).tobytes()
 
 
 def tiny(tmp: str, run_dir: str, **over) -> list[str]:
-  """A run of seconds: 1 layer, 4 steps, a checkpoint (and evaluation) every 2."""
-  corpus = os.path.join(tmp, 'corpus.txt')
-  if not os.path.exists(corpus):
-    with open(corpus, 'w') as f:
-      f.write(TEXT)
-  base = {'data.corpus': 'local', 'data.path': corpus, 'data.cache_dir': os.path.join(tmp, 'cache'),
-          'model.n_layer': 1, 'model.n_head': 2, 'model.d_model': 32, 'model.block_size': 32,
-          'train.batch_size': 4, 'train.steps': 4, 'train.eval_every': 2, 'train.eval_batches': 1,
-          'train.ckpt_every': 2, 'train.log_every': 1, 'optim.warmup_steps': 1, 'train.cpu_devices': 1,
-          'train.peak_flops': 1e11, **over}
-  return ['--config=configs/shakespeare_char.py', f'--workdir={run_dir}', '--nosample',
-          *[f'--config.{k}={v}' for k, v in base.items()]]
+  """A run of seconds: test_train's arguments at 4 steps, a checkpoint (and evaluation) every 2."""
+  return args(tmp, run_dir, **{'train.batch_size': 4, 'train.steps': 4, 'train.eval_every': 2,
+                               'train.eval_batches': 1, 'train.ckpt_every': 2, 'optim.warmup_steps': 1,
+                               'optim.lr': 1e-3, 'train.cpu_devices': 1, **over})
 
 
 def one_line(r: subprocess.CompletedProcess, code: int = 2) -> str:

@@ -6,7 +6,9 @@ Export picks the one transformers class that computes exactly our function, or r
   pos=rope, LayerNorm, GELU MLP, n_kv_head == n_head     -> GPTNeoXForCausalLM (rotary_pct=1, sequential)
 GELU is the exact erf one ('gelu' in transformers' ACT2FN); zero biases add nothing, so they are exact.
 config.json also carries our model config and meta under "minillm": importing our own export is bit-exact and
-keeps block_size, dropout and the run config. Import reads these three classes from a local directory
+keeps block_size, dropout and the run config. An instruction-tuned run's export (chat's rule: meta
+`instruction_tuned` and the chat tokens) also carries our chat template as tokenizer_config.json's `chat_template`
+and ends generation at `<|end|>` (eos) or end-of-text. Import reads these three classes from a local directory
 (safetensors, sharded safetensors or pytorch_model.bin) and refuses what our model cannot compute (parallel
 residual, partial rotary, scaled RoPE, ...); approximate GELUs only with allow_inexact.
 """
@@ -19,6 +21,9 @@ import shutil
 import torch
 
 from minillm_jax.config import ModelConfig, UserError
+from minillm_jax.data.template import END, hf_chat_template
+from minillm_jax.data.tokenizer import CHAT, Tok
+from minillm_jax.inference.backend import is_instruction_tuned
 from torch_compat import convert
 from torch_compat.common import Imported, export_meta, model_config_from, torch_load
 
@@ -106,6 +111,10 @@ def save_hf(out_dir: str, c: ModelConfig, flat: dict, tokenizer_json: str | None
   fmt = arch_for(c)
   sd = convert.flax_to_torch(c, flat, fmt)
   cfg = hf_config(c, fmt, tokenizer_json)
+  chat = _chat_tok(tokenizer_json, meta)
+  if chat:  # a reply ends at <|end|>: transformers' generate stops there or at end-of-text, as our chat does
+    end, eot = chat.token_to_id(END), cfg['eos_token_id']
+    cfg['eos_token_id'] = [end] + ([eot] if eot is not None and eot != end else [])
   cfg['minillm'] = {'model_config': c.to_dict(), 'meta': export_meta(meta)}
   if os.path.isfile(out_dir):
     raise UserError(f'--out={out_dir} is a file; the hf format writes a directory')
@@ -128,10 +137,30 @@ def save_hf(out_dir: str, c: ModelConfig, flat: dict, tokenizer_json: str | None
       f.write(tokenizer_json)
     eos = cfg['eos_token_id']
     tc = {'tokenizer_class': 'PreTrainedTokenizerFast', 'model_max_length': c.block_size}
-    if eos is not None:
+    if chat:
+      # The tokenizer's eos is the token that ends a turn (as Llama-3-Instruct's and Qwen2-Instruct's are), the
+      # first of config.json's eos list; bos stays end-of-text, as config.json's bos_token_id. The chat tokens
+      # are listed as special for tools that read them here rather than from tokenizer.json's added tokens.
+      tc['eos_token'] = END
+      if cfg['bos_token_id'] is not None:
+        tc['bos_token'] = _token_text(tokenizer_json, cfg['bos_token_id'])
+      tc['additional_special_tokens'] = list(CHAT)
+      tc['chat_template'] = hf_chat_template()
+    elif eos is not None:
       tc['eos_token'] = tc['bos_token'] = _token_text(tokenizer_json, eos)
     with open(os.path.join(out_dir, 'tokenizer_config.json'), 'w') as f:
       json.dump(tc, f, indent=2)
+
+
+def _chat_tok(tokenizer_json: str | None, meta: dict) -> Tok | None:
+  """The tokenizer when the export is instruction-tuned by chat's own rule (meta and the chat tokens), else None."""
+  if not tokenizer_json or not meta.get('instruction_tuned'):
+    return None  # checked first: every other export is written exactly as before, its tokenizer never parsed
+  try:
+    tok = Tok.from_json_str(tokenizer_json)
+  except UserError:  # e.g. no end-of-text token: no backend of ours loads it, so it never chats with the template
+    return None
+  return tok if is_instruction_tuned(meta, tok) else None
 
 
 def _token_text(tokenizer_json: str, i: int) -> str | None:

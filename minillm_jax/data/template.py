@@ -1,6 +1,8 @@
 """The one chat template of the project: what fine-tuning trains on and what chat renders, token for token."""
 from __future__ import annotations
 
+import json
+
 from minillm_jax.config import UserError
 
 SYSTEM, USER, ASSISTANT, END = '<|system|>', '<|user|>', '<|assistant|>', '<|end|>'
@@ -23,6 +25,24 @@ def render_template(messages: list[dict], add_generation_prompt: bool = True) ->
   if add_generation_prompt:
     out.append(ASSISTANT)
   return ''.join(out)
+
+
+def hf_chat_template() -> str:
+  """render_template as a Hugging Face Jinja `chat_template` (tokenizer_config.json), built from the same
+  constants so the two cannot drift: `tokenizer.apply_chat_template(messages, add_generation_prompt=...)` renders
+  the same text, hence (special tokens split out first) the same ids as render_ids. One line with no literal
+  text between the tags: transformers renders with trim_blocks/lstrip_blocks, and any template whitespace would
+  be output. An unknown role raises, as render_template does (`raise_exception` is transformers' helper)."""
+  q = json.dumps  # a JSON string is a valid Jinja string literal (the tags hold no quotes or backslashes)
+  tags = '{' + ', '.join(f'{q(r)}: {q(t)}' for r, t in TAGS.items()) + '}'
+  return (f'{{%- set tags = {tags} -%}}'
+          '{%- for message in messages -%}'
+          '{%- if message["role"] not in tags -%}'
+          '{{- raise_exception("unknown chat role \'" ~ message["role"] ~ "\'") -}}'
+          '{%- endif -%}'
+          f'{{{{- tags[message["role"]] ~ message["content"] ~ {q(END)} -}}}}'
+          '{%- endfor -%}'
+          f'{{%- if add_generation_prompt -%}}{{{{- {q(ASSISTANT)} -}}}}{{%- endif -%}}')
 
 
 def render_ids(tok, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:

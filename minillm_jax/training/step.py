@@ -49,13 +49,14 @@ def make_optimizer(o, steps: int) -> tuple[optax.GradientTransformation, optax.S
 # token-weighted mean over the masked-in tokens of the whole step: sum(ce * mask) / sum(mask) across rows,
 # accumulated micro-batches and data-parallel devices (not a mean of per-row or per-micro-batch means). Each
 # part is divided by the step's total count before it is summed (count / parts per part, then the parts' mean),
-# which is the same quotient; with an all-ones mask the divisors are exactly the element counts the unmasked
-# means divide by, so the step equals the unmasked one to float rounding. It is not promised bitwise: XLA:CPU
-# compiles the cross-entropy with the mask's multiply into other fusions, and the loss can differ in its last
-# bit (tests/test_masked_loss.py checks 1e-6 relative). A step whose mask is all zero has loss 0 and a zero
-# gradient (the count is taken as 1), never NaN. Masked-out targets get exactly zero gradient (their tokens
-# still act as context for later positions). Counts are float32 sums: exact below 2**24 masked-in tokens per
-# step. A batch without 'mask' takes the unmasked code path, unchanged (the same jaxpr).
+# which is the same quotient. A step whose mask is all ones takes the unmasked computation (a lax.cond on the
+# whole step's mask), so it is bitwise the plain step: the masked arithmetic alone equals it only to float
+# rounding, as XLA:CPU fuses the mask's select into the cross-entropy's backward and can round the loss's last
+# bit differently. The price is a second compiled branch in runs that carry a mask (chat fine-tuning). A step
+# whose mask is all zero has loss 0 and a zero gradient (the count is taken as 1), never NaN. Masked-out targets
+# get exactly zero gradient (their tokens still act as context for later positions). Counts are float32 sums:
+# exact below 2**24 masked-in tokens per step. A batch without 'mask' takes the unmasked code path, unchanged
+# (the same jaxpr).
 def mask_count(mask) -> jax.Array:
   """The number of masked-in tokens (float32), or 1 when there are none, so that 0 / count = 0."""
   c = jnp.sum(mask.astype(jnp.float32))
@@ -154,10 +155,11 @@ def train_step(state: dict, batch: dict, step, *, gdef, tx, seed: int, sched=Non
   here: evaluated eagerly it costs compiles). `dp_mesh`: reduce gradients with `flat_dp_grads` on it. A batch
   may carry 'mask': the loss is then the masked token-weighted mean (see mask_count)."""
   params, key = state['params'], jax.random.fold_in(jax.random.key(seed), step)
-  if dp_mesh is not None:
-    loss, grads = flat_dp_grads(params, gdef, batch, key, dp_mesh)
-  else:
-    loss, grads = local_grads(params, gdef, batch, key)
+
+  def grads_of(b):
+    return flat_dp_grads(params, gdef, b, key, dp_mesh) if dp_mesh is not None else local_grads(params, gdef, b, key)
+
+  loss, grads = _unless_full_mask(batch, grads_of)
   gnorm = optax.tree.norm(grads)
   # A non-finite loss/gradient becomes a zero gradient, so the weights never turn NaN (the loop then stops
   # the run). Masking the gradient, not selecting old vs new state, lets XLA update the donated state in place.
@@ -179,14 +181,24 @@ def train_steps(state: dict, batches: dict, step0, *, gdef, tx, seed: int, sched
   return jax.lax.scan(body, state, (batches, jnp.arange(n, dtype=jnp.int32)))
 
 
+def _unless_full_mask(batch: dict, fn):
+  """fn(batch), where a batch whose 'mask' is all ones runs fn without the mask: bitwise the unmasked step."""
+  if 'mask' not in batch:
+    return fn(batch)
+  plain = {k: v for k, v in batch.items() if k != 'mask'}
+  return jax.lax.cond(jnp.all(batch['mask'] != 0), lambda: fn(plain), lambda: fn(batch))
+
+
 def eval_loss(params, batches: dict, *, gdef) -> jax.Array:
   """Mean loss over stacked batches [batches,B,T]: one call, one batch's activations in memory at a time.
   With batches['mask'], the token-weighted mean over every masked-in token of all the batches (0 when none)."""
-  if 'mask' in batches:
-    part = mask_count(batches['mask']) / batches['inputs'].shape[0]
-    return jax.lax.map(lambda b: loss_fn(params, gdef, b['inputs'], b['targets'], None, b['mask'], part),
-                       batches).mean()
-  return jax.lax.map(lambda b: loss_fn(params, gdef, b['inputs'], b['targets'], None), batches).mean()
+  def of(bs):
+    if 'mask' in bs:
+      part = mask_count(bs['mask']) / bs['inputs'].shape[0]
+      return jax.lax.map(lambda b: loss_fn(params, gdef, b['inputs'], b['targets'], None, b['mask'], part),
+                         bs).mean()
+    return jax.lax.map(lambda b: loss_fn(params, gdef, b['inputs'], b['targets'], None), bs).mean()
+  return _unless_full_mask(batches, of)
 
 
 def steps_per_call(t, flops_per_step: float) -> int:

@@ -43,9 +43,11 @@ def default_config() -> ConfigDict:
       pos='learned', rope_theta=10000.0, norm='layernorm', norm_eps=1e-5, mlp='gelu',
       bias=False, tie_embeddings=True, dropout=0.0, dtype='float32', init_std=0.02))
   c.data = ConfigDict(dict(
-      corpus='shakespeare',             # shakespeare | python_code | mixed | local | hub
+      corpus='shakespeare',             # shakespeare | python_code | mixed | local | hub | python_instruct
+      format='text',                    # text: language modelling | chat: conversations, loss on the replies
       path='',                          # files/dirs for corpus=local (comma separated)
-      hub_name='', hub_split='train', text_field='text',
+      hub_name='', hub_config='', hub_revision='',  # config: a dataset's subset; revision: a branch, tag or commit
+      hub_split='train', text_field='text',
       tokenizer='char',                 # char | bpe | path to tokenizer.json | dir with vocab.json+merges.txt | hub:<name>
       vocab_size=_none(int),            # BPE target size; None: model.vocab_size
       val_fraction=0.1,                 # share of characters held out, split by whole documents
@@ -72,8 +74,10 @@ def default_config() -> ConfigDict:
 _CHOICES = {
     'model.pos': ('learned', 'rope'), 'model.norm': ('layernorm', 'rmsnorm'), 'model.mlp': ('gelu', 'swiglu'),
     'model.dtype': ('float32', 'bfloat16'),
-    'data.corpus': ('shakespeare', 'python_code', 'mixed', 'local', 'hub'),
+    'data.corpus': ('shakespeare', 'python_code', 'mixed', 'local', 'hub', 'python_instruct'),
+    'data.format': ('text', 'chat'),
 }
+CHAT_CORPORA = ('python_instruct', 'local', 'hub')
 
 
 def _schema() -> dict[str, tuple[type, bool]]:
@@ -187,6 +191,11 @@ def _validate_data(cfg: ConfigDict, need):
   need(d.corpus != 'local' or d.path.strip(), 'data.corpus=local needs data.path=FILE[,DIR,GLOB...] '
        '(.txt, .jsonl, .parquet)')
   need(d.corpus != 'hub' or d.hub_name.strip(), 'data.corpus=hub needs data.hub_name, e.g. roneneldan/TinyStories')
+  if d.format == 'chat':
+    need(d.corpus in CHAT_CORPORA, f'data.format=chat reads conversations: data.corpus={d.corpus} is plain text; '
+         'use python_instruct, local (.jsonl/.json/.parquet chat files) or hub')
+  else:
+    need(d.corpus != 'python_instruct', 'data.corpus=python_instruct holds conversations: set data.format=chat')
   need(d.text_field.strip() != '', 'data.text_field is empty; name the column that holds the text')
   need(d.tokenizer.strip() != '', 'data.tokenizer is empty; use char, bpe, a tokenizer.json path or hub:<name>')
   if d.tokenizer == 'bpe':

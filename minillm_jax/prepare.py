@@ -14,6 +14,16 @@ def main(argv):
   t0 = time.time()
   p = prepare.prepare(cfg)
   m = p.manifest
+  if p.chat:
+    print(f'{p.dir}\n  corpus {m["corpus"]} (chat): {m["n_train_docs"]} train / {m["n_val_docs"]} val conversations'
+          f'\n  tokenizer {m["tokenizer"]["kind"]} vocab {p.vocab_size} ({m["tokenizer"]["hash"]}), {p.dtype.name}')
+    for split in ('train', 'val'):
+      st = m[f'{split}_packing']
+      print(f'  {split}: {st["rows"]:,} windows of {p.window} tokens, {st["conversations"]:,} conversations kept, '
+            f'{st["dropped"]:,} dropped as longer than a window ({st["dropped_tokens"]:,} tokens), '
+            f'{st["assistant_tokens"]:,} assistant tokens, {100 * st["pad_fraction"]:.1f}% padding')
+    print(f'  {time.time() - t0:.2f}s (built in {m["seconds"]}s)')
+    return
   print(f'{p.dir}\n  corpus {m["corpus"]}: {m["n_train_docs"]} train / {m["n_val_docs"]} val documents '
         f'(split by {m["split"]}), {m["train_chars"] + m["val_chars"]:,} chars'
         f'\n  tokenizer {m["tokenizer"]["kind"]} vocab {p.vocab_size} ({m["tokenizer"]["hash"]}), {p.dtype.name}'

@@ -9,22 +9,24 @@ Schemas, detected per file from the first record's fields:
   Alpaca and opc-sft become [user, assistant]: user = instruction, plus '\\n\\n' + input when input is not
   empty; assistant = output. Other fields are ignored.
 
-Packing rule (proposed for data.prepare; not implemented here yet). Training windows are block_size + 1
-tokens (inputs, and targets shifted by one). Each conversation is rendered with render_ids and followed by
-one `<|endoftext|>` (mask 0); this unit is placed whole, in the conversations' (shuffled) order, into the
-current window when it fits in the space left, else into a new window; the space a unit does not fill at the
-end of a window is `<|pad|>` (mask 0). So every window starts at the first token of a conversation, a window
-never starts mid-conversation without its context, and no masked-in token is lost to a window's first
-position (a conversation starts with a role marker, mask 0). A conversation whose unit is longer than
-block_size + 1 tokens is dropped, never cut (cutting a single-turn record would keep its prompt without its
-reply), and the prepare summary counts the dropped conversations and their tokens, and the padding fraction.
-Conversations in one window may attend to those before them in it, as documents do in pretraining; the
-`<|endoftext|>` between them marks the boundary.
+Packing (`pack`, used by data.prepare for data.format=chat). Training windows are block_size + 1 tokens
+(inputs, and targets shifted by one). Each conversation is rendered with render_ids and followed by one
+`<|endoftext|>` (mask 0); this unit is placed whole, in a seeded shuffled order, into the current window when it
+fits in the space left, else into a new window; the space a unit does not fill at the end of a window is `<|pad|>`
+(mask 0). So every window starts at the first token of a conversation, a window never starts mid-conversation
+without its context, and no masked-in token is lost to a window's first position (a conversation starts with a
+role marker, mask 0). A conversation whose unit is longer than block_size + 1 tokens is dropped, never cut
+(cutting a single-turn record would keep its prompt without its reply); the prepare summary counts the dropped
+conversations and their tokens, and the padding. Conversations in one window may attend to those before them in
+it, as documents do in pretraining; the `<|endoftext|>` between them marks the boundary.
 """
 from __future__ import annotations
 
 import json
 import os
+
+import numpy as np
+from ml_collections import ConfigDict
 
 from minillm_jax.config import UserError
 
@@ -53,16 +55,20 @@ def read_records(path: str) -> tuple[str, list[list[dict]]]:
   file. Raises UserError, one line: for a file that fits no schema (naming the fields it has), and for a bad
   record (naming the file and the record number, counted from 1): missing or non-string content, a role other
   than system/user/assistant, an empty conversation, no assistant turn."""
-  records = _load(path)
+  return convert_records(_load(path), path)
+
+
+def convert_records(records: list, where: str) -> tuple[str, list[list[dict]]]:
+  """(schema, conversations) of records (dicts) from `where` (a file or a hub dataset): see read_records."""
   if not records:
-    raise UserError(f'{path}: no records')
+    raise UserError(f'{where}: no records')
   first = records[0]
   if not isinstance(first, dict):
-    raise UserError(f'{path}: record 1 is a {type(first).__name__}, not an object with fields')
+    raise UserError(f'{where}: record 1 is a {type(first).__name__}, not an object with fields')
   schema = detect_schema(first)
   if schema is None:
     has = ', '.join(sorted(map(str, first))) or 'none'
-    raise UserError(f'{path}: no chat schema fits its fields ({has}); expected `messages` (a list of '
+    raise UserError(f'{where}: no chat schema fits its fields ({has}); expected `messages` (a list of '
                     '{role, content}), or `instruction` + `output` (Alpaca: + `input`)')
   convert = _messages if schema == 'messages' else _instruction
   out = []
@@ -72,7 +78,7 @@ def read_records(path: str) -> tuple[str, list[list[dict]]]:
         raise _Bad(f'is a {type(rec).__name__}, not an object with fields')
       out.append(convert(rec))
     except _Bad as e:
-      raise UserError(f'{path}: record {n} ({schema} schema) {e}') from None
+      raise UserError(f'{where}: record {n} ({schema} schema) {e}') from None
   return schema, out
 
 
@@ -156,3 +162,75 @@ def _instruction(rec: dict) -> list[dict]:
     raise _Bad(f'`input` is a {type(extra).__name__}, not a string')
   user = f'{instruction}\n\n{extra}' if extra else instruction
   return [{'role': 'user', 'content': user}, {'role': 'assistant', 'content': output}]
+
+
+# ------------------------------------------------------------------------------------- corpora and packing
+
+def conversations(d: ConfigDict) -> tuple[list[list[dict]], list[list[dict]], dict]:
+  """(train, val, info) conversations of data.corpus for data.format=chat: python_instruct (its own split by
+  source file), or local files / a hub dataset split like text documents (by content hash, see
+  corpora.split_docs: identical conversations on one side). data.max_docs keeps the first N records."""
+  from minillm_jax.data import corpora, hub, instruct
+  if d.corpus == 'python_instruct':
+    train, val, info = instruct.build(d.val_fraction)
+    if d.max_docs:  # the first N of each side, in proportion
+      k = max(1, round(d.max_docs * len(val) / (len(train) + len(val))))
+      train, val = train[:max(1, d.max_docs - k)], val[:k]
+    return train, val, {'corpus': 'python_instruct', **info}
+  if d.corpus == 'local':
+    convs, schemas = [], {}
+    for f in corpora.local_files(d.path):
+      schema, got = read_records(f)
+      schemas[f] = schema
+      convs += got
+  elif d.corpus == 'hub':
+    where = f'hub dataset {d.hub_name}' + (f' subset {d.hub_config}' if d.hub_config else '')
+    schema, convs = convert_records(hub.dataset_records(d.hub_name, d.hub_split, d.max_docs, d.hub_config,
+                                                        d.hub_revision), where)
+    schemas = {where: schema}
+  else:
+    raise UserError(f'data.format=chat cannot read data.corpus={d.corpus}; use python_instruct, local or hub')
+  if d.max_docs:
+    convs = convs[:d.max_docs]
+  if len(convs) < 2:
+    raise UserError(f'data.corpus={d.corpus} has {len(convs)} conversation(s); a train and a val split need 2 or '
+                    'more')
+  keyed = [json.dumps(c, ensure_ascii=False, sort_keys=True) for c in convs]
+  train, val, _ = corpora.split_docs(keyed, d.val_fraction)
+  return ([json.loads(c) for c in train], [json.loads(c) for c in val],
+          {'corpus': d.corpus, 'schemas': schemas, 'conversations': len(convs)})
+
+
+def pack(units: list[tuple[list[int], list[int]]], window: int, pad_id: int, seed: int = 0
+         ) -> tuple[np.ndarray, np.ndarray, dict]:
+  """Packs (ids, mask) units into rows of `window` tokens by the rule in this module's docstring: returns flat
+  ids [rows * window] (int64), mask [rows * window] (uint8) and counts (rows, kept, dropped and their tokens,
+  pad tokens, masked-in tokens). The order is a seeded permutation, so packing is deterministic."""
+  order = np.random.default_rng([seed, 0xC4A7]).permutation(len(units))
+  rows_ids, rows_mask, cur_ids, cur_mask = [], [], [], []
+  dropped = dropped_tokens = 0
+
+  def close():
+    pad = window - len(cur_ids)
+    rows_ids.append(cur_ids + [pad_id] * pad)
+    rows_mask.append(cur_mask + [0] * pad)
+
+  for i in order:
+    ids, mask = units[i]
+    if len(ids) > window:
+      dropped += 1
+      dropped_tokens += len(ids)
+      continue
+    if len(cur_ids) + len(ids) > window:
+      close()
+      cur_ids, cur_mask = [], []
+    cur_ids, cur_mask = cur_ids + list(ids), cur_mask + list(mask)
+  if cur_ids:
+    close()
+  ids = np.asarray(rows_ids, np.int64).reshape(-1)
+  mask = np.asarray(rows_mask, np.uint8).reshape(-1)
+  n_pad = len(ids) - sum(len(units[i][0]) for i in order if len(units[i][0]) <= window)
+  return ids, mask, {'rows': len(rows_ids), 'conversations': len(units) - dropped, 'dropped': dropped,
+                     'dropped_tokens': dropped_tokens, 'pad_tokens': n_pad, 'tokens': len(ids),
+                     'assistant_tokens': int(mask.sum()),
+                     'pad_fraction': round(n_pad / max(1, len(ids)), 4)}

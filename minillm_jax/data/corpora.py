@@ -282,9 +282,10 @@ def local(spec: str, field: str) -> Corpus:
 
 # ---- hub ----
 
-def hub_corpus(name: str, split: str, field: str, max_docs: int) -> Corpus:
+def hub_corpus(name: str, split: str, field: str, max_docs: int, config: str = '', revision: str = '') -> Corpus:
   """A HF hub dataset (hub.dataset_docs)."""
-  return Corpus('hub', hub.dataset_docs(name, split, field, max_docs), info={'hub_name': name, 'split': split})
+  return Corpus('hub', hub.dataset_docs(name, split, field, max_docs, config, revision),
+                info={'hub_name': name, 'hub_config': config, 'revision': revision, 'split': split})
 
 
 # ---- dispatch ----
@@ -302,7 +303,9 @@ def fingerprint(d: ConfigDict) -> str:
     files = local_files(d.path)
     return _sha(VERSION, 'local', d.text_field, *(_file_hash(f) for f in files))
   if d.corpus == 'hub':  # the content is not known offline: the name stands for it (hub datasets rarely change)
-    return _sha(VERSION, 'hub', d.hub_name, d.hub_split, d.text_field)
+    # (hub_config and revision enter the key only when set, so existing caches keep their names)
+    extra = [x for x in (d.get('hub_config', ''), d.get('hub_revision', '')) if x]
+    return _sha(VERSION, 'hub', d.hub_name, d.hub_split, d.text_field, *([extra] if extra else []))
   raise UserError(f'unknown corpus {d.corpus!r}: use shakespeare, python_code, mixed, local or hub')
 
 
@@ -316,7 +319,7 @@ def load(d: ConfigDict) -> Corpus:
   elif d.corpus == 'local':
     c = local(d.path, d.text_field)
   elif d.corpus == 'hub':
-    c = hub_corpus(d.hub_name, d.hub_split, d.text_field, d.max_docs)
+    c = hub_corpus(d.hub_name, d.hub_split, d.text_field, d.max_docs, d.hub_config, d.hub_revision)
   else:
     raise UserError(f'unknown corpus {d.corpus!r}: use shakespeare, python_code, mixed, local or hub')
   c.docs = [t for t in c.docs if t]

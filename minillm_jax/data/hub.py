@@ -45,26 +45,42 @@ def column(ds, field: str, where: str) -> list[str]:
   return [t for t in ds[field] if isinstance(t, str) and t]
 
 
-
-
-def dataset_docs(name: str, split: str, field: str, max_docs: int) -> list[str]:
-  """Non-empty text rows of field `field` of a hub dataset. Without network it loads only from the local cache
-  and fails at once otherwise (the datasets client would retry with backoff)."""
+def _rows(name: str, split: str, max_docs: int, config: str = '', revision: str = ''):
+  """The rows of a hub dataset: a list of the first max_docs row dicts (streamed) or the whole `datasets.Dataset`.
+  Without network it loads only from the local cache and fails at once otherwise (the datasets client would retry
+  with backoff). `config`: the subset (e.g. one of OpenCoder-LLM/opc-sft-stage2's four); `revision`: a branch, tag
+  or commit."""
   reason = offline_reason()
   datasets = datasets_module(offline=reason is not None)
+  what = f'hub dataset {name!r}' + (f' subset {config!r}' if config else '') + f' split {split!r}' + (
+      f' revision {revision!r}' if revision else '')
+  kw = {'name': config or None, 'revision': revision or None}
   try:
     if max_docs and reason is None:  # stream just the first rows instead of downloading everything
-      ds = datasets.load_dataset(name, split=split, streaming=True)
-      rows = [r.get(field) for _, r in zip(range(max_docs), ds)]
-      if rows and all(r is None for r in rows):
-        raise UserError(f'hub dataset {name} has no field {field!r}; set data.text_field')
-      return [t for t in rows if isinstance(t, str) and t]
-    return column(datasets.load_dataset(name, split=split), field, f'hub dataset {name}')
-  except UserError:
-    raise
+      return [r for _, r in zip(range(max_docs), datasets.load_dataset(name, split=split, streaming=True, **kw))]
+    return datasets.load_dataset(name, split=split, **kw)
   except Exception as e:  # noqa: BLE001 - ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
     if reason:
-      raise UserError(f'hub dataset {name!r} (split {split!r}) is not in the local HF cache and the hub is '
-                      f'unreachable: {reason}; prepare it once with network, or use data.corpus=local') from None
-    raise UserError(f'cannot load hub dataset {name!r} split {split!r}: {type(e).__name__}: '
-                    f'{" ".join(str(e).split())[:200]}') from None
+      raise UserError(f'{what} is not in the local HF cache and the hub is unreachable: {reason}; prepare it once '
+                      'with network, or use data.corpus=local') from None
+    msg = " ".join(str(e).split())[:200]
+    hint = '; set data.hub_config to one of its subsets' if 'config' in msg.lower() and not config else ''
+    raise UserError(f'cannot load {what}: {type(e).__name__}: {msg}{hint}') from None
+
+
+def dataset_docs(name: str, split: str, field: str, max_docs: int, config: str = '', revision: str = ''
+                 ) -> list[str]:
+  """Non-empty text rows of field `field` of a hub dataset (see _rows)."""
+  ds = _rows(name, split, max_docs, config, revision)
+  if isinstance(ds, list):
+    rows = [r.get(field) for r in ds]
+    if rows and all(r is None for r in rows):
+      raise UserError(f'hub dataset {name} has no field {field!r}; set data.text_field')
+    return [t for t in rows if isinstance(t, str) and t]
+  return column(ds, field, f'hub dataset {name}')
+
+
+def dataset_records(name: str, split: str, max_docs: int, config: str = '', revision: str = '') -> list[dict]:
+  """All rows (or the first max_docs) of a hub dataset as dicts: chat records (see _rows)."""
+  ds = _rows(name, split, max_docs, config, revision)
+  return ds if isinstance(ds, list) else ds.to_list()

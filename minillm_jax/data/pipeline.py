@@ -6,6 +6,10 @@ MapDataset shuffle + repeat, seeded). Each epoch also shifts the whole grid by a
 sharded by process before shuffling (every process owns a fixed, disjoint set), then batched with
 drop_remainder. Optional mp_prefetch workers open the token file themselves (TokenFile pickles without data).
 
+data.format=chat: the token files hold packed rows of block_size + 1 tokens (data.chat_data.pack) with a loss mask
+beside them; a training window is one whole row (no grid shift: a row starts at a conversation's first token), and
+batches carry 'mask' [B,T], the mask of the targets.
+
 Resume: `it.get_state()` / `it.set_state(state)` (or grain.checkpoint.CheckpointSave/CheckpointRestore with
 Orbax) continue with exactly the batches an uninterrupted iterator yields. The state is only valid for the same
 pipeline settings (num_workers included: grain's state format depends on it), so it carries them and
@@ -22,7 +26,7 @@ import numpy as np
 from minillm_jax.config import UserError
 from minillm_jax.data.prepare import Prepared
 
-Batch = dict[str, np.ndarray]  # {'inputs': int32 [B,T], 'targets': int32 [B,T]}
+Batch = dict[str, np.ndarray]  # {'inputs': int32 [B,T], 'targets': int32 [B,T]} (+ 'mask': uint8 [B,T])
 
 
 class TokenFile:
@@ -80,6 +84,25 @@ class _Windows:
     return {'inputs': x_BxT1[:, :-1], 'targets': x_BxT1[:, 1:]}
 
 
+class _Rows:
+  """data.format=chat: (batch index, row ids [B]) -> one batch of whole packed rows and their targets' mask."""
+
+  def __init__(self, tokens: TokenFile, masks: TokenFile, window: int):
+    self.tokens, self.masks, self.W = tokens, masks, window
+
+  def __call__(self, index: int, r_B: np.ndarray) -> Batch:
+    at_BxW = r_B[:, None] * self.W + np.arange(self.W)
+    x_BxW = self.tokens.mm[at_BxW].astype(np.int32)
+    return {'inputs': x_BxW[:, :-1], 'targets': x_BxW[:, 1:], 'mask': np.asarray(self.masks.mm[at_BxW][:, 1:])}
+
+
+def _rows_of(prep: Prepared, block_size: int) -> int:
+  if prep.window != block_size + 1:
+    raise UserError(f'the chat token cache {prep.dir.name} is packed in windows of {prep.window} tokens, not '
+                    f'model.block_size + 1 = {block_size + 1}; prepare it again with this config')
+  return prep.n_train // prep.window
+
+
 class _Tagged(grain.DatasetIterator):
   """Adds the pipeline settings to the grain state and checks them on restore."""
 
@@ -120,18 +143,24 @@ def train_iter(prep: Prepared, batch_size: int, block_size: int, seed: int, num_
   if not 0 <= process_index < process_count:
     raise UserError(f'process_index={process_index} is not in [0, process_count={process_count})')
   tokens = TokenFile(prep.train_path, prep.dtype, prep.n_train)
-  n, max_shift = grid(prep.n_train, block_size)
+  if prep.chat:
+    n, read = _rows_of(prep, block_size), _Rows(tokens, TokenFile(prep.mask_path('train'), np.uint8, prep.n_train),
+                                                prep.window)
+  else:
+    n, max_shift = grid(prep.n_train, block_size)
   n -= n % process_count  # equal shards keep every process in the same epoch (same grid shift)
   per_process = n // process_count
   if per_process < batch_size:
     raise UserError(f'the train split ({prep.n_train} tokens) gives {per_process} windows of block_size+1='
-                    f'{block_size + 1} tokens per process, fewer than batch_size={batch_size}; use more text or '
-                    'lower batch_size/block_size')
+                    f'{block_size + 1} tokens per process, fewer than batch_size={batch_size}; use more '
+                    f'{"conversations" if prep.chat else "text"} or lower batch_size/block_size')
+  if not prep.chat:
+    read = _Windows(tokens, block_size, batch_size, per_process, max_shift, seed)
   ds = (grain.MapDataset.range(n)[process_index::process_count]
         .shuffle(seed=seed)
         .repeat(None)
         .batch(batch_size, drop_remainder=True, batch_fn=np.asarray)
-        .map_with_index(_Windows(tokens, block_size, batch_size, per_process, max_shift, seed)))
+        .map_with_index(read))
   # One reader thread a few batches ahead: the batch is ready when a step ends, and grain's default (16
   # threads, 500 elements) only adds GIL contention for a gather this small.
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
@@ -140,6 +169,8 @@ def train_iter(prep: Prepared, batch_size: int, block_size: int, seed: int, num_
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   tag = {'tokens': prep.dir.name, 'batch_size': batch_size, 'block_size': block_size, 'seed': seed,
          'num_workers': num_workers, 'process_index': process_index, 'process_count': process_count}
+  if prep.chat:  # (only here, so the states of text runs saved before this key existed still restore)
+    tag['mask'] = True
   return _Tagged(iter(it_ds), tag)
 
 
@@ -147,6 +178,14 @@ def val_batches(prep: Prepared, batch_size: int, block_size: int, n: int) -> lis
   """A fixed set of n validation batches: n * batch_size windows evenly spaced over the val split (they
   overlap when the split is short), the same on every call and every process."""
   T = block_size
+  if prep.chat:  # whole packed rows, evenly spaced (repeated when the split has fewer than n * batch_size)
+    _rows_of(prep, block_size)  # checks the window
+    W, rows = prep.window, prep.n_val // prep.window
+    r = np.linspace(0, rows - 1, n * batch_size).round().astype(np.int64)
+    at = r[:, None] * W + np.arange(W)
+    x = prep.tokens('val')[at].astype(np.int32).reshape(n, batch_size, W)
+    m = np.asarray(prep.masks('val')[at]).reshape(n, batch_size, W)
+    return [{'inputs': b[:, :-1], 'targets': b[:, 1:], 'mask': k[:, 1:]} for b, k in zip(x, m)]
   if prep.n_val < T + 1:
     raise UserError(f'the val split has {prep.n_val} tokens, fewer than block_size + 1 = {T + 1}; raise '
                     'data.val_fraction, use more text or lower model.block_size')

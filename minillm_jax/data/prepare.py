@@ -3,7 +3,9 @@
   python -m minillm_jax.prepare --config=configs/shakespeare_char.py
 
 Cache layout: <data.cache_dir or <repo>/data/cache>/<corpus>-<tokenizer>-<key>/ with train.bin, val.bin (flat
-uint16/uint32 ids, every document followed by <|endoftext|>), tokenizer.json and manifest.json. The key hashes
+uint16/uint32 ids, every document followed by <|endoftext|>), tokenizer.json and manifest.json. data.format=chat
+writes packed windows of block_size + 1 tokens instead (data.chat_data.pack) and train.mask, val.mask beside them
+(uint8, 1 where the token is an assistant reply's). The key hashes
 the corpus content, the data settings that change the tokens and the tokenizer spec, so a changed corpus or
 tokenizer prepares again and an unchanged one is reused at once. A cache directory only appears by an atomic
 rename of a finished temp directory: a killed prepare leaves no directory that looks complete.
@@ -28,8 +30,9 @@ from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from minillm_jax.config import UserError
-from minillm_jax.data import corpora
+from minillm_jax.data import chat_data, corpora, instruct
 from minillm_jax.data import tokenizer as toklib
+from minillm_jax.data.template import render_ids, render_template
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,7 @@ _STALE_TMP_S = 6 * 3600
 _MARKER = '.minillm-prepare'  # written first into prepare's own temp dirs: {"pid", "host"}
 _TMP_NAME = re.compile(r'\.tmp-.+-(\d+)-[0-9a-f]{8}')
 _HASH_CHUNK = 1 << 24
+PACK_SEED = 0  # the packing order of chat conversations (data.chat_data.pack)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +59,14 @@ class Prepared:
   n_val: int
   eot_id: int
   manifest: dict
+  window: int = 0       # data.format=chat: tokens per packed row (block_size + 1); 0 for text
+
+  @property
+  def chat(self) -> bool:
+    return self.window > 0
+
+  def mask_path(self, split: str) -> Path:
+    return self.dir / f'{split}.mask'
 
   def tokenizer(self) -> toklib.Tok:
     return toklib.Tok.from_file(str(self.tokenizer_path))
@@ -63,6 +75,11 @@ class Prepared:
     """The whole split as a read-only memmap ('train' or 'val')."""
     path, n = (self.train_path, self.n_train) if split == 'train' else (self.val_path, self.n_val)
     return np.memmap(path, dtype=self.dtype, mode='r', shape=(n,))
+
+  def masks(self, split: str) -> np.ndarray:
+    """data.format=chat: the split's loss mask (uint8, one per token) as a read-only memmap."""
+    return np.memmap(self.mask_path(split), dtype=np.uint8, mode='r',
+                     shape=(self.n_train if split == 'train' else self.n_val,))
 
 
 def cache_root(d: ConfigDict) -> Path:
@@ -103,8 +120,12 @@ def cache_key(cfg: ConfigDict) -> tuple[str, dict]:
   """(directory name, the keyed settings). Raises UserError for an unknown corpus/tokenizer or missing path."""
   d = cfg.data
   tname, tspec = _tokenizer_key(cfg)  # first: an unknown tokenizer fails before any corpus is read
-  parts = {'version': VERSION, 'corpus': d.corpus, 'corpus_fingerprint': corpora.fingerprint(d),
+  fp = instruct.fingerprint() if d.corpus == 'python_instruct' else corpora.fingerprint(d)
+  parts = {'version': VERSION, 'corpus': d.corpus, 'corpus_fingerprint': fp,
            'tokenizer': tspec, 'val_fraction': float(d.val_fraction), 'max_docs': int(d.max_docs)}
+  if d.format == 'chat':  # (text caches keep their names: these keys only exist for chat)
+    parts.update(format='chat', window=cfg.model.block_size + 1, template=render_template(
+        [{'role': r, 'content': ''} for r in ('system', 'user', 'assistant')]), pack_seed=PACK_SEED)
   key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
   return f'{d.corpus}-{tname}-{key}', parts
 
@@ -200,12 +221,19 @@ def _open(out: Path) -> Prepared | None:
         raise ValueError(f'{split}.bin size does not match the manifest')
     if not (out / 'tokenizer.json').is_file():
       raise ValueError('tokenizer.json missing')
+    window = int(m.get('window', 0))
     for split in ('train', 'val'):
       digest, top = file_digest(out / f'{split}.bin', dtype)
       if m.get(f'{split}_blake2b') not in (None, digest):  # caches made before the hash was recorded: sizes only
         raise ValueError(f'{split}.bin content does not match the hash in manifest.json')
       if top >= m['vocab_size']:
         raise ValueError(f'{split}.bin holds token id {top}, beyond the vocabulary of {m["vocab_size"]}')
+      if window:
+        if m[f'n_{split}'] % window:
+          raise ValueError(f'{split}.bin is not a whole number of {window}-token windows')
+        digest, top = file_digest(out / f'{split}.mask', np.dtype(np.uint8))
+        if m[f'{split}_mask_blake2b'] != digest or top > 1:
+          raise ValueError(f'{split}.mask content does not match the hash in manifest.json')
   except (FileNotFoundError, NotADirectoryError):  # not prepared yet (or cache_dir unusable: makedirs says so)
     return None
   except (OSError, ValueError, KeyError, TypeError) as e:
@@ -213,7 +241,7 @@ def _open(out: Path) -> Prepared | None:
     return None
   return Prepared(dir=out, train_path=out / 'train.bin', val_path=out / 'val.bin',
                   tokenizer_path=out / 'tokenizer.json', dtype=dtype, vocab_size=m['vocab_size'],
-                  n_train=m['n_train'], n_val=m['n_val'], eot_id=m['eot_id'], manifest=m)
+                  n_train=m['n_train'], n_val=m['n_val'], eot_id=m['eot_id'], manifest=m, window=window)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -249,29 +277,80 @@ def _clean_stale(root: Path):
       pass
 
 
-def _build(cfg: ConfigDict, root: Path, name: str, parts: dict) -> None:
+def _text_files(cfg: ConfigDict, tmp: Path) -> dict:
+  """Writes train.bin, val.bin and tokenizer.json of a text corpus into tmp; returns the manifest's fields."""
   d = cfg.data
-  t0 = time.time()
   corpus = corpora.load(d)
   train, val, mode = corpora.split_docs(corpus.docs, d.val_fraction)
   tok = build_tokenizer(cfg, corpus, train)
   dtype = toklib.dtype_for(tok.vocab_size)
+  n_train = encode_docs(tok, train, tmp / 'train.bin', dtype, 'tokenize train')
+  n_val = encode_docs(tok, val, tmp / 'val.bin', dtype, 'tokenize val')
+  tok.save(str(tmp / 'tokenizer.json'))
+  return {'corpus': corpus.name, 'corpus_info': corpus.info, 'tok': tok, 'dtype': dtype.name, 'n_train': n_train,
+          'n_val': n_val, 'n_train_docs': len(train), 'n_val_docs': len(val), 'train_chars': sum(map(len, train)),
+          'val_chars': sum(map(len, val)), 'split': mode, 'replaced_bytes': corpus.n_replaced}
+
+
+def _chat_files(cfg: ConfigDict, tmp: Path) -> dict:
+  """data.format=chat: conversations rendered with the chat template (ids + assistant mask), each followed by
+  <|endoftext|>, packed into windows of block_size + 1 tokens (data.chat_data.pack): train/val .bin and .mask."""
+  d, window = cfg.data, cfg.model.block_size + 1
+  train, val, info = chat_data.conversations(d)
+  text = {s: [render_template(c, add_generation_prompt=False) for c in convs] for s, convs in
+          (('train', train), ('val', val))}
+  tok = build_tokenizer(cfg, corpora.Corpus('chat', text['train'] + text['val']), text['train'])
+  if tok.pad_id is None:
+    raise UserError(f'data.tokenizer={d.tokenizer} has no <|pad|> token to fill the packed chat windows; use a '
+                    'tokenizer made by this project (char, bpe) or fine-tune from a run that has one')
+  dtype = toklib.dtype_for(tok.vocab_size)
+  out = {'corpus': d.corpus, 'corpus_info': info, 'tok': tok, 'dtype': dtype.name, 'format': 'chat',
+         'window': window, 'split': 'conversations'}
+  for split, convs in (('train', train), ('val', val)):
+    units = []
+    for c in tqdm(convs, desc=f'render {split}', unit='conv', disable=not _tty(), leave=False):
+      ids, mask = render_ids(tok, c)
+      units.append((ids + [tok.eot_id], mask + [0]))
+    ids, mask, stats = chat_data.pack(units, window, tok.pad_id, PACK_SEED)
+    _write_array(tmp / f'{split}.bin', ids.astype(dtype))
+    _write_array(tmp / f'{split}.mask', mask)
+    out[f'n_{split}'] = int(ids.size)
+    out[f'{split}_mask_blake2b'] = file_digest(tmp / f'{split}.mask', np.dtype(np.uint8))[0]
+    out[f'{split}_packing'] = stats
+    out[f'n_{split}_docs'] = len(convs)
+    if stats['dropped']:
+      log.warning('%s: %d of %d conversations are longer than block_size + 1 = %d tokens and were dropped (%d '
+                  'tokens); raise model.block_size to keep them', split, stats['dropped'], len(convs), window,
+                  stats['dropped_tokens'])
+  tok.save(str(tmp / 'tokenizer.json'))
+  return out
+
+
+def _write_array(path: Path, a: np.ndarray):
+  with open(path, 'wb') as f:
+    f.write(a.tobytes())
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _build(cfg: ConfigDict, root: Path, name: str, parts: dict) -> None:
+  d = cfg.data
+  t0 = time.time()
   root.mkdir(parents=True, exist_ok=True)
   _clean_stale(root)
   tmp = root / f'.tmp-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}'
   tmp.mkdir()
   try:
     (tmp / _MARKER).write_text(json.dumps({'pid': os.getpid(), 'host': socket.gethostname()}))
-    n_train = encode_docs(tok, train, tmp / 'train.bin', dtype, 'tokenize train')
-    n_val = encode_docs(tok, val, tmp / 'val.bin', dtype, 'tokenize val')
-    tok.save(str(tmp / 'tokenizer.json'))
-    digests = {f'{split}_blake2b': file_digest(tmp / f'{split}.bin', dtype)[0] for split in ('train', 'val')}
-    source = {k: d[k] for k in ('path', 'hub_name', 'hub_split', 'text_field', 'code_weight')}  # as first seen
-    m = {'name': name, 'key': parts, 'corpus': corpus.name, 'corpus_info': corpus.info, 'source': source,
+    got = (_chat_files if d.format == 'chat' else _text_files)(cfg, tmp)
+    tok = got.pop('tok')
+    digests = {f'{split}_blake2b': file_digest(tmp / f'{split}.bin', np.dtype(got['dtype']))[0]
+               for split in ('train', 'val')}
+    source = {k: d[k] for k in ('path', 'hub_name', 'hub_config', 'hub_revision', 'hub_split', 'text_field',
+                                'code_weight')}  # as first seen
+    m = {'name': name, 'key': parts, 'source': source,
          'tokenizer': {'spec': d.tokenizer, 'kind': tok.kind, 'hash': tok.hash}, 'vocab_size': tok.vocab_size,
-         'eot_id': tok.eot_id, 'pad_id': tok.pad_id, 'dtype': dtype.name, 'n_train': n_train, 'n_val': n_val,
-         'n_train_docs': len(train), 'n_val_docs': len(val), 'train_chars': sum(map(len, train)),
-         'val_chars': sum(map(len, val)), **digests, 'split': mode, 'replaced_bytes': corpus.n_replaced,
+         'eot_id': tok.eot_id, 'pad_id': tok.pad_id, **got, **digests,
          'seconds': round(time.time() - t0, 2), 'created': time.strftime('%Y-%m-%dT%H:%M:%S')}
     # The manifest goes last and the rename publishes the directory: both are what "complete" means.
     (tmp / _MARKER).unlink()
@@ -288,7 +367,7 @@ def _build(cfg: ConfigDict, root: Path, name: str, parts: dict) -> None:
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  log.info('prepared %s in %.1fs: %d train + %d val tokens', out, time.time() - t0, n_train, n_val)
+  log.info('prepared %s in %.1fs: %d train + %d val tokens', out, time.time() - t0, m['n_train'], m['n_val'])
 
 
 def prepare(cfg: ConfigDict) -> Prepared:
@@ -303,6 +382,10 @@ def prepare(cfg: ConfigDict) -> Prepared:
       raise UserError(f'the cache {root / name} was written but cannot be read back; is the disk full?')
   need = cfg.model.block_size + 1
   for split, n in (('train', prep.n_train), ('val', prep.n_val)):
+    if n < need and prep.chat:
+      st = prep.manifest[f'{split}_packing']
+      raise UserError(f'the {split} split of corpus {cfg.data.corpus} keeps no conversation: all {st["dropped"]} '
+                      f'are longer than model.block_size + 1 = {need} tokens; raise model.block_size')
     if n < need:
       hint = 'raise data.val_fraction, ' if split == 'val' else ''
       raise UserError(f'the {split} split of corpus {cfg.data.corpus} has {n} tokens, fewer than model.block_size'

@@ -74,12 +74,30 @@ def check_same_tokenizer(meta: dict, tok_json: str, where: str, data=None):
                     f'--config.data.tokenizer=<the run\'s tokenizer.json>, or use a new --workdir')
 
 
-def check_same_model(old: dict, new: ModelConfig, where: str):
+def check_same_model(old: dict, new: ModelConfig, where: str, fine_tune: bool = False):
+  """Refuses another architecture. Fine-tuning may change block_size (and with RoPE max_positions: no weights
+  depend on it); fit_positions has then given a learned-position model its source's table size."""
+  free = ('dropout', 'dtype') + (('block_size', 'max_positions') if fine_tune and new.pos == 'rope' else
+                                 ('block_size',) if fine_tune else ())
   diff = [f'{k}: checkpoint {old[k]!r} vs config {v!r}' for k, v in new.to_dict().items()
-          if k in old and old[k] != v and k not in ('dropout', 'dtype')]
+          if k in old and old[k] != v and k not in free]
   if diff:
     raise UserError(f'{where} was trained with a different model ({"; ".join(diff)}); '
                     'use the same model config or a new --workdir')
+
+
+def fit_positions(cfg, old: ModelConfig, where: str):
+  """Fine-tuning at another block size (pretrain at 512, fine-tune at 1024): RoPE has no position weights, so
+  any size works; a learned position table keeps its source's rows, which must cover the new block_size."""
+  m = cfg.model
+  if old.pos != 'learned' or m.pos != 'learned' or m.max_positions is not None:
+    return
+  if m.block_size > old.max_positions:
+    raise UserError(f'{where} has learned positions for {old.max_positions} tokens; model.block_size='
+                    f'{m.block_size} exceeds them: fine-tune with model.block_size <= {old.max_positions} (a RoPE '
+                    'model can change its block size freely)')
+  with cfg.unlocked():
+    m.max_positions = old.max_positions
 
 
 def available_memory() -> tuple[int, str] | None:
@@ -176,19 +194,23 @@ def open_run(cfg, workdir: str) -> Run:
   if t.init_from and wd.finished_steps(workdir):  # a fine-tune resumes from its own weights and tokenizer,
     own = os.path.join(workdir, 'tokenizer.json')  # so the base run may since have moved or gone
     tok0 = Path(own).read_text() if os.path.isfile(own) else None
+    if cfg.model.max_positions is None and os.path.isfile(os.path.join(workdir, 'config.json')):
+      with cfg.unlocked():  # the table size fit_positions chose when the fine-tune started
+        cfg.model.max_positions = wd.read_run_config(workdir).model.max_positions
   elif t.init_from:  # fine-tuning: another run's best weights (and its tokenizer)
     if not os.path.isdir(t.init_from):
       raise UserError(f'train.init_from={t.init_from!r} is not a workdir; convert other formats with '
                       'python -m torch_compat.import_ckpt first')
     src = checkpoint.load_for_inference(t.init_from, 'best')
     tok0 = src[2]
+    fit_positions(cfg, src[0], f'train.init_from={t.init_from!r}')
   prep = prepare_data(cfg, workdir, tok0)
   mc = config_lib.model_config(cfg, prep.vocab_size)
   if prep.vocab_size > mc.vocab_size:
     raise UserError(f'the tokenizer has {prep.vocab_size} tokens but model.vocab_size={mc.vocab_size}; '
                     f'raise model.vocab_size or lower data.vocab_size')
   if src:
-    check_same_model(src[0].to_dict(), mc, f'train.init_from={t.init_from!r}')
+    check_same_model(src[0].to_dict(), mc, f'train.init_from={t.init_from!r}', fine_tune=True)
     gdef, params = nnx.split(src[1])
   else:
     gdef, params = nnx.split(init_model(mc, t.seed))
@@ -291,10 +313,11 @@ def _loop(r: Run) -> dict:
   r.mon_close = lambda: (mon.bar.close(), mon.tb.close())
   stop, status, bad = Stop(), 'running', None
   state = r.state
+  chat = cfg.data.format == 'chat'  # trained on the chat template: chat, generate and evaluate use it
 
   def save(step: int, val_loss: float | None):
     meta = {'step': step, 'val_loss': val_loss, 'model_config': mc.to_dict(), 'config': config_lib.to_plain(cfg),
-            'tokenizer': r.tok_json, **mon.state()}
+            'tokenizer': r.tok_json, 'instruction_tuned': chat, 'loss_over': mon.loss_over, **mon.state()}
     r.ck.save(step, state['params'], meta, state['opt'], r.it, val_loss)
 
   def next_batches(n_steps: int) -> dict:

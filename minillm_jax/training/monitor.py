@@ -90,6 +90,8 @@ class Monitor:
     self.prev_eval = meta.get('prev_eval')  # (train_loss, val_loss) at the previous evaluation
     self.last_train = meta.get('last_train_loss')
     self.pending, self.rows_in = [], []  # per call (device); per step (host), not yet a row
+    # what train_loss and val_loss average over: every token, or (chat) the assistant replies' tokens only
+    self.loss_over = 'assistant_tokens' if cfg.data.format == 'chat' else 'all_tokens'
     self.since_eval = list(meta.get('since_eval', []))  # step losses since the last evaluation (the train loss
     # printed beside the next val loss: a run resumed between evaluations continues the same mean)
     self.t_run, self.t_flush, self.warm, self.step = time.time(), None, False, start
@@ -98,6 +100,8 @@ class Monitor:
                     disable=None)
 
   def _write(self, row: dict):
+    if self.loss_over != 'all_tokens':  # (text runs' rows stay as they were)
+      row = {**row, 'loss_over': self.loss_over}
     wd.append_metrics(self.workdir, row)
     for k, v in row.items():
       if k not in ('step', 'time') and isinstance(v, (int, float)) and v is not None and math.isfinite(v):

@@ -25,13 +25,12 @@ from absl import flags
 from minillm_jax import cli
 from minillm_jax import workdir as wd
 from minillm_jax.config import UserError
-from minillm_jax.data.template import END, render_plain, render_template
+from minillm_jax.data.template import END, PLAIN_STOPS, render_plain, render_template
 from minillm_jax.inference import frontend as fe
 from minillm_jax.inference import load
 from minillm_jax.inference.backend import Backend, SampleParams
 from minillm_jax.inference.text import encode_prompt, printable, stream, warn_unknown_chars
 
-PLAIN_STOPS = ('\nUser:', '\nAssistant:')
 # The longest reply /len and --max_new_tokens allow: beyond the context the decoder slides (a new prefill every
 # context/2 tokens), so a reply this long already takes minutes on a CPU; Ctrl-C stops any reply early.
 MAX_REPLY_TOKENS = 16384

@@ -11,6 +11,10 @@ Suites (--suites, comma separated):
         (generated functions against small unit tests, each in its own subprocess with a time limit, never
         in-process); overall is the mean of the categories
   text  samples for fixed prompts (the run's sampling settings), distinct-1/2 and repetition rate
+  chat  assistant-token perplexity on held-out instructions and the execution tasks asked as instructions
+        (minillm_jax.evals.chat_eval); on by default when a --workdir was fine-tuned on chat data
+
+  python -m minillm_jax.evaluate --workdir=runs/tiny_mini --workdir=runs/tiny_sft_mini --suites=code,chat
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from absl import flags
 from minillm_jax import cli
 from minillm_jax import workdir as wd
 from minillm_jax.config import UserError
+from minillm_jax.evals import chat_eval
 from minillm_jax.evals import suites as ev
 from minillm_jax.evals.figures import figure_path
 from minillm_jax.inference import frontend as fe
@@ -33,11 +38,13 @@ def main(argv):
   f = flags.FLAGS
   if len(argv) > 1:
     raise UserError(f'unexpected arguments {argv[1:]}; flags go as --name=value')
-  suites = [s.strip() for s in f.suites.split(',') if s.strip()]
+  sources = [('workdir', w) for w in f.workdir] + [('ckpt', c) for c in f.ckpt]
+  spec = f.suites if f.suites is not None else ','.join(
+      ev.DEFAULT_SUITES + (('chat',) if any(map(_chat_run, f.workdir)) else ()))
+  suites = [s.strip() for s in spec.split(',') if s.strip()]
   bad = [s for s in suites if s not in ev.SUITES]
   if bad or not suites:
     raise UserError(f'--suites={f.suites!r}: use a comma list of {", ".join(ev.SUITES)}')
-  sources = [('workdir', w) for w in f.workdir] + [('ckpt', c) for c in f.ckpt]
   if not sources:
     raise UserError('nothing to evaluate: pass --workdir=RUN_DIR and/or --ckpt=PATH (repeat to compare)')
   for name, v, ok in (('max_eval_tokens', f.max_eval_tokens, f.max_eval_tokens >= 1),
@@ -55,8 +62,12 @@ def main(argv):
   _check_replaceable(out)
   if f.plot:
     figure_path(f.plot, 'plot')
-    if not {'ppl', 'code'} & set(suites):
-      raise UserError(f'--plot draws the ppl and code suites; --suites={f.suites} has neither')
+    if not {'ppl', 'code', 'chat'} & set(suites):
+      raise UserError(f'--plot draws the ppl, code and chat suites; --suites={f.suites} has none of them')
+  held = None
+  if 'chat' in suites:  # every model is scored on the same held-out conversations
+    chat_runs = [w for w in f.workdir if _chat_run(w)]
+    held = chat_eval.held_out(wd.read_run_config(chat_runs[0]).to_dict() if chat_runs else None)
   runs = []
   for kind, path in sources:
     try:
@@ -68,7 +79,7 @@ def main(argv):
         print(f'code suite: execution skipped for --{kind}={path}: it is not a run trained here, and running its '
               'generated code needs --execute (it runs in the sandbox: see the README)', file=sys.stderr, flush=True)
       runs.append(ev.evaluate(be, suites, f.text, f.max_eval_tokens, f.max_new_tokens, f.exec_timeout, f.seed,
-                              execute))
+                              execute, held))
       del be
     except UserError as e:  # a source that fails late (its corpus deleted, ...) keeps the finished ones
       if runs:
@@ -77,9 +88,19 @@ def main(argv):
     wd.write_atomic(out, json.dumps({'suites': suites, 'runs': runs}, indent=1, ensure_ascii=False))  # after each
   print(ev.table(runs))
   print(f'wrote {out}')
-  png = f.plot or (os.path.splitext(out)[0] + '.png' if len(runs) > 1 and set(suites) & {'ppl', 'code'} else '')
+  png = f.plot or (os.path.splitext(out)[0] + '.png' if len(runs) > 1 and set(suites) & {'ppl', 'code', 'chat'}
+                   else '')
   if png:
     print(f'wrote {ev.plot(runs, png)}')
+
+
+def _chat_run(workdir: str) -> bool:
+  """Whether a run directory's config.json says it was fine-tuned on chat data (without loading the run)."""
+  try:
+    with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as fh:
+      return json.load(fh)['data']['format'] == 'chat'
+  except (OSError, ValueError, KeyError, TypeError):
+    return False
 
 
 def _check_writable(path: str | None):
@@ -123,7 +144,8 @@ if __name__ == '__main__':
   flags.DEFINE_string('device', None, 'torch device; default MPS > CUDA > CPU.')
   fe.define_weights_flag()
   flags.adopt_module_key_flags(fe)
-  flags.DEFINE_string('suites', ','.join(ev.SUITES), 'Comma list of ppl, code, text.')
+  flags.DEFINE_string('suites', None, 'Comma list of ppl, code, text, chat (default: ppl,code,text, plus chat when a '
+                      '--workdir was fine-tuned on chat data).')
   flags.DEFINE_string('text', None, 'Perplexity on this UTF-8 file instead of the validation split.')
   flags.DEFINE_integer('max_eval_tokens', 16384, 'Tokens scored for perplexity (from the start of the text).')
   flags.DEFINE_integer('max_new_tokens', 128, 'Tokens per generated function / text sample.')

@@ -103,7 +103,7 @@ def test_cli_writes_json_with_every_category_and_compares_runs(tmp_path):
                  '--max_eval_tokens=300', f'--out={out}', '--exec_timeout=2', timeout=600)
   assert r.returncode == 0, r.stderr
   d = json.loads(out.read_text())
-  assert [x['backend'] for x in d['runs']] == ['jax', 'torch'] and d['suites'] == list(ev.SUITES)
+  assert [x['backend'] for x in d['runs']] == ['jax', 'torch'] and d['suites'] == list(ev.DEFAULT_SUITES)
   assert [x['weights'] for x in d['runs']] == ['float32', 'float32']
   own, other = d['runs']  # generated code runs for a run trained here, not for someone else's .pt
   assert set(own['code']['categories']) == set(ce.CODE_CATEGORIES) and own['code']['executed']
@@ -134,7 +134,7 @@ def test_cli_writes_json_with_every_category_and_compares_runs(tmp_path):
                     ([f'--workdir={a}', f'--workdir={tmp_path}/none'], f'--workdir={tmp_path}/none does not exist'),
                     ([f'--workdir={a}', f'--out={text}/e.json'], f'cannot write {text}/e.json'),
                     ([f'--workdir={a}', f'--out={tmp_path}'], 'it is a directory'),
-                    ([f'--workdir={a}', '--suites=text', f'--plot={tmp_path}/p.png'], 'has neither')):
+                    ([f'--workdir={a}', '--suites=text', f'--plot={tmp_path}/p.png'], 'has none of them')):
     r = run_module('minillm_jax.evaluate', *args)
     assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 

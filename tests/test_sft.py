@@ -180,6 +180,18 @@ def test_pretrain_then_fine_tune_lowers_the_assistant_loss(tmp_path):
   be = load.load(workdir=f'{tmp}/sft')
   assert be.instruction_tuned and be.context == 128
   assert not load.load(workdir=f'{tmp}/base').instruction_tuned
+  # evaluate compares both on the fine-tune's held-out conversations (the chat suite is on by default for it)
+  r = run_module('minillm_jax.evaluate', f'--workdir={tmp}/base', f'--workdir={tmp}/sft', '--suites=ppl,chat',
+                 '--max_new_tokens=8', '--max_eval_tokens=200', f'--out={tmp}/cmp.json')
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert 'asst-ppl' in r.stdout and os.path.getsize(f'{tmp}/cmp.png') > 10000
+  with open(f'{tmp}/cmp.json') as f:
+    b, s = (run['chat'] for run in json.load(f)['runs'])
+  assert b['assistant']['data'] == s['assistant']['data'] == 'local val'
+  assert b['assistant']['tokens'] == s['assistant']['tokens'] > 0
+  assert s['assistant']['nll'] < b['assistant']['nll'] - 0.3
+  assert (b['execution']['template'], s['execution']['template']) == ('plain', 'chat')
+  assert 0 <= s['execution']['pass_rate'] <= 1 and len(s['execution']['details']) == 6
   # resume: the last checkpoint lost (as when a run is killed just after step 30's save) gives the same losses
   shutil.copytree(f'{tmp}/sft', f'{tmp}/cut')
   shutil.rmtree(f'{tmp}/cut/checkpoints/40')

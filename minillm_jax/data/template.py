@@ -81,6 +81,9 @@ def render_ids(tok, messages: list[dict], add_generation_prompt: bool = False) -
   return ids, mask
 
 
+PLAIN_STOPS = ('\nUser:', '\nAssistant:')  # where a reply ends in render_plain's transcript
+
+
 def render_plain(messages: list[dict], add_generation_prompt: bool = True) -> str:
   """Plain transcript for models without the template: 'User: ...\\nAssistant: ...\\n' per exchange."""
   out = []

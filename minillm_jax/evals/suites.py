@@ -11,12 +11,14 @@ import numpy as np
 from minillm_jax import config as config_lib
 from minillm_jax.config import UserError
 from minillm_jax.data import corpora
-from minillm_jax.evals import code_eval
+from minillm_jax.data.template import render_template
+from minillm_jax.evals import chat_eval, code_eval
 from minillm_jax.evals.figures import save_figure
 from minillm_jax.inference import text
 from minillm_jax.inference.backend import Backend
 
-SUITES = ('ppl', 'code', 'text')
+SUITES = ('ppl', 'code', 'text', 'chat')
+DEFAULT_SUITES = ('ppl', 'code', 'text')  # + chat when a run was fine-tuned on chat data (evaluate decides)
 TEXT_PROMPTS = ('Once upon a time', 'To be or not to be', 'The meaning of life is', 'In the beginning',
                 'She opened the door and')
 
@@ -57,7 +59,10 @@ def val_tokens(be: Backend, limit: int | None = None) -> tuple[list[int], list[i
   if not plain:
     raise UserError(f'{be.source} carries no run config, so its validation split is unknown; pass --text=FILE')
   cfg = config_lib.from_plain(plain)
-  _, val, _ = corpora.split_docs(corpora.load(cfg.data).docs, cfg.data.val_fraction)
+  if cfg.data.format == 'chat':  # the held-out conversations as the template renders them (every token counts)
+    val = [render_template(c, add_generation_prompt=False) for c in chat_eval.held_out(plain)[1]]
+  else:
+    _, val, _ = corpora.split_docs(corpora.load(cfg.data).docs, cfg.data.val_fraction)
   return tokens_and_bytes(be.tok, val, eot=True, limit=limit)
 
 
@@ -113,8 +118,9 @@ def perplexity(be: Backend, tokens: tuple[list[int], list[int]], max_tokens: int
 
 # ------------------------------------------------------------------------------------------------ runner
 
-def evaluate(be: Backend, suites=SUITES, text_path: str | None = None, max_tokens: int = 16384,
-             max_new: int = 128, timeout: float = 3.0, seed: int = 0, execute: bool = True) -> dict:
+def evaluate(be: Backend, suites=DEFAULT_SUITES, text_path: str | None = None, max_tokens: int = 16384,
+             max_new: int = 128, timeout: float = 3.0, seed: int = 0, execute: bool = True, held=None) -> dict:
+  """The suites' results for one model. `held`: the chat suite's held-out conversations (chat_eval.held_out)."""
   out = {'name': run_name(be), 'source': be.source, 'step': be.step, 'backend': be.name, 'weights': be.weights,
          'context': be.context, 'instruction_tuned': be.instruction_tuned}
   if 'ppl' in suites:
@@ -133,6 +139,8 @@ def evaluate(be: Backend, suites=SUITES, text_path: str | None = None, max_token
     out['code'] = code_eval.code_suite(be, max_new, timeout, execute)
   if 'text' in suites:
     out['text'] = text_suite(be, max_new, seed)
+  if 'chat' in suites:
+    out['chat'] = chat_eval.chat_suite(be, max_new, timeout, execute, held)
   return out
 
 
@@ -149,12 +157,22 @@ def table(runs: list[dict]) -> str:
   if any('code' in r for r in runs):
     cols += [('code', lambda r: f'{r["code"]["overall"]:.3f}')]
     cols += [(c.split('_')[0][:8], lambda r, c=c: f'{r["code"]["categories"][c]:.2f}') for c in code_eval.CODE_CATEGORIES]
+  if any('chat' in r for r in runs):
+    cols += [('asst-ppl', lambda r: f'{r["chat"]["assistant"]["perplexity"]:.3f}'),
+             ('chat-exec', lambda r: f'{r["chat"]["execution"]["pass_rate"]:.2f}')]
   if any('text' in r for r in runs):
     cols += [('dist-1', lambda r: f'{r["text"]["distinct_1"]:.3f}'), ('dist-2', lambda r: f'{r["text"]["distinct_2"]:.3f}'),
              ('rep', lambda r: f'{r["text"]["repetition_rate"]:.3f}')]
   rows = [[h for h, _ in cols]] + [[_cell(fn, r) for _, fn in cols] for r in runs]
   w = [max(len(row[i]) for row in rows) for i in range(len(cols))]
   return '\n'.join('  '.join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(row)) for row in rows)
+
+
+def _value(fn, r) -> float:
+  try:
+    return float(fn(r))
+  except KeyError:
+    return float('nan')
 
 
 def _cell(fn, r) -> str:
@@ -165,36 +183,40 @@ def _cell(fn, r) -> str:
 
 
 def plot(runs: list[dict], path: str) -> str:
-  """PNG: perplexity per run (left) and code scores per category and overall per run (right)."""
+  """PNG: perplexities per run (left: validation text, held-out assistant replies) and code scores per category,
+  overall and instruction execution per run (right)."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  panels = [p for p in ('perplexity', 'code') if any(p in r for r in runs)]
+  panels = [p for p, k in (('perplexity', ('perplexity', 'chat')), ('code', ('code', 'chat')))
+            if any(x in r for r in runs for x in k)]
   if not panels:
-    raise UserError('nothing to plot: run the ppl or code suite')
+    raise UserError('nothing to plot: run the ppl, code or chat suite')
   fig, axes = plt.subplots(1, len(panels), figsize=(6 + 4 * (len(panels) - 1), 4.5), squeeze=False)
-  names = [r['name'] for r in runs]
   colors = plt.cm.tab10(np.arange(len(runs)) % 10)
   for ax, p in zip(axes[0], panels):
-    if p == 'perplexity':
-      vals = [r.get('perplexity', {}).get('perplexity', np.nan) for r in runs]
-      bars = ax.bar(range(len(runs)), vals, color=colors)
-      ax.bar_label(bars, fmt='%.2f')
-      ax.set_xticks(range(len(runs)), names, rotation=15, ha='right')
-      ax.set_ylabel('perplexity (lower is better)')
-      ax.set_title('perplexity')
+    if p == 'perplexity':  # the validation text, and (chat suite) the held-out replies
+      groups = [('val text', lambda r: r['perplexity']['perplexity']),
+                ('assistant tokens', lambda r: r['chat']['assistant']['perplexity'])]
+      ylabel, title = 'perplexity (lower is better)', 'perplexity'
     else:
-      cats = list(code_eval.CODE_CATEGORIES) + ['overall']
-      width = 0.8 / len(runs)
-      for i, r in enumerate(runs):
-        c = r.get('code')
-        vals = [c['categories'].get(k, np.nan) for k in code_eval.CODE_CATEGORIES] + [c['overall']] if c else [np.nan] * len(cats)
-        ax.bar(np.arange(len(cats)) + (i - (len(runs) - 1) / 2) * width, vals, width, label=r['name'],
-               color=colors[i])
-      ax.set_xticks(range(len(cats)), cats, rotation=35, ha='right', fontsize=8)
+      groups = [(k, lambda r, k=k: r['code']['categories'][k]) for k in code_eval.CODE_CATEGORIES]
+      groups += [('overall', lambda r: r['code']['overall']),
+                 ('chat execution', lambda r: r['chat']['execution']['pass_rate'])]
+      ylabel, title = 'score (higher is better)', 'code'
+    groups = [(g, fn) for g, fn in groups if any(not math.isnan(_value(fn, r)) for r in runs)]
+    width = 0.8 / len(runs)
+    for i, r in enumerate(runs):
+      bars = ax.bar(np.arange(len(groups)) + (i - (len(runs) - 1) / 2) * width, [_value(fn, r) for _, fn in groups],
+                    width, label=r['name'], color=colors[i])
+      if p == 'perplexity':
+        ax.bar_label(bars, fmt='%.2f', fontsize=7)
+    ax.set_xticks(range(len(groups)), [g for g, _ in groups], rotation=35 if p == 'code' else 0,
+                  ha='right' if p == 'code' else 'center', fontsize=8)
+    if p == 'code':
       ax.set_ylim(0, 1.05)
-      ax.set_ylabel('score (higher is better)')
-      ax.set_title('code suite')
-      ax.legend(fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
   fig.tight_layout()
   return save_figure(fig, path, 'plot')

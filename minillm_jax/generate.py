@@ -6,7 +6,9 @@
   python -m minillm_jax.generate --workdir=runs/x --interactive                   # prompt after prompt
   python -m minillm_jax.generate demo --workdir=runs/x                            # the classic prompts
 
-Unset sampling flags come from the run config's `sample` section. Streamed text is decoded token by token with
+An instruction-tuned model (fine-tuned on chat data) gets the prompt as a user message through the chat template
+and its reply ends at <|end|>; --template=off continues the raw text instead. Unset sampling flags come from the
+run config's `sample` section. Streamed text is decoded token by token with
 the tokenizer's DecodeStream, so a character split over several byte tokens appears whole.
 """
 from __future__ import annotations
@@ -25,10 +27,21 @@ from minillm_jax.inference.backend import Backend
 DEMO_PROMPTS = ('Once upon a time', 'def quick_sort(collection):', 'To be or not to be')
 
 
+def _prompt(be: Backend, prompt: str) -> tuple[list[int], list[int] | None]:
+  """(prompt ids, stop ids): through the chat template for an instruction-tuned model (--template)."""
+  mode = flags.FLAGS.template
+  if mode == 'on' and not be.instruction_tuned:
+    raise UserError('--template=on: this model is not instruction-tuned (its checkpoint does not say so, or its '
+                    'tokenizer lacks the chat tokens)')
+  if mode != 'off' and be.instruction_tuned:
+    return text.instruction_prompt(be, prompt)
+  return text.encode_prompt(be, prompt), None
+
+
 def _one(be: Backend, prompt: str, sp, max_new, seed, stop, style: fe.Style):
-  ids = text.encode_prompt(be, prompt)
-  sys.stdout.write(style(text.printable(prompt), 'bold'))
-  _, interrupted = fe.print_stream(text.stream(be, ids, max_new, sp, seed, stop), style)
+  ids, stop_ids = _prompt(be, prompt)
+  sys.stdout.write(style(text.printable(prompt), 'bold') + ('\n' if stop_ids else ''))
+  _, interrupted = fe.print_stream(text.stream(be, ids, max_new, sp, seed, stop, stop_ids), style)
   print(style(' [interrupted]', 'yellow') if interrupted else '', flush=True)
 
 
@@ -76,10 +89,10 @@ def main(argv):
   if f.num_samples == 1:
     _one(be, prompt, sp, max_new, seed, stop, style)
     return
-  ids = text.encode_prompt(be, prompt)
-  for i, out in enumerate(text.complete(be, [ids] * f.num_samples, max_new, sp, seed, stop)):
+  ids, stop_ids = _prompt(be, prompt)
+  for i, out in enumerate(text.complete(be, [ids] * f.num_samples, max_new, sp, seed, stop, stop_ids)):
     print(style(f'--- sample {i + 1} ---', 'cyan'))
-    print(style(text.printable(prompt), 'bold') + text.printable(out), flush=True)
+    print(style(text.printable(prompt), 'bold') + ('\n' if stop_ids else '') + text.printable(out), flush=True)
 
 
 if __name__ == '__main__':
@@ -89,4 +102,6 @@ if __name__ == '__main__':
   flags.DEFINE_string('prompt', None, 'Text to continue (default: the run config\'s sample.prompt).')
   flags.DEFINE_integer('num_samples', 1, 'Samples of the same prompt, decoded as one batch.')
   flags.DEFINE_bool('interactive', False, 'Read prompts from the terminal one after another.')
+  flags.DEFINE_enum('template', 'auto', ['auto', 'on', 'off'], 'auto: an instruction-tuned model gets the prompt '
+                    'as a user message through the chat template (reply ends at <|end|>); off: raw continuation.')
   cli.run(main)

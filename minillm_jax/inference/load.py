@@ -7,10 +7,14 @@ import os
 from minillm_jax import config as config_lib
 from minillm_jax import workdir as wd
 from minillm_jax.config import UserError
+from minillm_jax.data.template import ASSISTANT, END, USER
 from minillm_jax.data.tokenizer import Tok
 from minillm_jax.inference import jax_backend
-from minillm_jax.inference.backend import Backend, SampleParams, check_weights
+from minillm_jax.inference import text as text_lib
+from minillm_jax.inference.backend import Backend, SampleParams, check_weights, is_instruction_tuned
 from minillm_jax.training import checkpoint
+
+SFT_PROMPT = 'Write a Python function `is_even(n)`: Return True if n is even.'  # an instruction-tuned run's sample
 
 
 def _tok(tok_json: str, where: str) -> Tok:
@@ -80,9 +84,16 @@ def print_sample(workdir: str, step: str | int = 'best') -> str:
   _, model, tok_json, meta = checkpoint.load_for_inference(workdir, step)
   tok = Tok.from_json_str(tok_json)
   s = config_lib.from_plain(meta['config']).sample
-  ids = jax_backend.generate(model, tok.encode(s.prompt) or [tok.eot_id or 0], s.max_new_tokens,
-                             SampleParams.from_config(s), seed=s.seed)[0].tolist()
-  text = s.prompt + tok.decode(ids)
+  if is_instruction_tuned(meta, tok):  # an instruction through the chat template; the reply ends at <|end|>
+    ask = s.prompt or SFT_PROMPT
+    be = jax_backend.JaxBackend(model, tok, meta)
+    ids, stops = text_lib.instruction_prompt(be, ask)
+    reply = text_lib.complete(be, [ids], s.max_new_tokens, SampleParams.from_config(s), s.seed, (), stops)[0]
+    text = f'{USER}{ask}{END}{ASSISTANT}\n{reply}'
+  else:
+    ids = jax_backend.generate(model, tok.encode(s.prompt) or [tok.eot_id or 0], s.max_new_tokens,
+                               SampleParams.from_config(s), seed=s.seed)[0].tolist()
+    text = s.prompt + tok.decode(ids)
   print(f'--- sample (step {meta["step"]}, val loss {meta.get("val_loss")}) ---\n{text}\n---', flush=True)
   with open(os.path.join(workdir, 'samples.txt'), 'a') as f:
     f.write(f'--- step {meta["step"]} ---\n{text}\n')

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from minillm_jax.config import UserError
+from minillm_jax.data.template import END, render_template
 from minillm_jax.data.tokenizer import SPECIALS, UNK
 from minillm_jax.inference.backend import Backend, SampleParams
 
@@ -118,6 +119,13 @@ def complete(be: Backend, prompts: Sequence[Sequence[int]], max_new_tokens: int,
     ts = TextStream(be, stop, stop_ids)
     out.append(''.join(ts.feed(t) for t in ids) + ts.finish())
   return out
+
+
+def instruction_prompt(be: Backend, prompt: str) -> tuple[list[int], list[int]]:
+  """(prompt ids, stop ids) of one user message through the chat template, for an instruction-tuned model: the
+  reply ends at <|end|> (or end-of-text). Cropped from the left like encode_prompt."""
+  ids = encode_prompt(be, render_template([{'role': 'user', 'content': prompt}]))
+  return ids, [be.tok.token_to_id(END), be.tok.eot_id]
 
 
 def default_stop_ids(be: Backend) -> list[int]:

@@ -17,7 +17,7 @@ from test_train import args, metrics
 
 from minillm_jax import config as config_lib
 from minillm_jax.config import UserError
-from minillm_jax.data import chat_data, pipeline, prepare, template
+from minillm_jax.data import chat_data, hub, pipeline, prepare, template
 from minillm_jax.data.tokenizer import CHAT, PAD
 from minillm_jax.inference import load
 from minillm_jax.training import checkpoint
@@ -192,6 +192,13 @@ def test_pretrain_then_fine_tune_lowers_the_assistant_loss(tmp_path):
   assert s['assistant']['nll'] < b['assistant']['nll'] - 0.3
   assert (b['execution']['template'], s['execution']['template']) == ('plain', 'chat')
   assert 0 <= s['execution']['pass_rate'] <= 1 and len(s['execution']['details']) == 6
+  # generate: an instruction-tuned model answers the prompt as a user message and stops at <|end|>
+  r = run_module('minillm_jax.generate', f'--workdir={tmp}/sft', '--prompt=the word after beta number 4.',
+                 '--temperature=0', '--max_new_tokens=40')
+  assert r.returncode == 0 and r.stdout.startswith('the word after beta number 4.\n'), r.stderr[-1500:]
+  assert '<|' not in r.stdout
+  r = run_module('minillm_jax.generate', f'--workdir={tmp}/base', '--prompt=alpha', '--template=on')
+  assert r.returncode == 2 and 'this model is not instruction-tuned' in r.stderr
   # resume: the last checkpoint lost (as when a run is killed just after step 30's save) gives the same losses
   shutil.copytree(f'{tmp}/sft', f'{tmp}/cut')
   shutil.rmtree(f'{tmp}/cut/checkpoints/40')
@@ -228,3 +235,29 @@ def test_chat_format_config_errors():
   cfg.data.corpus = 'python_instruct'
   with pytest.raises(config_lib.ConfigError, match='python_instruct holds conversations: set data.format=chat'):
     config_lib.validate(cfg)
+
+
+def test_hub_chat_records_pass_subset_and_revision(monkeypatch):
+  calls = []
+
+  class Rows(list):
+    def to_list(self):
+      return list(self)
+
+  def load_dataset(path, split=None, streaming=False, **kw):  # datasets.load_dataset(path, name=subset, ...)
+    calls.append((path, split, streaming, kw))
+    return Rows(_records(_conversations(10), 'opc-sft'))
+
+  monkeypatch.setattr(hub, 'offline_reason', lambda: None)
+  monkeypatch.setattr(hub, 'datasets_module', lambda offline: type('D', (), {'load_dataset': staticmethod(load_dataset)}))
+  cfg = config_lib.default_config()
+  cfg.data.update(corpus='hub', format='chat', hub_name='OpenCoder-LLM/opc-sft-stage2',
+                  hub_config='educational_instruct', hub_revision='v1')
+  train, val, info = chat_data.conversations(config_lib.validate(cfg).data)
+  assert calls == [('OpenCoder-LLM/opc-sft-stage2', 'train', False, {'name': 'educational_instruct', 'revision': 'v1'})]
+  assert len(train) + len(val) == 10 and all(c[-1]['role'] == 'assistant' for c in train + val)
+  assert list(info['schemas'].values()) == ['opc-sft']
+  cfg.data.hub_revision = 'v2'  # another revision is another cache
+  other = config_lib.validate(cfg)
+  assert prepare.cache_key(other)[0] != prepare.cache_key(config_lib.validate(config_lib.from_plain(
+      {**cfg.to_dict(), 'data': {**cfg.data.to_dict(), 'hub_revision': 'v1'}})))[0]

@@ -21,6 +21,8 @@ def curves(workdirs: list[str], out: str) -> str:
     if not rows:
       raise UserError(f'{w!r} has no metrics.jsonl rows; is it a run directory?')
     name = os.path.basename(os.path.normpath(w))
+    if any(r.get('loss_over') == 'assistant_tokens' for r in rows):  # a chat fine-tune: the replies' loss only
+      name += ' (assistant tokens)'
     tr = [r for r in rows if 'train_loss' in r]
     va = [r for r in rows if 'val_loss' in r]
     ax_tr.plot([r['step'] for r in tr], [r['train_loss'] for r in tr], label=name)

@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 needed"' \
 	  || { echo "error: need Python 3.11+ as $(PYTHON) (make PYTHON=python3.11 ...)"; exit 2; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[torch,dev,blas]'
+	$(PY) -m pip install --quiet -e '.[torch,dev,blas,serve]'
 	touch $(STAMP)
 
 run: $(STAMP)

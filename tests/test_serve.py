@@ -177,6 +177,7 @@ def test_bad_requests_get_400_in_openai_shape_and_the_server_lives(servers):
   code, err = http_json(srv, 'POST', '/v1/chat/completions', {'messages': [{'role': 'robot', 'content': 'x'}]})
   assert code == 400 and err['error']['param'] == 'messages'
   assert http_json(srv, 'GET', '/v1/nothing')[0] == 404
+  assert http_json(srv, 'POST', '/v1/completions', {'prompt': 'x' * (5 << 20)})[0] == 413
   with pytest.raises(openai.BadRequestError, match='temperature'):
     srv.client().completions.create(model='x', prompt='hi', temperature=-1)
   code, ok = http_json(srv, 'POST', '/v1/completions', {'prompt': 'hi', 'max_tokens': 2})

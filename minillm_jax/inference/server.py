@@ -7,7 +7,8 @@
 
 Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 for a bad request (unknown field,
 bad value, malformed JSON, a prompt or max_tokens beyond the context), 401 without the API key, 404/405 for
-other paths and methods, 429 when the queue is full. A failing request never takes the server down.
+other paths and methods, 413 for a body over MAX_BODY, 429 when the queue is full. A failing request never takes
+the server down.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ COMMON = {'model', 'max_tokens', 'temperature', 'top_p', 'stop', 'stream', 'stre
           'top_k', 'repetition_penalty', 'user'}
 FIELDS = {'completions': COMMON | {'prompt'}, 'chat': COMMON | {'messages', 'max_completion_tokens'}}
 MAX_STOPS = 4  # as OpenAI's API
+MAX_BODY = 4 << 20  # bytes: far more than any context of these models holds, yet a cap on what one request costs
 
 
 class ApiError(Exception):
@@ -189,8 +191,11 @@ def create_app(be: Backend, sched: Scheduler, model_name: str, defaults: Default
                                                      'owned_by': 'minillm_jax'}]})
 
   async def complete(request: Request, kind: str):
+    raw = await request.body()
+    if len(raw) > MAX_BODY:
+      return ApiError(413, f'the request body is {len(raw)} bytes; at most {MAX_BODY}').response()
     try:
-      body = json.loads(await request.body())
+      body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
       return ApiError(400, f'malformed JSON: {e}').response()
     try:

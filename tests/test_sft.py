@@ -193,10 +193,15 @@ def test_pretrain_then_fine_tune_lowers_the_assistant_loss(tmp_path):
   assert (b['execution']['template'], s['execution']['template']) == ('plain', 'chat')
   assert 0 <= s['execution']['pass_rate'] <= 1 and len(s['execution']['details']) == 6
   # generate: an instruction-tuned model answers the prompt as a user message and stops at <|end|>
-  r = run_module('minillm_jax.generate', f'--workdir={tmp}/sft', '--prompt=the word after beta number 4.',
-                 '--temperature=0', '--max_new_tokens=40')
-  assert r.returncode == 0 and r.stdout.startswith('the word after beta number 4.\n'), r.stderr[-1500:]
-  assert '<|' not in r.stdout
+  ask = 'the word after beta number 4.'
+  r = run_module('minillm_jax.generate', f'--workdir={tmp}/sft', f'--prompt={ask}', '--temperature=0',
+                 '--max_new_tokens=40')
+  assert r.returncode == 0 and r.stdout.startswith(f'{ask}\n'), r.stderr[-1500:]
+  reply = r.stdout[len(ask) + 1:].strip()
+  assert reply and '<|' not in reply
+  r = run_module('minillm_jax.chat', f'--workdir={tmp}/sft', f'--prompt={ask}', '--temperature=0',
+                 '--max_new_tokens=40')  # chat uses the template without flags: the same greedy reply
+  assert r.returncode == 0 and r.stdout.strip() == reply, (r.stdout, reply, r.stderr[-1500:])
   r = run_module('minillm_jax.generate', f'--workdir={tmp}/base', '--prompt=alpha', '--template=on')
   assert r.returncode == 2 and 'this model is not instruction-tuned' in r.stderr
   # resume: the last checkpoint lost (as when a run is killed just after step 30's save) gives the same losses

@@ -1,9 +1,12 @@
 """The OpenAI-compatible server: two servers on a tiny random run (one with an API key) driven by the official
-`openai` client and raw HTTP, plus the scheduler's grouping, queue limit and cancelling on a fake backend."""
+`openai` client and raw HTTP, the chat page in headless chromium, plus the scheduler's grouping, queue limit and
+cancelling on a fake backend."""
 import concurrent.futures
 import http.client
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -198,6 +201,75 @@ def test_a_client_that_leaves_frees_its_rows(servers):
     time.sleep(0.2)
   assert http_json(srv, 'GET', '/health')[1]['cancelled'] > before
   assert http_json(srv, 'POST', '/v1/completions', {'prompt': 'hi', 'max_tokens': 2})[0] == 200
+
+
+def test_the_chat_page_is_static_offline_and_open_without_the_key(servers):
+  main, keyed = servers
+  with urllib.request.urlopen(keyed.base + '/', timeout=60) as r:  # no key: the page asks for it itself
+    html, head = r.read().decode(), r.headers
+  assert r.status == 200 and head['Content-Type'].startswith('text/html')
+  assert "default-src 'none'" in head['Content-Security-Policy'] and "connect-src 'self'" in head['Content-Security-Policy']
+  assert not re.search(r'(src|href)\s*=\s*["\']?(https?:)?//', html), 'the page must load nothing from elsewhere'
+  assert 'innerHTML' not in html and 'textContent' in html and 'sessionStorage' in html
+  assert http_json(keyed, 'POST', '/', {})[0] == 401  # only GET / is open
+  code, models = http_json(keyed, 'GET', '/v1/models', headers={'Authorization': f'Bearer {KEY}'})
+  assert code == 200 and {k: models['data'][0][k] for k in ('step', 'instruction_tuned', 'context')} == {
+      'step': 0, 'instruction_tuned': True, 'context': 64}
+  health = http_json(main, 'GET', '/health')[1]
+  assert health['step'] == 0 and health['instruction_tuned'] is True and health['context'] == 64
+
+
+def chromium() -> str | None:
+  for name in (os.environ.get('MINILLM_CHROMIUM'), 'chromium', 'chromium-browser', 'google-chrome'):
+    path = name and shutil.which(name)
+    if path:
+      return path
+  return None
+
+
+def test_chat_page_streams_a_reply_in_headless_chromium(servers, tmp_path):
+  """Types a message, sends it, waits for the streamed reply; a screenshot stays in tests/artifacts/."""
+  sync_api = pytest.importorskip('playwright.sync_api', reason='playwright is not installed (the dev extra)')
+  exe = chromium()
+  if not exe:
+    pytest.skip('no chromium found (apt-get install chromium, or set MINILLM_CHROMIUM to a chromium binary)')
+  main, keyed = servers
+  before = http_json(main, 'GET', '/health')[1]['requests']
+  with sync_api.sync_playwright() as pw:
+    browser = pw.chromium.launch(executable_path=exe, args=['--no-sandbox'])
+    try:
+      page = browser.new_page(viewport={'width': 900, 'height': 600})
+      errors = []
+      page.on('pageerror', lambda e: errors.append(str(e)))
+      page.goto(main.base + '/')
+      sync_api.expect(page.locator('#model')).to_contain_text('step 0', timeout=30_000)
+      page.fill('#temperature', '0')
+      page.fill('#max_tokens', '20')
+      page.fill('#input', 'Hello there')
+      page.click('#send')
+      meta = page.locator('.msg.assistant .meta').last
+      sync_api.expect(meta).to_contain_text('tokens/s', timeout=60_000)  # the stream ended, usage arrived
+      assert page.locator('.msg.user .text').last.text_content() == 'Hello there'
+      reply = page.locator('.msg.assistant .text').last.text_content()
+      assert reply, meta.text_content()
+      shot = tmp_path / 'chat_page.png'
+      page.screenshot(path=str(shot))
+      artifacts = os.path.join(ROOT, 'tests', 'artifacts')
+      os.makedirs(artifacts, exist_ok=True)
+      shutil.copy(shot, os.path.join(artifacts, 'chat_page.png'))
+      page.click('#clear')
+      assert page.locator('.msg').count() == 0
+      # with --api_key the page asks for the key, keeps it in sessionStorage and sends it as a bearer token
+      page.goto(keyed.base + '/')
+      sync_api.expect(page.locator('#keyrow')).to_be_visible(timeout=30_000)
+      page.fill('#key', KEY)
+      page.dispatch_event('#key', 'change')
+      sync_api.expect(page.locator('#model')).to_contain_text('tiny', timeout=30_000)
+      assert page.evaluate("sessionStorage.getItem('minillm_api_key')") == KEY
+      assert not errors, errors
+    finally:
+      browser.close()
+  assert http_json(main, 'GET', '/health')[1]['requests'] == before + 1
 
 
 def test_api_key_is_required_on_every_endpoint(servers):

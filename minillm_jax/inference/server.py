@@ -3,18 +3,21 @@
   POST /v1/completions        prompt (a string, or a list of one string) -> text
   POST /v1/chat/completions   messages -> the assistant's reply (the chat template for instruction-tuned models,
                               else the plain transcript; the same prompts and stops as minillm_jax.chat)
-  GET  /v1/models, GET /health
+  GET  /v1/models, GET /health   (both also report the checkpoint's step and whether it is instruction-tuned)
+  GET  /                        the chat page (web/chat.html: one static file, streams over the chat endpoint)
 
 Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 for a bad request (unknown field,
 bad value, malformed JSON, a prompt or max_tokens beyond the context), 401 without the API key, 404/405 for
 other paths and methods, 413 for a body over MAX_BODY, 429 when the queue is full. A failing request never takes
-the server down.
+the server down. With an API key every endpoint needs it except the page itself, which holds no data and asks
+for the key.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import hmac
+import importlib.resources
 import json
 import time
 import uuid
@@ -23,7 +26,7 @@ from collections.abc import AsyncIterator
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from minillm_jax.config import UserError
@@ -36,6 +39,15 @@ COMMON = {'model', 'max_tokens', 'temperature', 'top_p', 'stop', 'stream', 'stre
 FIELDS = {'completions': COMMON | {'prompt'}, 'chat': COMMON | {'messages', 'max_completion_tokens'}}
 MAX_STOPS = 4  # as OpenAI's API
 MAX_BODY = 4 << 20  # bytes: far more than any context of these models holds, yet a cap on what one request costs
+# The page may load nothing from elsewhere (it must work offline) and talk only to this server; inline script
+# and style are its own (one file, no build step).
+PAGE_HEADERS = {'Content-Security-Policy': "default-src 'none'; script-src 'unsafe-inline'; style-src "
+                "'unsafe-inline'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'",
+                'X-Content-Type-Options': 'nosniff', 'Cache-Control': 'no-cache'}
+
+
+def chat_page() -> str:
+  return importlib.resources.files('minillm_jax.inference').joinpath('web/chat.html').read_text('utf-8')
 
 
 class ApiError(Exception):
@@ -182,13 +194,18 @@ async def _events(request: Request, job: Job, queue: asyncio.Queue) -> AsyncIter
 def create_app(be: Backend, sched: Scheduler, model_name: str, defaults: Defaults,
                api_key: str | None = None) -> Starlette:
   started = int(time.time())
+  about = {'step': None if be.step is None else int(be.step), 'instruction_tuned': be.instruction_tuned, 'context': be.context}
+  page_html = chat_page()
 
   async def health(request: Request):
-    return JSONResponse({'status': 'ok', 'model': model_name, 'context': be.context, **sched.stats})
+    return JSONResponse({'status': 'ok', 'model': model_name, **about, **sched.stats})
 
   async def models(request: Request):
     return JSONResponse({'object': 'list', 'data': [{'id': model_name, 'object': 'model', 'created': started,
-                                                     'owned_by': 'minillm_jax'}]})
+                                                     'owned_by': 'minillm_jax', **about}]})
+
+  async def page(request: Request):
+    return HTMLResponse(page_html, headers=PAGE_HEADERS)
 
   async def complete(request: Request, kind: str):
     raw = await request.body()
@@ -297,19 +314,21 @@ def create_app(be: Backend, sched: Scheduler, model_name: str, defaults: Default
 
   routes = [Route('/v1/completions', completions, methods=['POST']),
             Route('/v1/chat/completions', chat_completions, methods=['POST']),
-            Route('/v1/models', models, methods=['GET']), Route('/health', health, methods=['GET'])]
+            Route('/v1/models', models, methods=['GET']), Route('/health', health, methods=['GET']),
+            Route('/', page, methods=['GET'])]
   app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})
   return BearerAuth(app, api_key) if api_key else app
 
 
 class BearerAuth:
-  """ASGI middleware: every HTTP request needs `Authorization: Bearer <key>` (401 otherwise)."""
+  """ASGI middleware: every HTTP request needs `Authorization: Bearer <key>` (401 otherwise), but GET / (the
+  chat page: static, no model output in it; a browser cannot send the header when it opens a URL)."""
 
   def __init__(self, app, key: str):
     self.app, self.key = app, key.encode()
 
   async def __call__(self, scope, receive, send):
-    if scope['type'] == 'http':
+    if scope['type'] == 'http' and not (scope['path'] == '/' and scope['method'] in ('GET', 'HEAD')):
       auth = dict(scope.get('headers') or []).get(b'authorization', b'')
       scheme, _, given = auth.partition(b' ')
       if scheme.lower() != b'bearer' or not hmac.compare_digest(given.strip(), self.key):

@@ -5,13 +5,15 @@
   python -m minillm_jax.bench --config=configs/tiny.py --config.model.block_size=256 --what=train
   python -m minillm_jax.bench --configs=configs/tiny.py,configs/shakespeare_char.py --update_md
   python -m minillm_jax.bench --config=configs/shakespeare_char.py --quick   # smoke run
+  python -m minillm_jax.bench --config=configs/tiny.py --what=serve --new_tokens=64   # the HTTP server
 
 Writes <out>/bench.json (raw samples, medians, environment) and <out>/bench.md; --update_md rewrites this
 device's (CPU or GPU) section of BENCHMARKS.md. Method: every variant is built and compiled by its first call
 (compile time = first call - steady step), then the variants run in turn, A B C A B C ..., `repeats` times,
 and medians (and the best repeat) are reported; matmul peaks (MFU) and a read of the decode step's bytes
 (MBU, the decode floor) are timed in the same rounds. The host is shared: compare ratios within one run, not
-numbers across runs.
+numbers across runs. `--what=serve` (not in the default sections) times `python -m minillm_jax.serve` under
+concurrent streaming clients, batched against one request at a time (evals.bench_serve).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from absl import flags
 from minillm_jax import cli, parallel
 from minillm_jax import config as config_lib
 from minillm_jax.data import prepare
-from minillm_jax.evals import bench_report
+from minillm_jax.evals import bench_report, bench_serve
 from minillm_jax.evals import bench_runs as br
 from minillm_jax.model import param_counts
 
@@ -37,13 +39,15 @@ ROOT = bench_report.ROOT
 TRAIN_VARIANTS = ('jax_float32', 'jax_float32_dp', 'jax_bfloat16', 'jax_bfloat16_dp', 'torch_eager_fp32',
                   'torch_compile_fp32', 'torch_compile_bf16')
 DEFAULT_CONFIGS = ('configs/tiny.py', 'configs/shakespeare_char.py')
+SECTIONS = ('train', 'decode', 'data', 'serve')
 F = flags.FLAGS
 
 
 def define_flags():
   flags.DEFINE_list('configs', [], 'Config files to run after --config (without overrides).')
   flags.DEFINE_string('out', 'bench_out', 'Directory for bench.json and bench.md.')
-  flags.DEFINE_list('what', ['train', 'decode', 'data'], 'Sections: train, decode, data.')
+  flags.DEFINE_list('what', ['train', 'decode', 'data'], 'Sections: train, decode, data, serve (the HTTP '
+                    'server under concurrent clients; not run by default).')
   flags.DEFINE_list('variants', list(TRAIN_VARIANTS), 'Train-step variants (--quick drops torch_compile_*).')
   flags.DEFINE_integer('repeats', 0, 'Interleaved repeats; 0: 5 when a round of train steps takes < 30 s, '
                        'else 3 (decode and data: 3).')
@@ -53,6 +57,9 @@ def define_flags():
   flags.DEFINE_list('decode_batch', ['1', '8'], 'Decode batch sizes.')
   flags.DEFINE_list('decode_weights', ['float32', 'bfloat16'], 'How the JAX sampler stores its matrices '
                     '(bfloat16: the samplers\' --weights=bfloat16).')
+  flags.DEFINE_list('serve_clients', ['1', '4', '16'], 'serve: concurrent streaming clients per level; the '
+                    'batched server\'s --max_batch is the largest.')
+  flags.DEFINE_integer('serve_requests', 2, 'serve: requests each client sends one after another (--quick: 1).')
   flags.DEFINE_bool('quick', False, 'Smoke run: 1 repeat of 1 step, batch <= 4 x block <= 128, 16 new '
                     'tokens, no torch.compile unless --variants names it.')
   flags.DEFINE_integer('torch_threads', 0, "torch intra-op threads; 0: torch's default (one per core). On "
@@ -81,7 +88,8 @@ def run_config(name: str, overrides: list[str], cfg, a: dict) -> dict:
   res = {'config': name, 'overrides': overrides, 'model': mc.to_dict(), 'params': param_counts(mc)['total']}
   print(f'{name}: {res["params"]:,} parameters, batch {a["batch_size"]} x {mc.block_size}', flush=True)
   for sec, fn in (('train', lambda: br.train_bench(cfg, mc, a)), ('decode', lambda: br.decode_bench(cfg, mc, a)),
-                  ('data', lambda: br.data_bench(cfg, prep, mc, a, res.get('train')))):
+                  ('data', lambda: br.data_bench(cfg, prep, mc, a, res.get('train'))),
+                  ('serve', lambda: bench_serve.serve_bench(cfg, mc, a))):
     if sec in a['what']:
       print(f'  {sec}', flush=True)
       res[sec] = fn()
@@ -90,15 +98,17 @@ def run_config(name: str, overrides: list[str], cfg, a: dict) -> dict:
 
 def main(argv):
   del argv
-  bad = ((set(F.variants) - set(TRAIN_VARIANTS)) | (set(F.what) - {'train', 'decode', 'data'})
+  bad = ((set(F.variants) - set(TRAIN_VARIANTS)) | (set(F.what) - set(SECTIONS))
          | (set(F.decode_weights) - {'float32', 'bfloat16'}))
   if bad:
     raise config_lib.UserError(f'unknown --variants/--what/--decode_weights entries {sorted(bad)}: variants are '
-                               f'{", ".join(TRAIN_VARIANTS)}; sections are train, decode, data; weights are '
+                               f'{", ".join(TRAIN_VARIANTS)}; sections are {", ".join(SECTIONS)}; weights are '
                                'float32, bfloat16')
-  if not all(b.isdigit() and int(b) > 0 for b in F.decode_batch) or min(F.prompt_len, F.new_tokens) < 1:
+  if (not all(b.isdigit() and int(b) > 0 for b in [*F.decode_batch, *F.serve_clients])
+      or min(F.prompt_len, F.new_tokens, F.serve_requests) < 1):
     raise config_lib.UserError(f'--decode_batch={",".join(F.decode_batch)} --prompt_len={F.prompt_len} '
-                               f'--new_tokens={F.new_tokens}: batch sizes and token counts must be positive '
+                               f'--new_tokens={F.new_tokens} --serve_clients={",".join(F.serve_clients)} '
+                               f'--serve_requests={F.serve_requests}: batch sizes and counts must be positive '
                                'integers, e.g. --decode_batch=1,8')
   # one JAX device per core for the jax_*_dp variants (what `train` does on a CPU-only machine); the other JAX
   # variants and decoding run on the first device, which keeps every thread for its ops
@@ -116,7 +126,8 @@ def main(argv):
        'prompt_len': F.prompt_len,
        'new_tokens': 16 if F.quick and not F['new_tokens'].present else F.new_tokens,
        'decode_batch': F.decode_batch, 'decode_weights': F.decode_weights, 'decode_repeats': rep or 3,
-       'data_batches': 20 if F.quick else 200}
+       'data_batches': 20 if F.quick else 200, 'serve_clients': F.serve_clients,
+       'requests': 1 if F.quick and not F['serve_requests'].present else F.serve_requests}
   if F.torch_threads:
     import torch
     torch.set_num_threads(F.torch_threads)

@@ -119,3 +119,22 @@ def test_full_with_torch_compile(tmp_path):
   p = run_module('minillm_jax.bench', *tiny_args(tmp), '--steps=2', timeout=1200)
   assert p.returncode == 0, p.stderr[-3000:]
   check(tmp, set(bench.TRAIN_VARIANTS))
+
+
+def test_serve_quick_smoke(tmp_path):
+  """--what=serve: both servers start, every level has tokens and TTFTs, the table is written."""
+  tmp = str(tmp_path)
+  p = run_module('minillm_jax.bench', *tiny_args(tmp), '--what=serve', '--quick', '--serve_clients=1,2',
+                 '--new_tokens=6', timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  with open(os.path.join(tmp, 'out', 'bench.json')) as f:
+    s = json.load(f)['runs'][0]['serve']
+  assert set(s['servers']) == {'batched', 'one_at_a_time'} and s['levels'] == [1, 2] and s['max_batch'] == 2
+  for srv in s['servers'].values():
+    for c in ('1', '2'):
+      assert srv[c]['requests'] == int(c) and 0 < srv[c]['tokens'] <= 6 * int(c), srv[c]
+      positive(srv[c], 'tokens_per_s', 'ttft_p50_ms', 'ttft_p99_ms')
+  assert s['scheduler']['one_at_a_time']['max_rows_in_batch'] == 1 and s['speedup_top'] > 0
+  with open(os.path.join(tmp, 'out', 'bench.md')) as f:
+    md = f.read()
+  assert '| clients | batched tokens/s |' in md and 'batching gives' in md

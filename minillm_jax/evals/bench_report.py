@@ -115,6 +115,23 @@ def _decode_md(d: dict) -> list[str]:
   return L + _table(['decode', *head], rows)
 
 
+def _serve_md(d: dict) -> list[str]:
+  la = d['loadavg']
+  L = ['', (f'Serving (`python -m minillm_jax.serve`, random weights), {d["requests_per_client"]} streamed greedy '
+            f'completions per client one after another, prompt {d["prompt_len"]} + {d["new_tokens"]} new tokens, '
+            f'context {d["context"]}: batched (--max_batch={d["max_batch"]}) against one request at a time '
+            f'(--max_batch=1), levels in turn. tokens/s: all completion tokens / wall time; TTFT: request sent '
+            f'to its first streamed text (text streams every {d["chunk"]} decode steps). Load average '
+            f'{la[0][0]:.1f} -> {la[1][0]:.1f}. At {d["levels"][-1]} clients batching gives '
+            f'**{d["speedup_top"]:.2f}x** the tokens/s of one at a time.')]
+  b, o = d['servers']['batched'], d['servers']['one_at_a_time']
+  rows = [[c, f'{b[c]["tokens_per_s"]:,.1f}', f'{b[c]["ttft_p50_ms"]:,.0f}', f'{b[c]["ttft_p99_ms"]:,.0f}',
+           f'{o[c]["tokens_per_s"]:,.1f}', f'{o[c]["ttft_p50_ms"]:,.0f}', f'{o[c]["ttft_p99_ms"]:,.0f}',
+           f'{d["speedup"][c]:.2f}x'] for c in map(str, d['levels'])]
+  return L + _table(['clients', 'batched tokens/s', 'TTFT p50 ms', 'TTFT p99 ms', 'one-at-a-time tokens/s',
+                     'TTFT p50 ms', 'TTFT p99 ms', 'speedup'], rows)
+
+
 def markdown(res: dict) -> str:
   e = res['env']
   mods = f' + uncommitted {", ".join(m.split()[-1] for m in e["git_modified"])}' if e['git_modified'] else ''
@@ -131,6 +148,7 @@ def markdown(res: dict) -> str:
                f'(`{" ".join([r["config"], *r["overrides"]])}`)')]
     L += _train_md(r['train']) if 'train' in r else []
     L += _decode_md(r['decode']) if 'decode' in r else []
+    L += _serve_md(r['serve']) if 'serve' in r else []
     if 'data' in r:
       d = r['data']
       hr = (f', {d["headroom_vs_train"]:,.0f}x the rate the fastest JAX train step consumes'

@@ -9,11 +9,12 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
-from conftest import run_module
+from conftest import ROOT, run_module
 from test_train import TEXT, args
 
 from minillm_jax.config import UserError
@@ -147,6 +148,35 @@ def test_chat_on_damaged_checkpoint_is_always_one_line(trained):
   for _ in range(8):
     err = one_line(run_module('minillm_jax.chat', f'--workdir={w}', '--prompt=hi', '--max_new_tokens=2'))
     assert 'cannot restore checkpoint' in err, err
+
+
+# The race above is rare (2 of 12 runs when filed, none in 44 runs since), so this test makes its symptom happen
+# every time: as the chat process exits after its one-line refusal, a thread raises the RuntimeError that
+# orbax's event-loop thread raises when a failed read's callback meets the closed loop. That exact error is
+# dropped; any other error of a thread still prints.
+_EXIT_NOISE = """
+import atexit, runpy, sys, threading
+msg = sys.argv.pop()
+def _raise():
+  raise RuntimeError(msg)
+atexit.register(lambda: (t := threading.Thread(target=_raise), t.start(), t.join()))
+sys.argv = ['chat'] + sys.argv[1:]
+runpy.run_module('minillm_jax.chat', run_name='__main__')
+"""
+
+
+def test_event_loop_closed_at_exit_after_a_failed_read_is_dropped(trained):
+  w = copy_run(trained, 'damaged_exit')
+  for f in glob.glob(f'{w}/checkpoints/*/params/**/*', recursive=True):
+    if os.path.isfile(f) and os.path.getsize(f) > 200:
+      with open(f, 'r+b') as fh:
+        fh.truncate(300)
+  chat = [sys.executable, '-c', _EXIT_NOISE, f'--workdir={w}', '--prompt=hi', '--max_new_tokens=2']
+  r = subprocess.run([*chat, 'Event loop is closed'], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                     check=False)
+  assert 'cannot restore checkpoint' in one_line(r)
+  r = subprocess.run([*chat, 'another error'], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert r.returncode == 2 and 'RuntimeError: another error' in r.stderr  # only that exact noise is dropped
 
 
 # ------------------------------------------------------------------------------- item 10: too big to fit

@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,7 +22,7 @@ from test_sample import char_tok, make_workdir
 
 from minillm_jax.inference.backend import Backend, SampleParams
 from minillm_jax.inference.scheduler import Job, QueueFull, Scheduler, bucket
-from minillm_jax.inference.server import ApiError, chat_prompt
+from minillm_jax.inference.server import ApiError, Defaults, chat_prompt, create_app
 from minillm_jax.inference.text import printable
 
 ENV = {**os.environ, 'NO_COLOR': '1', 'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1'}
@@ -227,12 +228,18 @@ def chromium() -> str | None:
   return None
 
 
-def test_chat_page_streams_a_reply_in_headless_chromium(servers, tmp_path):
-  """Types a message, sends it, waits for the streamed reply; a screenshot stays in tests/artifacts/."""
+def browser_api():
+  """(playwright.sync_api, the chromium binary), or a skip saying what is missing."""
   sync_api = pytest.importorskip('playwright.sync_api', reason='playwright is not installed (the dev extra)')
   exe = chromium()
   if not exe:
     pytest.skip('no chromium found (apt-get install chromium, or set MINILLM_CHROMIUM to a chromium binary)')
+  return sync_api, exe
+
+
+def test_chat_page_streams_a_reply_in_headless_chromium(servers, tmp_path):
+  """Types a message, sends it, waits for the streamed reply; a screenshot stays in tests/artifacts/."""
+  sync_api, exe = browser_api()
   main, keyed = servers
   before = http_json(main, 'GET', '/health')[1]['requests']
   with sync_api.sync_playwright() as pw:
@@ -270,6 +277,51 @@ def test_chat_page_streams_a_reply_in_headless_chromium(servers, tmp_path):
     finally:
       browser.close()
   assert http_json(main, 'GET', '/health')[1]['requests'] == before + 1
+
+
+def test_chat_page_stop_frees_the_rows(tmp_path):
+  """Stop in the page aborts the fetch; the server (in process, on a slow fake backend) drops the batch."""
+  sync_api, exe = browser_api()
+  import uvicorn
+
+  class Slow(Fake):
+    def decode(self, st, n_steps):
+      time.sleep(0.1)  # 40+ tokens take seconds: time to press Stop mid-reply
+      return super().decode(st, n_steps)
+
+  be = Slow()
+  sched = Scheduler(be, chunk=1, wait_s=0, log=lambda m: None).start()
+  app = create_app(be, sched, 'slow', Defaults(SampleParams(temperature=0.0), 60))
+  srv = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=free_port(), log_level='warning'))
+  thread = threading.Thread(target=srv.run, daemon=True)
+  thread.start()
+  try:
+    while not srv.started:
+      time.sleep(0.05)
+    with sync_api.sync_playwright() as pw:
+      browser = pw.chromium.launch(executable_path=exe, args=['--no-sandbox'])
+      try:
+        page = browser.new_page()
+        page.goto(f'http://127.0.0.1:{srv.config.port}/')
+        sync_api.expect(page.locator('#model')).to_contain_text('slow', timeout=30_000)
+        page.fill('#input', 'Hi')
+        page.click('#send')
+        meta = page.locator('.msg.assistant .meta')
+        sync_api.expect(meta).to_have_text('streaming...', timeout=30_000)
+        page.click('#stop')
+        sync_api.expect(meta).to_contain_text('stopped', timeout=10_000)
+        assert page.locator('.msg.assistant .text').text_content().startswith('a')
+        assert page.is_enabled('#send') and not page.is_enabled('#stop')
+      finally:
+        browser.close()
+    t0 = time.time()
+    while (sched.stats['cancelled'] == 0 or sched.stats['running']) and time.time() - t0 < 10:
+      time.sleep(0.05)
+    assert sched.stats['cancelled'] == 1 and sched.stats['running'] == 0, sched.stats
+  finally:
+    srv.should_exit = True
+    sched.stop()
+    thread.join(10)
 
 
 def test_api_key_is_required_on_every_endpoint(servers):

@@ -2,6 +2,7 @@
 `openai` client and raw HTTP, the chat page in headless chromium, plus the scheduler's grouping, queue limit and
 cancelling on a fake backend."""
 import concurrent.futures
+import contextlib
 import http.client
 import json
 import os
@@ -220,68 +221,56 @@ def test_the_chat_page_is_static_offline_and_open_without_the_key(servers):
   assert health['step'] == 0 and health['instruction_tuned'] is True and health['context'] == 64
 
 
-def chromium() -> str | None:
-  for name in (os.environ.get('MINILLM_CHROMIUM'), 'chromium', 'chromium-browser', 'google-chrome'):
-    path = name and shutil.which(name)
-    if path:
-      return path
-  return None
-
-
-def browser_api():
-  """(playwright.sync_api, the chromium binary), or a skip saying what is missing."""
+@contextlib.contextmanager
+def chromium_page(**kw):
+  """(playwright's expect, a page in headless system chromium), or a skip saying what is missing."""
   sync_api = pytest.importorskip('playwright.sync_api', reason='playwright is not installed (the dev extra)')
-  exe = chromium()
+  exe = next(filter(None, (shutil.which(n) for n in (os.environ.get('MINILLM_CHROMIUM'), 'chromium',
+                                                     'chromium-browser', 'google-chrome') if n)), None)
   if not exe:
     pytest.skip('no chromium found (apt-get install chromium, or set MINILLM_CHROMIUM to a chromium binary)')
-  return sync_api, exe
+  with sync_api.sync_playwright() as pw:
+    browser = pw.chromium.launch(executable_path=exe, args=['--no-sandbox'])
+    try:
+      yield sync_api.expect, browser.new_page(**kw)
+    finally:
+      browser.close()
 
 
 def test_chat_page_streams_a_reply_in_headless_chromium(servers, tmp_path):
   """Types a message, sends it, waits for the streamed reply; a screenshot stays in tests/artifacts/."""
-  sync_api, exe = browser_api()
   main, keyed = servers
   before = http_json(main, 'GET', '/health')[1]['requests']
-  with sync_api.sync_playwright() as pw:
-    browser = pw.chromium.launch(executable_path=exe, args=['--no-sandbox'])
-    try:
-      page = browser.new_page(viewport={'width': 900, 'height': 600})
-      errors = []
-      page.on('pageerror', lambda e: errors.append(str(e)))
-      page.goto(main.base + '/')
-      sync_api.expect(page.locator('#model')).to_contain_text('step 0', timeout=30_000)
-      page.fill('#temperature', '0')
-      page.fill('#max_tokens', '20')
-      page.fill('#input', 'Hello there')
-      page.click('#send')
-      meta = page.locator('.msg.assistant .meta').last
-      sync_api.expect(meta).to_contain_text('tokens/s', timeout=60_000)  # the stream ended, usage arrived
-      assert page.locator('.msg.user .text').last.text_content() == 'Hello there'
-      reply = page.locator('.msg.assistant .text').last.text_content()
-      assert reply, meta.text_content()
-      shot = tmp_path / 'chat_page.png'
-      page.screenshot(path=str(shot))
-      artifacts = os.path.join(ROOT, 'tests', 'artifacts')
-      os.makedirs(artifacts, exist_ok=True)
-      shutil.copy(shot, os.path.join(artifacts, 'chat_page.png'))
-      page.click('#clear')
-      assert page.locator('.msg').count() == 0
-      # with --api_key the page asks for the key, keeps it in sessionStorage and sends it as a bearer token
-      page.goto(keyed.base + '/')
-      sync_api.expect(page.locator('#keyrow')).to_be_visible(timeout=30_000)
-      page.fill('#key', KEY)
-      page.dispatch_event('#key', 'change')
-      sync_api.expect(page.locator('#model')).to_contain_text('tiny', timeout=30_000)
-      assert page.evaluate("sessionStorage.getItem('minillm_api_key')") == KEY
-      assert not errors, errors
-    finally:
-      browser.close()
+  with chromium_page(viewport={'width': 900, 'height': 600}) as (expect, page):
+    errors = []
+    page.on('pageerror', lambda e: errors.append(str(e)))
+    page.goto(main.base + '/')
+    expect(page.locator('#model')).to_contain_text('step 0', timeout=30_000)
+    for field, value in (('#temperature', '0'), ('#max_tokens', '20'), ('#input', 'Hello there')):
+      page.fill(field, value)
+    page.click('#send')
+    meta = page.locator('.msg.assistant .meta').last
+    expect(meta).to_contain_text('tokens/s', timeout=60_000)  # the stream ended, usage arrived
+    assert page.locator('.msg.user .text').last.text_content() == 'Hello there'
+    assert page.locator('.msg.assistant .text').last.text_content(), meta.text_content()
+    page.screenshot(path=str(tmp_path / 'chat_page.png'))
+    os.makedirs(os.path.join(ROOT, 'tests', 'artifacts'), exist_ok=True)
+    shutil.copy(tmp_path / 'chat_page.png', os.path.join(ROOT, 'tests', 'artifacts', 'chat_page.png'))
+    page.click('#clear')
+    assert page.locator('.msg').count() == 0
+    # with --api_key the page asks for the key, keeps it in sessionStorage and sends it as a bearer token
+    page.goto(keyed.base + '/')
+    expect(page.locator('#keyrow')).to_be_visible(timeout=30_000)
+    page.fill('#key', KEY)
+    page.dispatch_event('#key', 'change')
+    expect(page.locator('#model')).to_contain_text('tiny', timeout=30_000)
+    assert page.evaluate("sessionStorage.getItem('minillm_api_key')") == KEY
+    assert not errors, errors
   assert http_json(main, 'GET', '/health')[1]['requests'] == before + 1
 
 
-def test_chat_page_stop_frees_the_rows(tmp_path):
+def test_chat_page_stop_frees_the_rows():
   """Stop in the page aborts the fetch; the server (in process, on a slow fake backend) drops the batch."""
-  sync_api, exe = browser_api()
   import uvicorn
 
   class Slow(Fake):
@@ -296,24 +285,19 @@ def test_chat_page_stop_frees_the_rows(tmp_path):
   thread = threading.Thread(target=srv.run, daemon=True)
   thread.start()
   try:
-    while not srv.started:
-      time.sleep(0.05)
-    with sync_api.sync_playwright() as pw:
-      browser = pw.chromium.launch(executable_path=exe, args=['--no-sandbox'])
-      try:
-        page = browser.new_page()
-        page.goto(f'http://127.0.0.1:{srv.config.port}/')
-        sync_api.expect(page.locator('#model')).to_contain_text('slow', timeout=30_000)
-        page.fill('#input', 'Hi')
-        page.click('#send')
-        meta = page.locator('.msg.assistant .meta')
-        sync_api.expect(meta).to_have_text('streaming...', timeout=30_000)
-        page.click('#stop')
-        sync_api.expect(meta).to_contain_text('stopped', timeout=10_000)
-        assert page.locator('.msg.assistant .text').text_content().startswith('a')
-        assert page.is_enabled('#send') and not page.is_enabled('#stop')
-      finally:
-        browser.close()
+    with chromium_page() as (expect, page):
+      while not srv.started:
+        time.sleep(0.05)
+      page.goto(f'http://127.0.0.1:{srv.config.port}/')
+      expect(page.locator('#model')).to_contain_text('slow', timeout=30_000)
+      page.fill('#input', 'Hi')
+      page.click('#send')
+      meta = page.locator('.msg.assistant .meta')
+      expect(meta).to_have_text('streaming...', timeout=30_000)
+      page.click('#stop')
+      expect(meta).to_contain_text('stopped', timeout=10_000)
+      assert page.locator('.msg.assistant .text').text_content().startswith('a')
+      assert page.is_enabled('#send') and not page.is_enabled('#stop')
     t0 = time.time()
     while (sched.stats['cancelled'] == 0 or sched.stats['running']) and time.time() - t0 < 10:
       time.sleep(0.05)

@@ -112,7 +112,17 @@ class Scheduler:
         self.cv.wait()
       if self.stopping:
         return []
-    time.sleep(self.wait_s)  # requests sent together arrive a few ms apart: let them join this batch
+    # Requests sent together arrive a few ms apart: wait while the queue still grows (a quiet gap of wait_s ends
+    # it, as do max_batch rows or 10 gaps' time), so a burst becomes one batch rather than a small one and a
+    # large one behind it. A lone request waits one gap.
+    deadline, seen = time.monotonic() + 10 * self.wait_s, -1
+    while time.monotonic() < deadline:
+      with self.cv:
+        n, rows = len(self.queue), sum(j.n for j in self.queue)
+      if n == seen or rows >= self.max_batch:
+        break
+      seen = n
+      time.sleep(self.wait_s)
     with self.cv:
       first = self.queue.popleft()
       batch, rows, key = [first], first.n, first.key()

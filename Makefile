@@ -35,4 +35,4 @@ bench: $(STAMP)
 	$(PY) -m minillm_jax.bench $(ARGS)
 
 clean:
-	rm -rf $(VENV) runs data/cache .pytest_cache
+	rm -rf $(VENV) data/cache .pytest_cache bench_out tests/artifacts  # never runs/: your trained models

@@ -8,8 +8,9 @@ set -euo pipefail
 usage="usage: $0 CONFIG WORKDIR [overrides...]"
 case "${1:-}" in -h|--help) echo "$usage"; exit 0;; esac
 [ $# -ge 2 ] || { echo "$usage" >&2; exit 2; }
-config=$1; workdir=$(realpath -m "$2"); shift 2
-[ -e "${config%%:*}" ] && config=$(realpath -m "$config")  # else it names a file in the repository
+abs() { case $1 in /*) printf '%s\n' "$1";; *) printf '%s\n' "$PWD/$1";; esac; }  # (realpath -m is GNU-only)
+config=$1; workdir=$(abs "$2"); shift 2
+[ -e "${config%%:*}" ] && config=$(abs "$config")  # else it names a file in the repository
 cd "$(dirname "$0")/.."
 make -s setup
 mkdir -p "$workdir"

@@ -2,7 +2,7 @@
 
   config.json   the resolved config (config.py beside it loads it: a --config file for resuming with overrides)
   run.json      pid, host, status, heartbeat and the last metrics row
-  .lock         flock held by the training process
+  .lock         file lock (filelock: flock on Unix) held by the training process
   metrics.jsonl one JSON row per log interval and per evaluation
   checkpoints/  Orbax steps (training.checkpoint reads and writes those)
 
@@ -11,12 +11,12 @@ WORKSPACE.md describes every file.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import socket
 import time
 
+from filelock import FileLock, Timeout
 from ml_collections import ConfigDict
 
 from minillm_jax.config import UserError, from_plain, to_plain
@@ -120,7 +120,7 @@ def run_alive(run: dict) -> bool:
           and isinstance(run.get('pid'), int) and _pid_alive(run['pid']))
 
 
-_LOCKS: dict[str, int] = {}
+_LOCKS: dict[str, FileLock] = {}
 
 
 def check_free(workdir: str) -> None:
@@ -134,20 +134,19 @@ def check_free(workdir: str) -> None:
   if key in _LOCKS:
     return
   os.makedirs(workdir, exist_ok=True)
-  fd = os.open(os.path.join(workdir, '.lock'), os.O_RDWR | os.O_CREAT, 0o644)
+  lock = FileLock(os.path.join(workdir, '.lock'), timeout=0)  # flock on Unix, msvcrt on Windows
   try:
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except OSError:
-    os.close(fd)
+    lock.acquire()
+  except Timeout:
     raise UserError(f'{workdir!r} is being trained by another process (pid {read_run(workdir).get("pid", "?")}); '
                     'stop it first or use another --workdir') from None
-  _LOCKS[key] = fd
+  _LOCKS[key] = lock
 
 
 def release(workdir: str) -> None:
-  fd = _LOCKS.pop(os.path.realpath(workdir), None)
-  if fd is not None:
-    os.close(fd)
+  lock = _LOCKS.pop(os.path.realpath(workdir), None)
+  if lock is not None:
+    lock.release()
 
 
 def claim(workdir: str, cfg: ConfigDict) -> None:

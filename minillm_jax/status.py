@@ -1,8 +1,10 @@
-"""`python -m minillm_jax.status --workdir=runs/x`: config summary, progress, losses, checkpoints, ETA, liveness."""
+"""`python -m minillm_jax.status --workdir=runs/x [--watch=10]`: config summary, progress, losses, checkpoints, ETA,
+liveness; --watch refreshes until the run ends."""
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 from absl import flags
@@ -36,7 +38,7 @@ def summarize(workdir: str) -> dict:
       'status': ('running' if alive else ('dead (killed or crashed)' if run.get('status') == 'running'
                                           else run.get('status', 'unknown'))),
       'pid': run.get('pid'), 'heartbeat_age_s': time.time() - run['heartbeat'] if 'heartbeat' in run else None,
-      'model': cfg['model'], 'data': {k: cfg['data'][k] for k in ('corpus', 'tokenizer', 'vocab_size')},
+      'model': cfg['model'], 'data': {k: cfg['data'][k] for k in ('corpus', 'format', 'tokenizer', 'vocab_size')},
       'step': step, 'steps': steps, 'progress': step / steps if steps else 0.0,
       'last_train_loss': train[-1]['train_loss'] if train else None,
       'last_val_loss': val[-1]['val_loss'] if val else None,
@@ -55,7 +57,8 @@ def format_summary(s: dict) -> str:
                                     if s['alive'] and s['heartbeat_age_s'] is not None else ''),
       (f'model      {m["n_layer"]} layers, d_model {m["d_model"]}, {m["n_head"]} heads, block {m["block_size"]}, '
        f'pos {m["pos"]}, norm {m["norm"]}, mlp {m["mlp"]}, dtype {m["dtype"]}'),
-      f'data       {s["data"]["corpus"]}, tokenizer {s["data"]["tokenizer"]}',
+      f'data       {s["data"]["corpus"]}, tokenizer {s["data"]["tokenizer"]}'
+      + (', chat: losses over the assistant tokens' if s['data']['format'] == 'chat' else ''),
       f'progress   step {s["step"]}/{s["steps"]} ({100 * s["progress"]:.1f}%)',
       (f'loss       train {f(s["last_train_loss"])}, val {f(s["last_val_loss"])}, best val '
        f'{f(s["best_val_loss"])} at step {s["best_step"] if s["best_step"] is not None else "-"}'),
@@ -68,12 +71,26 @@ def format_summary(s: dict) -> str:
 
 def main(argv):
   del argv
-  ss = [summarize(w) for w in flags.FLAGS.workdir]
-  print(json.dumps(ss[0] if len(ss) == 1 else ss, indent=1) if flags.FLAGS.json
-        else '\n\n'.join(format_summary(s) for s in ss))
+  f = flags.FLAGS
+  if f.watch < 0:
+    raise UserError(f'--watch={f.watch} must be >= 0 (seconds between refreshes; 0 = print once)')
+  tty = sys.stdout.isatty()
+  while True:
+    ss = [summarize(w) for w in f.workdir]
+    out = (json.dumps(ss[0] if len(ss) == 1 else ss, indent=1) if f.json
+           else '\n\n'.join(format_summary(s) for s in ss))
+    if f.watch and tty:
+      out = '\x1b[H\x1b[2J' + out  # redraw in place
+    print(out, flush=True)
+    if not f.watch or not any(s['alive'] for s in ss):  # until every run has ended
+      return
+    if not tty:
+      print(flush=True)
+    time.sleep(f.watch)
 
 
 if __name__ == '__main__':
   flags.DEFINE_multi_string('workdir', None, 'Run directory (repeat the flag for several runs).', required=True)
   flags.DEFINE_bool('json', False, 'Print the summary as JSON (a list for several runs).')
+  flags.DEFINE_float('watch', 0, 'Refresh every this many seconds until every run has ended (0 = print once).')
   cli.run(main)

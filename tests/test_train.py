@@ -51,15 +51,27 @@ def losses(tmp, workdir='run') -> dict[int, float]:
 
 def test_loss_decreases_and_outputs_are_written(tmp_path):
   tmp = str(tmp_path)
-  r = run_module('minillm_jax.train', *args(tmp, **{'train.steps': 60}))
+  t0 = time.time()
+  p = subprocess.Popen([sys.executable, '-m', 'minillm_jax.train', *args(tmp, **{'train.steps': 60})], cwd=ROOT,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  while not os.path.exists(os.path.join(tmp, 'run', 'run.json')) and p.poll() is None:
+    time.sleep(0.05)
+  # status --watch refreshes until the run ends, then says so and exits
+  w = run_module('minillm_jax.status', f'--workdir={tmp}/run', '--watch=0.2')
+  out, err = p.communicate(timeout=300)
+  r = subprocess.CompletedProcess(p.args, p.returncode, out, err)
   assert r.returncode == 0, r.stderr[-2000:]
+  assert w.returncode == 0 and w.stdout.count('progress   step') >= 2, w.stdout[-2000:]
+  assert w.stdout.rstrip().split('\n\n')[-1].splitlines()[1] == 'status     finished'
   if len(os.sched_getaffinity(0)) >= 2:  # auto: the batch of 8 spread over one CPU device per core
     assert 'CPU: 2 devices' in r.stdout or 'CPU: 4 devices' in r.stdout or 'CPU: 8 devices' in r.stdout
   ls = losses(tmp)
   assert np.mean([ls[s] for s in range(51, 61)]) < 0.6 * np.mean([ls[s] for s in range(1, 6)])
   rows = metrics(tmp)
-  keys = {'step', 'train_loss', 'lr', 'grad_norm', 'tokens_seen', 'tokens_per_s', 'time'}
-  assert keys <= set(rows[-2]) and {'val_loss', 'val_ppl'} <= set(rows[-1])
+  keys = {'step', 'train_loss', 'lr', 'grad_norm', 'tokens_seen', 'tokens_per_s', 'time', 'wall_time'}
+  assert keys <= set(rows[-2]) and {'val_loss', 'val_ppl', 'wall_time'} <= set(rows[-1])
+  walls = [row['wall_time'] for row in rows]
+  assert t0 < walls[0] and walls == sorted(walls) and walls[-1] < time.time()
   o = default_config().optim  # the row's lr is the one its step's update used (schedule at step - 1)
   o.update(warmup_steps=5, lr=3e-3, min_lr=1e-4)
   sched = train.lr_schedule(o, 60)

@@ -100,11 +100,12 @@ class Monitor:
                     disable=None)
 
   def _write(self, row: dict):
-    if self.loss_over != 'all_tokens':  # (text runs' rows stay as they were)
-      row = {**row, 'loss_over': self.loss_over}
+    row = {**row, 'wall_time': round(time.time(), 3)}  # unix seconds beside `time` (the run's elapsed seconds)
+    if self.loss_over != 'all_tokens':  # (text runs' rows do not say it: theirs is over every token)
+      row['loss_over'] = self.loss_over
     wd.append_metrics(self.workdir, row)
     for k, v in row.items():
-      if k not in ('step', 'time') and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
+      if k not in ('step', 'time', 'wall_time') and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
         self.tb.add_scalar(k, v, row['step'])
 
   def record(self, step: int, m: dict):

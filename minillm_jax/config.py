@@ -64,7 +64,8 @@ def default_config() -> ConfigDict:
       seed=1337, init_from='', log_every=10, fsdp=False,
       cpu_devices=0,                    # CPU only: JAX devices to split the cores into; 0 = one per core (auto)
       steps_per_call=0,                 # steps per jitted call (lax.scan); 0 = auto: >1 only for small models
-      peak_flops=_none(float)))         # FLOP/s for MFU; None: measured matmul peak of the device
+      peak_flops=_none(float),          # FLOP/s for MFU; None: measured matmul peak of the device
+      wandb_project=''))                # '' = off; else log the metrics rows to this W&B project (`wandb` extra)
   c.sample = ConfigDict(dict(
       temperature=0.8, top_k=_none(int), top_p=1.0, repetition_penalty=1.0, repetition_window=64,
       max_new_tokens=256, prompt='', seed=0))

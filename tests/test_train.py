@@ -389,3 +389,26 @@ def test_bf16_hint_only_for_float32_on_amx_cpus(monkeypatch):
   assert train_cli.bf16_hint('bfloat16') is None
   monkeypatch.setattr(parallel, 'cpu_flags', lambda: {'avx512f', 'avx512_bf16'})
   assert train_cli.bf16_hint('float32') is None
+
+
+def test_wandb_offline_gets_the_metrics_rows(tmp_path):
+  """train.wandb_project logs every metrics.jsonl row to W&B; offline mode writes a local run under the
+  workdir (its records are binary, so the check counts the metric names in them); a resumed run keeps its id."""
+  tmp = str(tmp_path)
+  env = {'WANDB_MODE': 'offline', 'WANDB_SILENT': 'true'}
+  a = args(tmp, **{'train.steps': 10, 'train.eval_every': 5, 'train.ckpt_every': 5,
+                   'train.wandb_project': 'minillm-test'})
+  r = run_module('minillm_jax.train', *a, env=env)
+  assert r.returncode == 0, r.stderr[-2000:]
+  runs = glob.glob(f'{tmp}/run/wandb/offline-run-*/run-*.wandb')
+  assert len(runs) == 1
+  data = pathlib.Path(runs[0]).read_bytes()
+  rows = metrics(tmp)
+  assert data.count(b'train_loss') >= sum('train_loss' in x for x in rows) == 10
+  assert data.count(b'val_loss') >= 2
+  assert b'corpus.txt' in data  # the config (data.path) went with the run
+  r = run_module('minillm_jax.train', *args(tmp, **{'train.steps': 15, 'train.eval_every': 5, 'train.ckpt_every': 5,
+                                                   'train.wandb_project': 'minillm-test'}), env=env)
+  assert r.returncode == 0 and 'resuming from step 10' in r.stdout, r.stderr[-2000:]
+  ids = {os.path.basename(p).split('-', 3)[-1] for p in glob.glob(f'{tmp}/run/wandb/offline-run-*')}
+  assert len(ids) == 1  # the same W&B run id continues

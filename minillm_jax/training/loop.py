@@ -310,7 +310,7 @@ def _loop(r: Run) -> dict:
   per_call = steps_per_call(t, tokens_per_step * fpt)
   mon = monitor.Monitor(workdir, cfg, mc, r.start, t.steps, tokens_per_step=tokens_per_step, flops_per_token=fpt,
                         meta=r.meta0)
-  r.mon_close = lambda: (mon.bar.close(), mon.tb.close())
+  r.mon_close = mon.abort
   stop, status, bad = Stop(), 'running', None
   state = r.state
   chat = cfg.data.format == 'chat'  # trained on the chat template: chat, generate and evaluate use it

@@ -1,6 +1,7 @@
 """Run monitoring: progress bar, metrics.jsonl, TensorBoard events, run.json (liveness), early stopping, MFU."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -14,6 +15,7 @@ from tqdm import tqdm
 
 from minillm_jax import cli
 from minillm_jax import workdir as wd
+from minillm_jax.config import UserError, to_plain
 from minillm_jax.kernels import matmul as cpu_matmul
 from minillm_jax.model import mm
 
@@ -76,12 +78,30 @@ def _summary_writer(logdir: str, purge_step: int | None):
   return SummaryWriter(logdir, purge_step=purge_step)
 
 
+def _wandb_run(cfg, workdir: str):
+  """A Weights & Biases run that gets the metrics.jsonl rows, when train.wandb_project is set (the `wandb` extra;
+  WANDB_MODE=offline writes it under <workdir>/wandb/ without an account). Its id is derived from the workdir, so a
+  resumed run continues the same W&B run."""
+  if not cfg.train.wandb_project:
+    return None
+  try:
+    import wandb
+  except ImportError:
+    raise UserError("train.wandb_project is set but wandb is not installed: pip install -e '.[wandb]' (or unset "
+                    'train.wandb_project)') from None
+  name = os.path.basename(os.path.normpath(workdir))
+  rid = f'{name}-{hashlib.sha256(os.path.realpath(workdir).encode()).hexdigest()[:8]}'
+  return wandb.init(project=cfg.train.wandb_project, name=name, id=rid, resume='allow', dir=workdir,
+                    config=to_plain(cfg))
+
+
 class Monitor:
   def __init__(self, workdir: str, cfg, mc, start: int, steps: int, tokens_per_step: int, flops_per_token: float,
                meta: dict):
     self.workdir, self.steps, self.tps, self.fpt = workdir, steps, tokens_per_step, flops_per_token
     wd.truncate_metrics(workdir, start)  # rows a killed run wrote past its last checkpoint
     self.tb = _summary_writer(os.path.join(workdir, 'tb'), purge_step=start + 1 if start else None)
+    self.wb = _wandb_run(cfg, workdir)
     self.peak, self.peak_measured, self.dtype = cfg.train.peak_flops or matmul_peak_flops(mc.dtype), \
         not cfg.train.peak_flops, mc.dtype
     self.best_val, self.best_step = meta.get('best_val_loss'), meta.get('best_step')
@@ -104,9 +124,12 @@ class Monitor:
     if self.loss_over != 'all_tokens':  # (text runs' rows do not say it: theirs is over every token)
       row['loss_over'] = self.loss_over
     wd.append_metrics(self.workdir, row)
-    for k, v in row.items():
-      if k not in ('step', 'time', 'wall_time') and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
-        self.tb.add_scalar(k, v, row['step'])
+    scalars = {k: v for k, v in row.items() if k not in ('step', 'time', 'wall_time') and isinstance(v, (int, float))
+               and math.isfinite(v)}
+    for k, v in scalars.items():
+      self.tb.add_scalar(k, v, row['step'])
+    if self.wb is not None:
+      self.wb.log(scalars, step=row['step'])
 
   def record(self, step: int, m: dict):
     """One call's metrics (loss, grad_norm, lr): scalars, or [k] arrays for the k steps ending at `step`."""
@@ -200,9 +223,19 @@ class Monitor:
             'prev_eval': self.prev_eval, 'last_train_loss': self.last_train,
             'since_eval': [float(x) for x in self.since_eval]}
 
+  def abort(self):
+    """Closes the bar, TensorBoard and W&B after an error (a full disk) without a summary."""
+    self.bar.close()
+    self.tb.close()
+    if self.wb is not None:
+      self.wb.finish(exit_code=1)
+
   def close(self, status: str) -> dict:
     self.bar.close()
     self.tb.close()
+    if self.wb is not None:
+      self.wb.summary['status'] = status
+      self.wb.finish()
     wd.update_run(self.workdir, status=status, ended=time.time())
     return {'steps': self.step, 'best_val_loss': self.best_val if self.best_val is not None else float('nan'),
             'best_step': self.best_step, 'last_train_loss': self.last_train,

@@ -7,6 +7,9 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/shakespeare_char.py
 WORKDIR ?= runs/shakespeare_char
 ARGS ?=
+# TORCH_CPU=1: take torch from PyTorch's CPU-only wheel index (on Linux PyPI's torch brings GBs of CUDA packages)
+TORCH_CPU ?=
+PIP_TORCH := $(if $(TORCH_CPU),--extra-index-url https://download.pytorch.org/whl/cpu)
 export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 
@@ -18,7 +21,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 needed"' \
 	  || { echo "error: need Python 3.11+ as $(PYTHON) (make PYTHON=python3.11 ...)"; exit 2; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[torch,dev,blas,serve]'
+	$(PY) -m pip install --quiet $(PIP_TORCH) -e '.[torch,dev,blas,serve]'
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -1,6 +1,7 @@
 # The two README commands: `make run` (train the default model end to end, then sample) and `make test`.
 # Both create .venv on first use and reinstall only when pyproject.toml changes.
-PYTHON ?= python3
+# The first of python3, python3.12, python3.11 that is 3.11 or 3.12 (the versions the pins are tested on)
+PYTHON ?= $(shell for p in python3 python3.12 python3.11; do $$p -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] < (3, 13))' 2>/dev/null && { echo $$p; break; }; done)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -18,8 +19,10 @@ export HF_HUB_OFFLINE ?= 1
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 needed"' \
-	  || { echo "error: need Python 3.11+ as $(PYTHON) (make PYTHON=python3.11 ...)"; exit 2; }
+	@test -n "$(PYTHON)" || { echo "error: no Python 3.11 or 3.12 found (python3 is $$(python3 --version 2>/dev/null || echo missing)); install one (pyenv install 3.11, brew install python@3.11, apt install python3.11) or pass make PYTHON=/path/to/python3.11" >&2; exit 2; }
+	@$(PYTHON) -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] < (3, 13))' \
+	  || { echo "error: $(PYTHON) is $$($(PYTHON) --version 2>/dev/null || echo not runnable); this project needs Python 3.11 or 3.12 (make PYTHON=python3.11 ...)" >&2; exit 2; }
+	@[ "$(PYTHON)" = python3 ] || [ "$(origin PYTHON)" != file ] || echo "note: python3 is not 3.11/3.12; using $(PYTHON)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(PIP_TORCH) -e '.[torch,dev,blas,serve]'
 	touch $(STAMP)

@@ -4,7 +4,10 @@
 PYTHON ?= $(shell for p in python3 python3.12 python3.11; do $$p -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] < (3, 13))' 2>/dev/null && { echo $$p; break; }; done)
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# Two installs: `run` needs the package alone (plus OpenBLAS, which its CPU kernels link where they are on); `test`
+# and `bench` add torch, the test tools and the server. Each is redone when pyproject.toml changes.
+RUN_STAMP := $(VENV)/.installed-run
+TEST_STAMP := $(VENV)/.installed-test
 CONFIG ?= configs/shakespeare_char.py
 WORKDIR ?= runs/shakespeare_char
 ARGS ?=
@@ -16,28 +19,34 @@ export HF_HUB_OFFLINE ?= 1
 
 .PHONY: setup run test test-all bench clean
 
-setup: $(STAMP)
+setup: $(RUN_STAMP)
 
-$(STAMP): pyproject.toml
+$(VENV)/bin/python:
 	@test -n "$(PYTHON)" || { echo "error: no Python 3.11 or 3.12 found (python3 is $$(python3 --version 2>/dev/null || echo missing)); install one (pyenv install 3.11, brew install python@3.11, apt install python3.11) or pass make PYTHON=/path/to/python3.11" >&2; exit 2; }
 	@$(PYTHON) -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] < (3, 13))' \
 	  || { echo "error: $(PYTHON) is $$($(PYTHON) --version 2>/dev/null || echo not runnable); this project needs Python 3.11 or 3.12 (make PYTHON=python3.11 ...)" >&2; exit 2; }
 	@[ "$(PYTHON)" = python3 ] || [ "$(origin PYTHON)" != file ] || echo "note: python3 is not 3.11/3.12; using $(PYTHON)"
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(PIP_TORCH) -e '.[torch,dev,blas,serve]'
-	touch $(STAMP)
+	$(PYTHON) -m venv $(VENV)
 
-run: $(STAMP)
+$(RUN_STAMP): pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -e '.[blas]'
+	touch $(RUN_STAMP)
+
+$(TEST_STAMP): pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install --quiet $(PIP_TORCH) -e '.[torch,dev,blas,serve]'
+	touch $(TEST_STAMP) $(RUN_STAMP)
+
+run: $(RUN_STAMP)
 	$(PY) -m minillm_jax.train --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n 2 $(ARGS)
 
-test-all: $(STAMP)
+test-all: $(TEST_STAMP)
 	$(PY) -m pytest -q -n 2 -m '' $(ARGS)
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(PY) -m minillm_jax.bench $(ARGS)
 
 clean:

@@ -1,0 +1,68 @@
+"""How the project installs: what `make run` and `make test` put in the venv (checked with make's dry run; the
+slow test builds the run's venv for real and trains in it without torch), make clean, the interpreter check."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+
+def _make(tmp, *target, env=None) -> subprocess.CompletedProcess:
+  return subprocess.run(['make', '-n', *target], cwd=tmp, capture_output=True, text=True, check=False,
+                        env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def bare(tmp_path):
+  """The Makefile and pyproject.toml in a directory without a venv: what a fresh clone's make sees."""
+  for f in ('Makefile', 'pyproject.toml'):
+    shutil.copy(os.path.join(ROOT, f), tmp_path / f)
+  return tmp_path
+
+
+def _pip_lines(out: str) -> list[str]:
+  return [ln for ln in out.splitlines() if 'pip install' in ln]
+
+
+def test_make_run_installs_no_torch_and_make_test_does(bare):
+  run = _pip_lines(_make(bare, 'run').stdout)
+  assert run == [".venv/bin/python -m pip install --quiet -e '.[blas]'"]
+  test = _pip_lines(_make(bare, 'test').stdout)
+  assert len(test) == 1 and "'.[torch,dev,blas,serve]'" in test[0] and 'download.pytorch.org' not in test[0]
+  cpu = _pip_lines(_make(bare, 'test', 'TORCH_CPU=1').stdout)
+  assert '--extra-index-url https://download.pytorch.org/whl/cpu' in cpu[0]
+
+
+def test_make_clean_keeps_runs(bare):
+  out = _make(bare, 'clean').stdout
+  assert out.startswith('rm -rf') and ' runs' not in out.split('#')[0] and '.venv' in out
+
+
+def test_a_wrong_interpreter_is_one_line(bare):
+  old = bare / 'python3.9'  # what macOS's python3 is: too old for these pins
+  old.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo "Python 3.9.6"; exit 0; }\nexit 1\n')
+  old.chmod(0o755)
+  r = subprocess.run(['make', 'setup', f'PYTHON={old}'], cwd=bare, capture_output=True, text=True, check=False)
+  assert r.returncode == 2 and r.stderr.splitlines()[0] == (
+      f'error: {old} is Python 3.9.6; this project needs Python 3.11 or 3.12 (make PYTHON=python3.11 ...)'), r.stderr
+  assert not (bare / '.venv').exists()
+
+
+@pytest.mark.slow
+def test_the_run_install_trains_without_torch(tmp_path):
+  """pip install -e '.[blas]' into a fresh venv (what make run does), then a few training steps in it."""
+  venv = tmp_path / 'venv'
+  subprocess.run([sys.executable, '-m', 'venv', str(venv)], check=True)
+  py = str(venv / 'bin' / 'python')
+  r = subprocess.run([py, '-m', 'pip', 'install', '--quiet', '-e', f'{ROOT}[blas]'], capture_output=True, text=True,
+                     check=False, timeout=1800)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert subprocess.run([py, '-c', 'import torch'], capture_output=True, check=False).returncode != 0
+  r = subprocess.run([py, '-m', 'minillm_jax.train', '--config=configs/shakespeare_char.py',
+                      f'--workdir={tmp_path}/run', '--config.train.steps=4', '--config.train.eval_every=2',
+                      '--config.train.ckpt_every=2', '--config.train.eval_batches=1', f'--config.data.cache_dir={tmp_path}/c'],
+                     cwd=ROOT, capture_output=True, text=True, check=False, timeout=900,
+                     env={**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1'})
+  assert r.returncode == 0 and 'done: 4 steps' in r.stdout, r.stderr[-2000:]

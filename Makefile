@@ -14,10 +14,13 @@ ARGS ?=
 # TORCH_CPU=1: take torch from PyTorch's CPU-only wheel index (on Linux PyPI's torch brings GBs of CUDA packages)
 TORCH_CPU ?=
 PIP_TORCH := $(if $(TORCH_CPU),--extra-index-url https://download.pytorch.org/whl/cpu)
+# Every transitive version, made by `make lock` on Python 3.11 (used on 3.12 too): installs are reproducible
+LOCK_RUN := constraints/py311-run.txt
+LOCK_TEST := constraints/py311-test.txt
 export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup run test test-all bench clean
+.PHONY: setup run test test-all bench clean lock
 
 setup: $(RUN_STAMP)
 
@@ -28,12 +31,12 @@ $(VENV)/bin/python:
 	@[ "$(PYTHON)" = python3 ] || [ "$(origin PYTHON)" != file ] || echo "note: python3 is not 3.11/3.12; using $(PYTHON)"
 	$(PYTHON) -m venv $(VENV)
 
-$(RUN_STAMP): pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install --quiet -e '.[blas]'
+$(RUN_STAMP): pyproject.toml $(LOCK_RUN) | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -c $(LOCK_RUN) -e '.[blas]'
 	touch $(RUN_STAMP)
 
-$(TEST_STAMP): pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install --quiet $(PIP_TORCH) -e '.[torch,dev,blas,serve]'
+$(TEST_STAMP): pyproject.toml $(LOCK_TEST) | $(VENV)/bin/python
+	$(PY) -m pip install --quiet $(PIP_TORCH) -c $(LOCK_TEST) -e '.[torch,dev,blas,serve]'
 	touch $(TEST_STAMP) $(RUN_STAMP)
 
 run: $(RUN_STAMP)
@@ -48,6 +51,19 @@ test-all: $(TEST_STAMP)
 
 bench: $(TEST_STAMP)
 	$(PY) -m minillm_jax.bench $(ARGS)
+
+# Re-pins every transitive version after a change to pyproject.toml's pins: a fresh venv, then pip freeze (local
+# version labels such as torch's +cpu dropped: ==2.13.0 matches the CPU wheel and the plain one alike).
+lock: | $(VENV)/bin/python
+	mkdir -p constraints
+	rm -rf .lock-venv && $(PY) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet $(PIP_TORCH) -e '.[blas]'
+	{ echo '# make lock: every transitive version of pip install -e .[blas] (Python 3.11)'; \
+	  .lock-venv/bin/pip freeze --exclude-editable | grep -v '^-e ' | sed 's/+[a-z0-9.]*$$//'; } > $(LOCK_RUN)
+	.lock-venv/bin/pip install --quiet $(PIP_TORCH) -e '.[torch,dev,blas,serve]'
+	{ echo '# make lock: every transitive version of pip install -e .[torch,dev,blas,serve] (Python 3.11)'; \
+	  .lock-venv/bin/pip freeze --exclude-editable | grep -v '^-e ' | sed 's/+[a-z0-9.]*$$//'; } > $(LOCK_TEST)
+	rm -rf .lock-venv
 
 clean:
 	rm -rf $(VENV) data/cache .pytest_cache bench_out tests/artifacts  # never runs/: your trained models

@@ -16,9 +16,10 @@ def _make(tmp, *target, env=None) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def bare(tmp_path):
-  """The Makefile and pyproject.toml in a directory without a venv: what a fresh clone's make sees."""
+  """The Makefile, pyproject.toml and the lock files in a directory without a venv: what a fresh clone's make sees."""
   for f in ('Makefile', 'pyproject.toml'):
     shutil.copy(os.path.join(ROOT, f), tmp_path / f)
+  shutil.copytree(os.path.join(ROOT, 'constraints'), tmp_path / 'constraints')
   return tmp_path
 
 
@@ -28,11 +29,25 @@ def _pip_lines(out: str) -> list[str]:
 
 def test_make_run_installs_no_torch_and_make_test_does(bare):
   run = _pip_lines(_make(bare, 'run').stdout)
-  assert run == [".venv/bin/python -m pip install --quiet -e '.[blas]'"]
+  assert run == [".venv/bin/python -m pip install --quiet -c constraints/py311-run.txt -e '.[blas]'"]
   test = _pip_lines(_make(bare, 'test').stdout)
-  assert len(test) == 1 and "'.[torch,dev,blas,serve]'" in test[0] and 'download.pytorch.org' not in test[0]
+  assert test == [".venv/bin/python -m pip install --quiet  -c constraints/py311-test.txt -e '.[torch,dev,blas,serve]'"]
   cpu = _pip_lines(_make(bare, 'test', 'TORCH_CPU=1').stdout)
   assert '--extra-index-url https://download.pytorch.org/whl/cpu' in cpu[0]
+
+
+def test_the_locks_pin_every_package_the_extras_need():
+  """Each lock pins one exact version of everything (a package the lock misses would float): for the run's
+  install, the package's own pins are among them; the test lock has torch and never a CUDA package."""
+  def pins(name):
+    with open(os.path.join(ROOT, 'constraints', name)) as f:
+      lines = [ln.strip() for ln in f if ln.strip() and not ln.startswith('#')]
+    assert all('==' in ln for ln in lines), [ln for ln in lines if '==' not in ln]
+    return dict(ln.split('==', 1) for ln in lines)
+  run, test = pins('py311-run.txt'), pins('py311-test.txt')
+  assert run['jax'] == '0.10.2' and run['flax'] == '0.12.8' and 'torch' not in run
+  assert test['torch'].startswith('2.13.0') and not any(k.startswith('nvidia') for k in test)
+  assert {k: v for k, v in run.items() if k in test} == {k: test[k] for k in run if k in test}
 
 
 def test_make_clean_keeps_runs(bare):

@@ -46,6 +46,8 @@ def default_config() -> ConfigDict:
       corpus='shakespeare',             # shakespeare | python_code | mixed | local | hub | python_instruct
       format='text',                    # text: language modelling | chat: conversations, loss on the replies
       path='',                          # files/dirs for corpus=local (comma separated)
+      code_path='', books_path='',      # corpus=mixed: your code / books instead of the stdlib / Shakespeare
+      val_path='',                      # files/dirs used as the validation split as they are (no split)
       hub_name='', hub_config='', hub_revision='',  # config: a dataset's subset; revision: a branch, tag or commit
       hub_split='train', text_field='text',
       tokenizer='char',                 # char | bpe | path to tokenizer.json | dir with vocab.json+merges.txt | hub:<name>
@@ -191,6 +193,8 @@ def _validate_data(cfg: ConfigDict, need):
   need(d.code_weight >= 0, f'data.code_weight={d.code_weight} must be >= 0')
   need(d.corpus != 'local' or d.path.strip(), 'data.corpus=local needs data.path=FILE[,DIR,GLOB...] '
        '(.txt, .jsonl, .parquet)')
+  need(d.corpus == 'mixed' or not (d.code_path or d.books_path), f'data.code_path and data.books_path are for '
+       f'data.corpus=mixed, not {d.corpus}; use data.path for corpus=local')
   need(d.corpus != 'hub' or d.hub_name.strip(), 'data.corpus=hub needs data.hub_name, e.g. roneneldan/TinyStories')
   if d.format == 'chat':
     need(d.corpus in CHAT_CORPORA, f'data.format=chat reads conversations: data.corpus={d.corpus} is plain text; '

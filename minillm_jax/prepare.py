@@ -28,7 +28,17 @@ def main(argv):
         f'(split by {m["split"]}), {m["train_chars"] + m["val_chars"]:,} chars'
         f'\n  tokenizer {m["tokenizer"]["kind"]} vocab {p.vocab_size} ({m["tokenizer"]["hash"]}), {p.dtype.name}'
         f'\n  tokens: {p.n_train:,} train, {p.n_val:,} val ({(m["train_chars"] + m["val_chars"]) / max(1, p.n_train + p.n_val):.2f} chars/token)'
-        f'\n  {time.time() - t0:.2f}s (built in {m["seconds"]}s)')
+        + _skipped(m.get('corpus_info') or {}) + f'\n  {time.time() - t0:.2f}s (built in {m["seconds"]}s)')
+
+
+def _skipped(info: dict) -> str:
+  """Lines for the files the corpus left out: binary (an image named .py) or empty."""
+  out = ''
+  for prefix, key in (('', 'data.path'), ('code_', 'data.code_path'), ('books_', 'data.books_path')):
+    parts = [f'{info[f"{prefix}skipped_{k}"]} {k}' for k in ('binary', 'empty') if info.get(f'{prefix}skipped_{k}')]
+    if parts:
+      out += f'\n  skipped {" and ".join(parts)} file(s) of {key}'
+  return out
 
 
 if __name__ == '__main__':

@@ -32,6 +32,11 @@ VERSION = 1  # bump when the way a corpus is built changes: it is part of the ca
 DATA_DIR = Path(__file__).resolve().parents[2] / 'data'  # the repository's data/
 SHAKESPEARE = DATA_DIR / 'shakespeare.jsonl.xz'
 LOCAL_EXTS = {'.txt': 'text', '.md': 'text', '.jsonl': 'json', '.json': 'json', '.parquet': 'parquet'}
+# source code: one document per file, as .txt (a directory given in data.path picks these up too)
+CODE_EXTS = ('.py', '.pyi', '.ipynb', '.js', '.jsx', '.ts', '.tsx', '.java', '.kt', '.scala', '.c', '.h', '.cc',
+             '.cpp', '.hpp', '.cs', '.go', '.rs', '.rb', '.php', '.swift', '.m', '.r', '.jl', '.lua', '.sh',
+             '.sql', '.html', '.css', '.toml', '.yaml', '.yml', '.rst', '.tex')
+LOCAL_EXTS.update({e: 'text' for e in CODE_EXTS if e != '.ipynb'})
 
 # python_code: what counts as hand-written library code.
 _SKIP_DIRS = {'test', 'tests', 'idle_test', 'idlelib', 'lib2to3', 'site-packages', 'dist-packages', '__pycache__'}
@@ -153,11 +158,13 @@ def _take(docs: list[str], chars: float) -> list[str]:
   return out
 
 
-def mixed(code_weight: float) -> Corpus:
+def mixed(code_weight: float, code_path: str = '', books_path: str = '', field: str = 'text') -> Corpus:
   """Code and books at code share w/(1+w) of characters. The over-represented side is subsampled by whole
   documents (nothing is repeated, so no document can land in both train and val); the result is interleaved
-  in hash order so that max_docs keeps a mix."""
-  books, code = shakespeare(), python_code()
+  in hash order so that max_docs keeps a mix. data.code_path / data.books_path replace the embedded code
+  (the stdlib) / books (Shakespeare) with the user's files."""
+  books = local(books_path, field, 'data.books_path') if books_path else shakespeare()
+  code = local(code_path, field, 'data.code_path') if code_path else python_code()
   b, c = books.chars, code.chars
   if code_weight == 0:
     bdocs, cdocs = books.docs, []
@@ -169,40 +176,44 @@ def mixed(code_weight: float) -> Corpus:
   docs = [docs[i] for i in _hash_order(docs)]
   cc = sum(map(len, cdocs))
   info = {'code_weight': code_weight, 'code_share': cc / max(1, cc + sum(map(len, bdocs))),
-          'book_docs': len(bdocs), 'code_docs': len(cdocs)}
-  return Corpus('mixed', docs, code.n_replaced, info=info)
+          'book_docs': len(bdocs), 'code_docs': len(cdocs), 'code': code.name if code_path else 'python_code',
+          'books': 'local' if books_path else 'shakespeare',
+          **{f'{side}_{k}': v for side, c in (('code', code), ('books', books)) for k, v in c.info.items()
+             if k.startswith('skipped')}}
+  return Corpus('mixed', docs, code.n_replaced + books.n_replaced, info=info)
 
 
 # ---- local files ----
 
-def local_files(spec: str) -> list[str]:
-  """data.path entries (comma separated: files, directories, globs) -> supported files, checked here because
+def local_files(spec: str, key: str = 'data.path') -> list[str]:
+  """`key`'s entries (comma separated: files, directories, globs) -> supported files, checked here because
   datasets reports a glob that matches nothing as a schema error."""
   entries = [e.strip() for e in spec.split(',') if e.strip()]
   if not entries:
-    raise UserError('data.corpus=local needs data.path=FILE[,DIR,GLOB...] (.txt, .md, .jsonl, .json, .parquet)')
+    raise UserError(f'{key} is empty: give FILE[,DIR,GLOB...] (.txt, .md, .jsonl, .json, .parquet, source code)')
   files = []
   for e in entries:
     p = os.path.expanduser(e)
     if glob.has_magic(p):
       found = sorted(f for f in glob.glob(p, recursive=True) if os.path.isfile(f))
       if not found:
-        raise UserError(f'data.path glob {e!r} matches no files')
+        raise UserError(f'{key} glob {e!r} matches no files')
     elif os.path.isdir(p):
       found = sorted(str(f) for f in Path(p).rglob('*') if f.suffix in LOCAL_EXTS and f.is_file())
       if not found:
-        raise UserError(f'data.path directory {e!r} has no {", ".join(LOCAL_EXTS)} files')
+        raise UserError(f'{key} directory {e!r} has no text, JSON, Parquet or source code files')
     elif os.path.isfile(p):
       found = [p]
     elif os.path.lexists(p):
-      raise UserError(f'data.path {e!r} is a broken link or not a regular file')
+      raise UserError(f'{key} {e!r} is a broken link or not a regular file')
     else:
-      raise UserError(f'data.path {e!r} does not exist')
+      raise UserError(f'{key} {e!r} does not exist')
     for f in found:
       if Path(f).suffix not in LOCAL_EXTS:
-        raise UserError(f'data.path file {f!r} has an unsupported type; use {", ".join(LOCAL_EXTS)}')
+        raise UserError(f'{key} file {f!r} has an unsupported type; use .txt, .md, .jsonl, .json, .parquet or '
+                        'source code (.py, .js, .c, ...: README, "Your own data")')
       if not os.access(f, os.R_OK):
-        raise UserError(f'data.path file {f!r} is not readable (permission denied)')
+        raise UserError(f'{key} file {f!r} is not readable (permission denied)')
     files += found
   return list(dict.fromkeys(os.path.abspath(f) for f in files))
 
@@ -226,10 +237,13 @@ def _file_hash(path: str) -> bytes:
   return h.digest()
 
 
-def local(spec: str, field: str) -> Corpus:
-  """.txt/.md: one document per file; .jsonl/.json/.parquet: one per row (data.text_field). Loaded with
-  datasets into a throw-away cache (the HF cache is not filled with copies of the user's files)."""
-  files = local_files(spec)
+def local(spec: str, field: str, key: str = 'data.path') -> Corpus:
+  """.txt/.md and source code: one document per file; .jsonl/.json/.parquet: one per row (data.text_field).
+  Loaded with datasets into a throw-away cache (the HF cache is not filled with copies of the user's files).
+  Binary and empty files are skipped and counted (info and a warning); undecodable bytes are replaced and
+  counted (Corpus.n_replaced)."""
+  files = local_files(spec, key)
+  n_files = len(files)
   datasets = hub.datasets_module(offline=False)  # local builders need no network
   docs, n_bad, skipped, empty = [], 0, [], []
   with tempfile.TemporaryDirectory(prefix='minillm-hf-') as cache:
@@ -252,13 +266,13 @@ def local(spec: str, field: str) -> Corpus:
         Path(files[i]).write_text(text, encoding='utf-8')
     files = [f for f in files if f not in skipped and f not in empty]
     if skipped and files:  # (with nothing left, the refusal below names them)
-      log.warning('data.path: skipped %d binary file(s) (NUL bytes or mostly undecodable), e.g. %s', len(skipped),
+      log.warning('%s: skipped %d binary file(s) (NUL bytes or mostly undecodable), e.g. %s', key, len(skipped),
                   skipped[0])
     if not files:
       what = (f'{len(skipped)} binary' if skipped else '') + (' and ' if skipped and empty else '') + \
           (f'{len(empty)} empty' if empty else '')
-      raise UserError(f'corpus local is empty: data.path {spec!r} has only {what} file(s) (e.g. '
-                      f'{(skipped or empty)[0]}); point data.path at text files')
+      raise UserError(f'the corpus is empty: {key} {spec!r} has only {what} file(s) (e.g. {(skipped or empty)[0]}); '
+                      'point it at text files')
     for builder in ('text', 'json', 'parquet'):
       group = [f for f in files if LOCAL_EXTS[Path(f).suffix] == builder]
       if not group:
@@ -277,7 +291,8 @@ def local(spec: str, field: str) -> Corpus:
         raise UserError(f'field {col!r} of {group[0]} holds {"/".join(kinds)} values, not text; set '
                         f'data.text_field to a field of strings (fields: {", ".join(ds.column_names)})')
       docs += got
-  return Corpus('local', docs, n_bad, info={'files': len(files)})
+  return Corpus('local', docs, n_bad, info={'files': n_files, 'skipped_binary': len(skipped),
+                                            'skipped_empty': len(empty)})
 
 
 # ---- hub ----
@@ -297,16 +312,22 @@ def fingerprint(d: ConfigDict) -> str:
   if d.corpus == 'python_code':
     return _sha(VERSION, 'python_code', *(x for rel, raw in _stdlib_raw() for x in (rel, raw)))
   if d.corpus == 'mixed':
-    return _sha(VERSION, 'mixed', float(d.code_weight), fingerprint(ConfigDict({'corpus': 'shakespeare'})),
-                fingerprint(ConfigDict({'corpus': 'python_code'})))
+    code = _local_sha(d.code_path, d.text_field, 'data.code_path') if d.get('code_path') else \
+        fingerprint(ConfigDict({'corpus': 'python_code'}))
+    books = _local_sha(d.books_path, d.text_field, 'data.books_path') if d.get('books_path') else \
+        fingerprint(ConfigDict({'corpus': 'shakespeare'}))
+    return _sha(VERSION, 'mixed', float(d.code_weight), books, code)
   if d.corpus == 'local':
-    files = local_files(d.path)
-    return _sha(VERSION, 'local', d.text_field, *(_file_hash(f) for f in files))
+    return _local_sha(d.path, d.text_field)
   if d.corpus == 'hub':  # the content is not known offline: the name stands for it (hub datasets rarely change)
     # (hub_config and revision enter the key only when set, so existing caches keep their names)
     extra = [x for x in (d.get('hub_config', ''), d.get('hub_revision', '')) if x]
     return _sha(VERSION, 'hub', d.hub_name, d.hub_split, d.text_field, *([extra] if extra else []))
   raise UserError(f'unknown corpus {d.corpus!r}: use shakespeare, python_code, mixed, local or hub')
+
+
+def _local_sha(spec: str, field: str, key: str = 'data.path') -> str:
+  return _sha(VERSION, 'local', field, *(_file_hash(f) for f in local_files(spec, key)))
 
 
 def load(d: ConfigDict) -> Corpus:
@@ -315,7 +336,7 @@ def load(d: ConfigDict) -> Corpus:
   elif d.corpus == 'python_code':
     c = python_code()
   elif d.corpus == 'mixed':
-    c = mixed(float(d.code_weight))
+    c = mixed(float(d.code_weight), d.code_path, d.books_path, d.text_field)
   elif d.corpus == 'local':
     c = local(d.path, d.text_field)
   elif d.corpus == 'hub':
@@ -333,6 +354,17 @@ def load(d: ConfigDict) -> Corpus:
 
 
 # ---- train/val split ----
+
+def train_val(d: ConfigDict) -> tuple[Corpus, list[str], list[str], str]:
+  """(corpus, train docs, val docs, how): the corpus split by split_docs, or with data.val_path the whole corpus
+  for training and the val files' documents, as they are, for validation ('val_path')."""
+  corpus = load(d)
+  if not d.get('val_path'):
+    return (corpus, *split_docs(corpus.docs, d.val_fraction))
+  val = local(d.val_path, d.text_field, 'data.val_path')
+  corpus.info = {**corpus.info, 'val_files': val.info['files']}
+  return corpus, corpus.docs, val.docs, 'val_path'
+
 
 def split_docs(docs: list[str], val_fraction: float) -> tuple[list[str], list[str], str]:
   """Whole documents, chosen by content hash (stable when documents are added or reordered) until val holds

@@ -123,6 +123,8 @@ def cache_key(cfg: ConfigDict) -> tuple[str, dict]:
   fp = instruct.fingerprint() if d.corpus == 'python_instruct' else corpora.fingerprint(d)
   parts = {'version': VERSION, 'corpus': d.corpus, 'corpus_fingerprint': fp,
            'tokenizer': tspec, 'val_fraction': float(d.val_fraction), 'max_docs': int(d.max_docs)}
+  if d.val_path:  # (these keys only exist when set, so other caches keep their names)
+    parts['val_fingerprint'] = corpora._local_sha(d.val_path, d.text_field, 'data.val_path')
   if d.format == 'chat':  # (text caches keep their names: these keys only exist for chat)
     parts.update(format='chat', window=cfg.model.block_size + 1, template=render_template(
         [{'role': r, 'content': ''} for r in ('system', 'user', 'assistant')]), pack_seed=PACK_SEED)
@@ -280,9 +282,9 @@ def _clean_stale(root: Path):
 def _text_files(cfg: ConfigDict, tmp: Path) -> dict:
   """Writes train.bin, val.bin and tokenizer.json of a text corpus into tmp; returns the manifest's fields."""
   d = cfg.data
-  corpus = corpora.load(d)
-  train, val, mode = corpora.split_docs(corpus.docs, d.val_fraction)
-  tok = build_tokenizer(cfg, corpus, train)
+  corpus, train, val, mode = corpora.train_val(d)
+  # (a char alphabet covers the val files too; a BPE trains on the training text only)
+  tok = build_tokenizer(cfg, corpora.Corpus(corpus.name, train + val) if mode == 'val_path' else corpus, train)
   dtype = toklib.dtype_for(tok.vocab_size)
   n_train = encode_docs(tok, train, tmp / 'train.bin', dtype, 'tokenize train')
   n_val = encode_docs(tok, val, tmp / 'val.bin', dtype, 'tokenize val')
@@ -346,8 +348,8 @@ def _build(cfg: ConfigDict, root: Path, name: str, parts: dict) -> None:
     tok = got.pop('tok')
     digests = {f'{split}_blake2b': file_digest(tmp / f'{split}.bin', np.dtype(got['dtype']))[0]
                for split in ('train', 'val')}
-    source = {k: d[k] for k in ('path', 'hub_name', 'hub_config', 'hub_revision', 'hub_split', 'text_field',
-                                'code_weight')}  # as first seen
+    source = {k: d[k] for k in ('path', 'code_path', 'books_path', 'val_path', 'hub_name', 'hub_config',
+                                'hub_revision', 'hub_split', 'text_field', 'code_weight')}  # as first seen
     m = {'name': name, 'key': parts, 'source': source,
          'tokenizer': {'spec': d.tokenizer, 'kind': tok.kind, 'hash': tok.hash}, 'vocab_size': tok.vocab_size,
          'eot_id': tok.eot_id, 'pad_id': tok.pad_id, **got, **digests,

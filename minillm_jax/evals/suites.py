@@ -62,7 +62,7 @@ def val_tokens(be: Backend, limit: int | None = None) -> tuple[list[int], list[i
   if cfg.data.format == 'chat':  # the held-out conversations as the template renders them (every token counts)
     val = [render_template(c, add_generation_prompt=False) for c in chat_eval.held_out(plain)[1]]
   else:
-    _, val, _ = corpora.split_docs(corpora.load(cfg.data).docs, cfg.data.val_fraction)
+    _, _, val, _ = corpora.train_val(cfg.data)
   return tokens_and_bytes(be.tok, val, eot=True, limit=limit)
 
 

@@ -266,3 +266,14 @@ def test_hub_chat_records_pass_subset_and_revision(monkeypatch):
   other = config_lib.validate(cfg)
   assert prepare.cache_key(other)[0] != prepare.cache_key(config_lib.validate(config_lib.from_plain(
       {**cfg.to_dict(), 'data': {**cfg.data.to_dict(), 'hub_revision': 'v1'}})))[0]
+
+
+def test_val_path_gives_the_chat_validation_set(tmp_path):
+  convs = _conversations(50)
+  train_file = _write(tmp_path / 'train.jsonl', _records(convs[:40], 'messages'), 'jsonl')
+  val_file = _write(tmp_path / 'val.json', _records(convs[40:], 'alpaca'), 'json')
+  cfg = _cfg(str(tmp_path), train_file, val_path=val_file)
+  train, val, _ = chat_data.conversations(cfg.data)
+  assert len(train) == 40 and val == [c[-2:] for c in convs[40:]]
+  prep = prepare.prepare(cfg)
+  assert prep.manifest['val_packing']['conversations'] == 10

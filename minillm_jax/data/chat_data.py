@@ -169,7 +169,17 @@ def _instruction(rec: dict) -> list[dict]:
 def conversations(d: ConfigDict) -> tuple[list[list[dict]], list[list[dict]], dict]:
   """(train, val, info) conversations of data.corpus for data.format=chat: python_instruct (its own split by
   source file), or local files / a hub dataset split like text documents (by content hash, see
-  corpora.split_docs: identical conversations on one side). data.max_docs keeps the first N records."""
+  corpora.split_docs: identical conversations on one side). data.max_docs keeps the first N records. With
+  data.val_path, its chat files are the validation set and every conversation of the corpus trains."""
+  train, val, info = _split_conversations(d)
+  if d.get('val_path'):
+    from minillm_jax.data import corpora
+    train, val = train + val, [c for f in corpora.local_files(d.val_path, 'data.val_path') for c in read_records(f)[1]]
+    info = {**info, 'val_path': d.val_path}
+  return train, val, info
+
+
+def _split_conversations(d: ConfigDict) -> tuple[list[list[dict]], list[list[dict]], dict]:
   from minillm_jax.data import corpora, hub, instruct
   if d.corpus == 'python_instruct':
     train, val, info = instruct.build(d.val_fraction)

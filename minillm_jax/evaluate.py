@@ -1,6 +1,6 @@
 """`python -m minillm_jax.evaluate`: evaluation suites on any backend, for one checkpoint or a comparison.
 
-  python -m minillm_jax.evaluate --workdir=runs/x                          # all suites -> runs/x/eval.json
+  python -m minillm_jax.evaluate --workdir=runs/x                          # ppl, code, text (+ chat) -> runs/x/eval.json
   python -m minillm_jax.evaluate --workdir=runs/base --workdir=runs/new --plot=compare.png   # table + JSON + PNG
   python -m minillm_jax.evaluate --ckpt=model.pt --backend=torch --suites=ppl --text=notes.txt
 

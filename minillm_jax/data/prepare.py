@@ -37,7 +37,10 @@ from minillm_jax.data.template import render_ids, render_template
 log = logging.getLogger(__name__)
 
 VERSION = 1  # bump when the token file format or the tokenization procedure changes
-DEFAULT_CACHE = corpora.DATA_DIR / 'cache'
+_REPO = Path(__file__).resolve().parents[2]
+# A source checkout keeps its caches in its data/cache (git-ignored); an installed wheel in the user cache dir.
+DEFAULT_CACHE = (_REPO / 'data' / 'cache' if (_REPO / 'pyproject.toml').is_file() else
+                 Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'minillm_jax' / 'tokens')
 _PIECE = 1 << 16       # characters per encode piece (long documents are cut so the Rust threads share them)
 _BATCH = 1 << 23       # characters per encode_batch call (bounds memory and paces the progress bar)
 _STALE_TMP_S = 6 * 3600

@@ -1,8 +1,8 @@
 # The two README commands: `make run` (train the default model end to end, then sample) and `make test`.
 # Both create .venv on first use and reinstall only when pyproject.toml changes.
-# The first of python3, python3.12, python3.11 that is 3.11 or 3.12 (the versions the pins are tested on)
+# The first of python3, python3.12, python3.11 that is 3.11 or 3.12 (the lanes CI tests, each with its own lock)
 PYTHON ?= $(shell for p in python3 python3.12 python3.11; do $$p -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] < (3, 13))' 2>/dev/null && { echo $$p; break; }; done)
-VENV := .venv
+VENV ?= .venv
 PY := $(VENV)/bin/python
 # Two installs: `run` needs the package alone (plus OpenBLAS, which its CPU kernels link where they are on); `test`
 # and `bench` add torch, the test tools and the server. Each is redone when pyproject.toml changes.
@@ -14,9 +14,17 @@ ARGS ?=
 # TORCH_CPU=1: take torch from PyTorch's CPU-only wheel index (on Linux PyPI's torch brings GBs of CUDA packages)
 TORCH_CPU ?=
 PIP_TORCH := $(if $(TORCH_CPU),--extra-index-url https://download.pytorch.org/whl/cpu)
-# Every transitive version, made by `make lock` on Python 3.11 (used on 3.12 too): installs are reproducible
-LOCK_RUN := constraints/py311-run.txt
-LOCK_TEST := constraints/py311-test.txt
+# The lane: the venv's Python once it exists (the lock must match the interpreter that installs), else $(PYTHON)'s.
+# Each lane has its own pins (pyproject.toml's markers) and locks: every transitive version, made by `make lock`.
+PYVER := $(shell py=$(PY); [ -x "$$py" ] || py='$(PYTHON)'; $$py -c 'import sys; print(*sys.version_info[:2], sep="")' 2>/dev/null)
+# (an unsupported interpreter: the 3.11 names, so make gets to the interpreter check and its one-line error)
+LANE := $(or $(filter 311 312,$(PYVER)),311)
+LOCK_RUN := constraints/py$(LANE)-run.txt
+LOCK_TEST := constraints/py$(LANE)-test.txt
+comma := ,
+# What `make test` installs. The 3.12 lane leaves torch out: PyPI's torch for 3.12 on Linux is a multi-GB CUDA
+# download; the torch tests skip there. Override with make TEST_EXTRAS=torch,dev,blas,serve TORCH_CPU=1.
+TEST_EXTRAS ?= $(if $(filter 311,$(LANE)),torch$(comma))dev$(comma)blas$(comma)serve
 export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 
@@ -36,7 +44,7 @@ $(RUN_STAMP): pyproject.toml $(LOCK_RUN) | $(VENV)/bin/python
 	touch $(RUN_STAMP)
 
 $(TEST_STAMP): pyproject.toml $(LOCK_TEST) | $(VENV)/bin/python
-	$(PY) -m pip install --quiet $(PIP_TORCH) -c $(LOCK_TEST) -e '.[torch,dev,blas,serve]'
+	$(PY) -m pip install --quiet $(PIP_TORCH) -c $(LOCK_TEST) -e '.[$(TEST_EXTRAS)]'
 	touch $(TEST_STAMP) $(RUN_STAMP)
 
 run: $(RUN_STAMP)
@@ -52,17 +60,23 @@ test-all: $(TEST_STAMP)
 bench: $(TEST_STAMP)
 	$(PY) -m minillm_jax.bench $(ARGS)
 
-# Re-pins every transitive version after a change to pyproject.toml's pins: a fresh venv, then pip freeze (local
-# version labels such as torch's +cpu dropped: ==2.13.0 matches the CPU wheel and the plain one alike).
-lock: | $(VENV)/bin/python
+# Re-pins every transitive version of $(PYTHON)'s lane after a change to pyproject.toml's pins: a fresh venv, then
+# pip freeze (local version labels such as torch's +cpu dropped: ==2.13.0 matches the CPU wheel and the plain one
+# alike). One lane per call: make lock PYTHON=python3.11, make lock PYTHON=python3.12.
+LOCK_PYVER = $(shell $(PYTHON) -c 'import sys; print(*sys.version_info[:2], sep="")')
+LOCK_PYDOT = $(shell $(PYTHON) -c 'import sys; print(*sys.version_info[:2], sep=".")')
+LOCK_EXTRAS = $(if $(filter 311,$(LOCK_PYVER)),torch$(comma))dev$(comma)blas$(comma)serve
+lock:
+	@$(PYTHON) -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] < (3, 13))' \
+	  || { echo "error: make lock needs PYTHON=python3.11 or python3.12 (got $(PYTHON))" >&2; exit 2; }
 	mkdir -p constraints
-	rm -rf .lock-venv && $(PY) -m venv .lock-venv
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install --quiet $(PIP_TORCH) -e '.[blas]'
-	{ echo '# make lock: every transitive version of pip install -e .[blas] (Python 3.11)'; \
-	  .lock-venv/bin/pip freeze --exclude-editable | grep -v '^-e ' | sed 's/+[a-z0-9.]*$$//'; } > $(LOCK_RUN)
-	.lock-venv/bin/pip install --quiet $(PIP_TORCH) -e '.[torch,dev,blas,serve]'
-	{ echo '# make lock: every transitive version of pip install -e .[torch,dev,blas,serve] (Python 3.11)'; \
-	  .lock-venv/bin/pip freeze --exclude-editable | grep -v '^-e ' | sed 's/+[a-z0-9.]*$$//'; } > $(LOCK_TEST)
+	{ echo '# make lock: every transitive version of pip install -e .[blas] (Python $(LOCK_PYDOT))'; \
+	  .lock-venv/bin/pip freeze --exclude-editable | grep -v '^-e ' | sed 's/+[a-z0-9.]*$$//'; } > constraints/py$(LOCK_PYVER)-run.txt
+	.lock-venv/bin/pip install --quiet $(PIP_TORCH) -e '.[$(LOCK_EXTRAS)]'
+	{ echo '# make lock: every transitive version of pip install -e .[$(LOCK_EXTRAS)] (Python $(LOCK_PYDOT))'; \
+	  .lock-venv/bin/pip freeze --exclude-editable | grep -v '^-e ' | sed 's/+[a-z0-9.]*$$//'; } > constraints/py$(LOCK_PYVER)-test.txt
 	rm -rf .lock-venv
 
 clean:

@@ -35,12 +35,52 @@ def die(msg: str, code: int = EXIT_USER_ERROR):
   sys.exit(code)
 
 
+def presets_dir() -> str | None:
+  """Where the named presets are: minillm_jax/presets in an installed wheel (pyproject.toml maps the repository's
+  configs/ there), else the checkout's configs/ (an editable install or a plain checkout)."""
+  pkg = os.path.dirname(os.path.abspath(__file__))
+  installed = os.path.join(pkg, 'presets')
+  if os.path.isfile(os.path.join(installed, 'tiny.py')):
+    return installed
+  checkout = os.path.join(os.path.dirname(pkg), 'configs')
+  # pyproject.toml beside it: a top-level `configs` package of some other project in site-packages is not ours
+  if os.path.isfile(os.path.join(os.path.dirname(pkg), 'pyproject.toml')) and os.path.isdir(checkout):
+    return checkout
+  return None
+
+
+def preset_names() -> list[str]:
+  d = presets_dir()
+  return sorted(f[:-3] for f in os.listdir(d) if f.endswith('.py') and not f.startswith('_')) if d else []
+
+
+def resolve_config(spec: str) -> str:
+  """--config's value with a preset name made a path: `tiny`, `tiny.py`, `tiny:mini` and, when no such file is
+  here, `configs/tiny.py[:mini]` (the README's commands, run outside the checkout) name the installed presets.
+  An existing file always wins. Exits 2 with one line for a name that is no preset."""
+  path, sep, variant = spec.partition(':')
+  if not path or os.path.exists(path):  # a directory too: the file checks say it is one
+    return spec
+  head, base = os.path.split(path)
+  name = base.removesuffix('.py')
+  if head not in ('', 'configs') or (head and not base.endswith('.py')):
+    return spec  # a path elsewhere: the file checks say what is wrong with it
+  if name in preset_names():
+    return os.path.join(presets_dir(), name + '.py') + sep + variant
+  if head or base.endswith('.py'):
+    return spec  # a file name that is no preset either: reported as a missing file, with the presets named
+  names = ', '.join(preset_names()) or 'none found (reinstall minillm-jax)'
+  die(f'unknown preset {path!r}; presets: {names} (a variant as name:variant, e.g. tiny:mini), or pass a '
+      'config file\'s path')
+
+
 def define_config(default: str | None = 'configs/shakespeare_char.py'):
-  if default and not os.path.isfile(default):  # a preset named from outside the repository
-    default = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), default)
+  if default and not os.path.isfile(default):  # run outside the checkout: the installed preset of that name
+    default = resolve_config(default)
   config_flags.DEFINE_config_file(
-      'config', default, 'Config file (configs/*.py), optionally file.py:variant; override fields with '
-      '--config.section.field=value, e.g. --config.optim.lr=3e-4.', lock_config=True)
+      'config', default, 'Config: a preset name (tiny, shakespeare_char; name:variant, e.g. tiny:mini) or a '
+      'file (configs/*.py, file.py:variant); override fields with --config.section.field=value, e.g. '
+      '--config.optim.lr=3e-4.', lock_config=True)
 
 
 def define_workdir(required: bool = True, default: str | None = None):
@@ -51,7 +91,8 @@ def define_workdir(required: bool = True, default: str | None = None):
 def config():
   """The parsed --config, validated; exits 2 with one line when it is missing or wrong."""
   if FLAGS['config'].value is None and not FLAGS['config'].present:
-    die('no config given: pass --config=configs/<name>.py (see configs/)')
+    die('no config given: pass --config=<preset> (e.g. --config=tiny; presets: ' + ', '.join(preset_names())
+        + ') or --config=FILE.py')
   path = FLAGS['config'].config_filename.split(':')[0]
   _check_config_file(path)
   try:
@@ -72,7 +113,22 @@ def model_config_or_exit(cfg, vocab_size: int | None = None):
     die(f'config: {e}')
 
 
+def _resolve_config_args(argv: list[str]) -> list[str]:
+  """argv with --config=NAME (or --config NAME) turned into the preset's path."""
+  out, i = [], 0
+  while i < len(argv):
+    a = argv[i]
+    if a == '--config' and i + 1 < len(argv) and i > 0:
+      a, i = f'--config={argv[i + 1]}', i + 1
+    if a.startswith('--config=') and i > 0:
+      a = '--config=' + resolve_config(a[len('--config='):])
+    out.append(a)
+    i += 1
+  return out
+
+
 def _parse(argv):
+  argv = _resolve_config_args(argv)
   path = _config_path(argv)
   if path:  # before config_flags loads it for an override and fails deep inside
     _check_config_file(path)
@@ -114,8 +170,8 @@ def _parse(argv):
 
 def _check_config_file(path: str):
   if not os.path.isfile(path):
-    die(f'config file {path!r} {"is a directory" if os.path.isdir(path) else "not found"}; pass a configs/*.py '
-        'file (the presets) or a run\'s <workdir>/config.py')
+    die(f'config file {path!r} {"is a directory" if os.path.isdir(path) else "not found"}; pass a preset name '
+        f'({", ".join(preset_names())}), a config file or a run\'s <workdir>/config.py')
 
 
 def _config_path(argv) -> str | None:

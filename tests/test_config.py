@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 from conftest import run_module
 
@@ -117,3 +120,46 @@ def test_relative_paths_become_absolute(tmp_path, monkeypatch):
   for spec in ('char', 'bpe', 'hub:gpt2'):
     c.data.tokenizer = spec
     assert absolute_paths(c).data.tokenizer == spec
+
+
+def _model_from(cwd, *args):
+  # from a directory that is not the checkout: what a user of an installed package does
+  return subprocess.run([sys.executable, '-m', 'minillm_jax.model', *args], cwd=cwd, capture_output=True, text=True,
+                        check=False, timeout=300)
+
+
+@pytest.mark.parametrize('args', [['--config=tiny:mini'], ['--config', 'tiny.py:mini'],
+                                  ['--config=configs/tiny_sft.py:mini', '--config.model.block_size=256']])
+def test_presets_by_name_from_any_directory(args, tmp_path):
+  """A preset's name (name:variant), and the README's configs/<name>.py where no such file is, load the preset."""
+  r = _model_from(tmp_path, *args)
+  assert r.returncode == 0, r.stderr
+  assert '4 layers, d_model 256' in r.stdout and '(context 256)' in r.stdout, r.stdout
+
+
+def test_an_existing_file_wins_over_a_preset_name(tmp_path):
+  (tmp_path / 'tiny.py').write_text('from minillm_jax.config import default_config\n\n\ndef get_config():\n'
+                                    '  c = default_config()\n  c.model.update(n_layer=1, vocab_size=100)\n  return c\n')
+  r = _model_from(tmp_path, '--config=tiny.py')
+  assert r.returncode == 0 and '1 layers' in r.stdout, r.stderr
+
+
+def test_an_unknown_preset_name_lists_the_presets(tmp_path):
+  r = _model_from(tmp_path, '--config=tiny_mini')
+  assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+  assert r.stderr.startswith("error: unknown preset 'tiny_mini'; presets: basic10m, ") and 'tiny, tiny_sft' in r.stderr
+
+
+def test_presets_resolve_to_the_installed_copy_in_a_wheel_layout(tmp_path, monkeypatch):
+  """In a wheel the presets are minillm_jax/presets (pyproject.toml maps configs/ there); no checkout around."""
+  from minillm_jax import cli
+  pkg = tmp_path / 'site-packages' / 'minillm_jax'
+  (pkg / 'presets').mkdir(parents=True)
+  for name in ('tiny', 'nano'):
+    (pkg / 'presets' / f'{name}.py').write_text('')
+  monkeypatch.setattr(cli, '__file__', str(pkg / 'cli.py'))
+  monkeypatch.chdir(tmp_path)
+  assert cli.preset_names() == ['nano', 'tiny']
+  assert cli.resolve_config('tiny:mini') == f'{pkg}/presets/tiny.py:mini'
+  assert cli.resolve_config('configs/nano.py') == f'{pkg}/presets/nano.py'
+  assert cli.resolve_config('elsewhere/tiny.py') == 'elsewhere/tiny.py'  # a path: left to the missing-file error

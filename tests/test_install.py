@@ -41,6 +41,18 @@ def test_make_run_installs_no_torch_and_make_test_does(bare):
   assert '--extra-index-url https://download.pytorch.org/whl/cpu' in cpu[0]
 
 
+def test_the_312_lane_takes_its_own_lock_and_no_torch(bare):
+  """The lane follows the interpreter: Python 3.12 installs from the py312 locks, and `make test` there leaves
+  torch out (PyPI's torch for 3.12 on Linux is a multi-GB CUDA download)."""
+  fake = bare / 'python3.12'  # answers the Makefile's version probe as a 3.12 would
+  fake.write_text('#!/bin/sh\necho 312\n')
+  fake.chmod(0o755)
+  test = _pip_lines(_make(bare, 'test', f'PYTHON={fake}', 'VENV=.venv312').stdout)
+  assert test == [".venv312/bin/python -m pip install --quiet  -c constraints/py312-test.txt -e '.[dev,blas,serve]'"]
+  run = _pip_lines(_make(bare, 'run', f'PYTHON={fake}', 'VENV=.venv312').stdout)
+  assert run == [".venv312/bin/python -m pip install --quiet -c constraints/py312-run.txt -e '.[blas]'"]
+
+
 def test_the_locks_pin_every_package_the_extras_need():
   """Each lock pins one exact version of everything (a package the lock misses would float): for the run's
   install, the package's own pins are among them; the test lock has torch and never a CUDA package."""
@@ -53,6 +65,22 @@ def test_the_locks_pin_every_package_the_extras_need():
   assert run['jax'] == '0.10.2' and run['flax'] == '0.12.8' and 'torch' not in run
   assert test['torch'].startswith('2.13.0') and not any(k.startswith('nvidia') for k in test)
   assert {k: v for k, v in run.items() if k in test} == {k: test[k] for k in run if k in test}
+  run, test = pins('py312-run.txt'), pins('py312-test.txt')  # the 3.12 lane: jax 0.11.x, the line jax-mps needs
+  assert run['jax'] == run['jaxlib'] == '0.11.1' and run['flax'] == '0.12.12' and 'torch' not in test
+  assert not any(k.startswith('nvidia') for k in test)
+  assert {k: v for k, v in run.items() if k in test} == {k: test[k] for k in run if k in test}
+
+
+def test_every_package_folder_ships_in_the_wheel():
+  """pyproject.toml lists the packages (the presets' mapping needs a list): a new package folder missing from it
+  would be left out of wheels and fail only after a pip install."""
+  import tomllib
+  with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
+    st = tomllib.load(f)['tool']['setuptools']
+  found = {os.path.relpath(d, ROOT).replace(os.sep, '.') for top in ('minillm_jax', 'torch_compat')
+           for d, _, files in os.walk(os.path.join(ROOT, top)) if '__init__.py' in files}
+  assert found | {'minillm_jax.presets'} == set(st['packages'])
+  assert st['package-dir'] == {'minillm_jax.presets': 'configs'}
 
 
 def test_make_clean_keeps_runs(bare):

@@ -24,6 +24,9 @@ COMMANDS = {
 }
 
 
+HELP_FLAGS = {'--help', '-h', '-?', '--helpfull', '--helpshort', '--helpxml'}
+
+
 def usage() -> str:
   width = max(map(len, COMMANDS))
   rows = '\n'.join(f'  {c:<{width}}  {doc}' for c, (_, doc) in COMMANDS.items())
@@ -44,7 +47,13 @@ def main(argv: list[str] | None = None) -> None:
   sys.argv = [f'minillm {cmd}', *rest]
   if module.endswith('.model'):
     module += '.__main__'  # a package: runpy runs its __main__ module, as python -m does
-  runpy.run_module(module, run_name='__main__', alter_sys=True)
+  try:
+    runpy.run_module(module, run_name='__main__', alter_sys=True)
+  except SystemExit as e:
+    # absl exits 1 after printing --help; asked-for help is a success (python -m keeps absl's code)
+    if e.code == 1 and HELP_FLAGS.intersection(rest):
+      sys.exit(0)
+    raise
 
 
 if __name__ == '__main__':

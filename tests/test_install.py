@@ -115,3 +115,71 @@ def test_the_run_install_trains_without_torch(tmp_path):
                      cwd=ROOT, capture_output=True, text=True, check=False, timeout=900,
                      env={**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1'})
   assert r.returncode == 0 and 'done: 4 steps' in r.stdout, r.stderr[-2000:]
+
+
+def _wheel_venv(tmp_path) -> tuple[str, str]:
+  """Builds the wheel from a copy of the checkout (build/ and *.egg-info land in the copy, not in the tree others
+  work in) and installs it with --no-deps into a fresh venv whose dependencies are this interpreter's
+  site-packages, through a .pth line: no network, seconds instead of a full install. The wheel's own files come
+  first on sys.path, and the .pth files of the borrowed folder (this checkout's editable install) are not run."""
+  def skip(folder, names):
+    top = {'.git', 'runs', 'data', 'build', 'dist', 'bench_out', 'tests', '.lock-venv'} if folder == ROOT else set()
+    return [n for n in names if n in top or n.startswith('.venv') or n == '__pycache__' or n.endswith('.egg-info')]
+  src = tmp_path / 'src'
+  shutil.copytree(ROOT, src, ignore=skip)
+  import setuptools  # pyproject.toml's build requirement, when this venv has it: the build needs no index then
+  isolation = [] if int(setuptools.__version__.split('.')[0]) >= 68 else ['--use-pep517']
+  pip = [sys.executable, '-m', 'pip']
+  r = subprocess.run([*pip, 'wheel', '--no-deps', *(isolation or ['--no-build-isolation']), '-q', '-w',
+                      str(tmp_path / 'dist'), str(src)], capture_output=True, text=True, check=False, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  (wheel,) = (tmp_path / 'dist').glob('minillm_jax-*.whl')
+  venv = tmp_path / 'venv'
+  subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)], check=True)
+  py = str(venv / 'bin' / 'python')
+  site = subprocess.run([py, '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'], capture_output=True,
+                        text=True, check=True).stdout.strip()
+  import sysconfig
+  deps = {sysconfig.get_paths()['purelib'], sysconfig.get_paths()['platlib']}
+  with open(os.path.join(site, '_minillm_test_deps.pth'), 'w') as f:
+    f.write('\n'.join(sorted(deps)) + '\n')
+  r = subprocess.run([*pip, '--python', py, 'install', '--no-deps', '--no-index', '-q', str(wheel)],
+                     capture_output=True, text=True, check=False, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  return py, str(venv / 'bin' / 'minillm')
+
+
+@pytest.mark.slow
+def test_the_wheel_trains_a_preset_by_name_generates_and_exports(tmp_path):
+  """pip install of the wheel (not editable), then from a scratch directory: train shakespeare_char by its preset
+  name, generate, export a .pt, all through the minillm console script. The embedded corpus, the presets and the
+  C++ kernel sources must come from the installed package: the checkout is nowhere on the path."""
+  pytest.importorskip('torch')  # export writes a torch file
+  py, minillm = _wheel_venv(tmp_path)
+  scratch, home = tmp_path / 'scratch', tmp_path / 'home'
+  scratch.mkdir()
+  env = {**_env(), 'HOME': str(home), 'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1'}
+  env.pop('XDG_CACHE_HOME', None)
+  env.pop('PYTHONPATH', None)
+
+  def run(*args, timeout=900):
+    return subprocess.run(list(args), cwd=scratch, capture_output=True, text=True, check=False, timeout=timeout,
+                          env=env)
+
+  r = run(py, '-c', 'import minillm_jax, os; print(os.path.dirname(minillm_jax.__file__))')
+  assert r.stdout.strip().startswith(str(tmp_path / 'venv')), r.stdout + r.stderr
+  r = run(minillm, 'train', '--help')
+  assert r.returncode == 0 and '--config' in r.stdout and '--workdir' in r.stdout, r.stderr[-2000:]
+  r = run(minillm, 'train', '--config=shakespeare_char', '--workdir=run', '--config.train.steps=4',
+          '--config.train.eval_every=2', '--config.train.ckpt_every=2', '--config.train.eval_batches=1')
+  assert r.returncode == 0 and 'done: 4 steps' in r.stdout, r.stdout[-1000:] + r.stderr[-2000:]
+  cache = home / '.cache' / 'minillm_jax'
+  assert any((cache / 'tokens').glob('shakespeare-char-*/train.bin'))  # a non-checkout install caches in ~/.cache
+  if shutil.which('g++') or shutil.which('c++'):  # the tests turn the kernels on: built from the installed sources
+    assert any(cache.glob('cpu_attention-*.so')), sorted(p.name for p in cache.iterdir())
+  r = run(minillm, 'generate', '--workdir=run', '--max_new_tokens=16', '--seed=0', '--prompt=ROMEO:')
+  assert r.returncode == 0 and 'ROMEO:' in r.stdout, r.stderr[-2000:]
+  r = run(minillm, 'export', '--workdir=run', '--out=model.pt')
+  assert r.returncode == 0 and 'step 4' in r.stdout, r.stderr[-2000:]
+  import torch
+  assert torch.load(scratch / 'model.pt', map_location='cpu', weights_only=False)

@@ -41,7 +41,8 @@ def default_config() -> ConfigDict:
       vocab_size=_none(int),            # None: taken from the tokenizer
       block_size=64, max_positions=_none(int),  # None: block_size (learned table size / longest RoPE cache)
       pos='learned', rope_theta=10000.0, norm='layernorm', norm_eps=1e-5, mlp='gelu',
-      bias=False, tie_embeddings=True, dropout=0.0, dtype='float32', init_std=0.02))
+      bias=False, tie_embeddings=True, dropout=0.0, dtype='float32', init_std=0.02,
+      remat='none'))                    # none | attention | block: recompute in the backward (model.gpt)
   c.data = ConfigDict(dict(
       corpus='shakespeare',             # shakespeare | python_code | mixed | local | hub | python_instruct
       format='text',                    # text: language modelling | chat: conversations, loss on the replies
@@ -76,7 +77,7 @@ def default_config() -> ConfigDict:
 
 _CHOICES = {
     'model.pos': ('learned', 'rope'), 'model.norm': ('layernorm', 'rmsnorm'), 'model.mlp': ('gelu', 'swiglu'),
-    'model.dtype': ('float32', 'bfloat16'),
+    'model.dtype': ('float32', 'bfloat16'), 'model.remat': ('none', 'attention', 'block'),
     'data.corpus': ('shakespeare', 'python_code', 'mixed', 'local', 'hub', 'python_instruct'),
     'data.format': ('text', 'chat'),
 }
@@ -231,6 +232,7 @@ class ModelConfig:
   dropout: float = 0.0
   dtype: str = 'float32'
   init_std: float = 0.02
+  remat: str = 'none'
 
   @property
   def head_dim(self) -> int:
@@ -273,7 +275,7 @@ def model_config(cfg: ConfigDict, vocab_size: int | None = None) -> ModelConfig:
       d_model=m.d_model, d_ff=m.d_ff or default_d_ff(m.d_model, m.mlp), block_size=m.block_size,
       max_positions=m.max_positions or m.block_size, pos=m.pos, rope_theta=float(m.rope_theta), norm=m.norm,
       norm_eps=float(m.norm_eps), mlp=m.mlp, bias=m.bias, tie_embeddings=m.tie_embeddings,
-      dropout=float(m.dropout), dtype=m.dtype, init_std=float(m.init_std))
+      dropout=float(m.dropout), dtype=m.dtype, init_std=float(m.init_std), remat=m.remat)
 
 
 def to_plain(cfg: ConfigDict) -> dict:

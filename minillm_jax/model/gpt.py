@@ -77,10 +77,22 @@ class Attention(nnx.Module):
                for n, x in (('k', k_BxTxKxH), ('v', v_BxTxKxH))}
       o_BxTxNxH = cached_attention(q_BxTxNxH, cache['k'].astype(dt), cache['v'].astype(dt), pos)
     elif key is not None and c.dropout > 0:
-      o_BxTxNxH = _attention_with_dropout(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, c.dropout, key)
+      o_BxTxNxH = _remat_core(_attention_with_dropout, c)(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, c.dropout, key)
     else:
-      o_BxTxNxH = attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
+      o_BxTxNxH = _remat_core(attention, c)(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
     return self.proj(o_BxTxNxH.reshape(B * T, N * H), dt), cache
+
+
+def _remat_core(fn, c: ModelConfig):
+  """model.remat=attention: the attention core (from q, k, v to its output) recomputed in the backward, its
+  inputs saved and nothing inside it. Without a fused kernel (XLA's attention on a GPU without cuDNN, dropout)
+  the core's [B, N, T, T] scores and probabilities are the one activation growing with T^2, more than the rest
+  of the block at T = 1024; the projections, norms and MLP (linear in T, and their matmuls the costly part to
+  redo) stay saved, so the extra cost is one attention forward per layer. Flash-style kernels (the CPU ones,
+  cuDNN) keep only O, the logsumexp and their inputs, so there it saves little."""
+  if c.remat != 'attention':
+    return fn
+  return jax.checkpoint(fn, static_argnums=(3,)) if fn is _attention_with_dropout else jax.checkpoint(fn)
 
 
 def _attention_with_dropout(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, rate: float, key):
@@ -129,6 +141,20 @@ class Block(nnx.Module):
     return x_RxD, cache
 
 
+def _remat_block(block: Block, x_RxD, B: int, T: int, rope, key):
+  """model.remat=block: the backward recomputes the whole block from its input, and the forward keeps only
+  that input [R, D] per layer (the parameters are resident anyway). What the plain step keeps per layer (norm
+  outputs, q/k/v, attention output and statistics, the MLP's [R, F] hidden activations) lives for one block
+  at a time instead of all n_layer, at the price of one more forward of every block (about a third of a
+  step's FLOPs). nothing_saveable, not a dots policy: the matmuls here are custom-derivative ops (ops.mm, the
+  CPU kernels) whose residuals no primitive-based policy can name, and a dots policy would keep the [R, F]
+  outputs that dominate the block. prevent_cse stays on: the blocks are a Python loop, not a scan, and XLA's
+  CSE would otherwise merge the recomputation back into the forward."""
+  def run(blk, x, rope, key):
+    return blk(x, B, T, rope, None, 0, key)[0]
+  return nnx.remat(run, policy=jax.checkpoint_policies.nothing_saveable)(block, x_RxD, rope, key)
+
+
 class GPT(nnx.Module):
   def __init__(self, c: ModelConfig, rngs: nnx.Rngs):
     self.c = c
@@ -168,7 +194,10 @@ class GPT(nnx.Module):
     x_RxD = dropout(x_BxTxD.reshape(B * T, c.d_model), c.dropout, keys[-1])
     new_cache = []
     for i, block in enumerate(self.blocks):
-      x_RxD, layer_cache = block(x_RxD, B, T, rope, None if cache is None else cache[i], pos, keys[i])
+      if cache is None and c.remat == 'block':
+        x_RxD, layer_cache = _remat_block(block, x_RxD, B, T, rope, keys[i]), None
+      else:
+        x_RxD, layer_cache = block(x_RxD, B, T, rope, None if cache is None else cache[i], pos, keys[i])
       new_cache.append(layer_cache)
     h_RxD = self.ln_f(x_RxD)
     tied = self.head is None

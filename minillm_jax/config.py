@@ -51,7 +51,10 @@ def default_config() -> ConfigDict:
       val_path='',                      # files/dirs used as the validation split as they are (no split)
       hub_name='', hub_config='', hub_revision='',  # config: a dataset's subset; revision: a branch, tag or commit
       hub_split='train', text_field='text',
-      tokenizer='char',                 # char | bpe | path to tokenizer.json | dir with vocab.json+merges.txt | hub:<name>
+      hub_val_split='auto',             # auto: the dataset's validation split if it has one | none: split | <name>
+      hub_streaming=False,              # read the hub dataset as a stream, without downloading it whole
+      tokenizer='char',                 # char | bpe | gpt2 | path to tokenizer.json | dir with vocab.json+merges.txt | hub:<name>
+      tokenizer_train_chars=100_000_000,  # BPE: learn from at most this many training characters (sampled)
       vocab_size=_none(int),            # BPE target size; None: model.vocab_size
       val_fraction=0.1,                 # share of characters held out, split by whole documents
       code_weight=3.0,                  # corpus=mixed: code share of characters = w / (1 + w)
@@ -203,6 +206,8 @@ def _validate_data(cfg: ConfigDict, need):
   else:
     need(d.corpus != 'python_instruct', 'data.corpus=python_instruct holds conversations: set data.format=chat')
   need(d.text_field.strip() != '', 'data.text_field is empty; name the column that holds the text')
+  need(d.hub_val_split.strip() != '', "data.hub_val_split is empty; use auto, none or a split name")
+  need(d.tokenizer_train_chars >= 0, f'data.tokenizer_train_chars={d.tokenizer_train_chars} must be >= 0 (0: all)')
   need(d.tokenizer.strip() != '', 'data.tokenizer is empty; use char, bpe, a tokenizer.json path or hub:<name>')
   if d.tokenizer == 'bpe':
     v = d.vocab_size or cfg.model.vocab_size
@@ -305,7 +310,7 @@ def absolute_paths(cfg: ConfigDict) -> ConfigDict:
     d.path = ','.join(full(e.strip()) for e in d.path.split(',') if e.strip())
   if d.cache_dir:
     d.cache_dir = full(d.cache_dir)
-  if d.tokenizer not in ('char', 'bpe') and not d.tokenizer.startswith('hub:'):
+  if d.tokenizer not in ('char', 'bpe', 'gpt2') and not d.tokenizer.startswith('hub:'):
     d.tokenizer = full(d.tokenizer)
   if cfg.train.init_from:
     cfg.train.init_from = full(cfg.train.init_from)

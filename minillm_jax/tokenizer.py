@@ -10,7 +10,7 @@ from absl import flags
 
 from minillm_jax import cli
 from minillm_jax.config import UserError
-from minillm_jax.data import corpora, prepare
+from minillm_jax.data import encode
 from minillm_jax.data import tokenizer as toklib
 
 
@@ -36,11 +36,10 @@ def _main(argv):
   d = cfg.data
   if d.tokenizer not in ('char', 'bpe'):
     raise UserError(f'data.tokenizer={d.tokenizer!r} is not trained here; use --config.data.tokenizer=bpe or char')
-  corpus = corpora.load(d)
-  train, _, _ = corpora.split_docs(corpus.docs, d.val_fraction)
-  tok = prepare.build_tokenizer(cfg, corpus, train)  # exactly what prepare would build for this config
+  pl = encode.plan(cfg)
+  tok, _ = pl.tokenizer(cfg)  # exactly what prepare would build for this config
   tok.save(f.out)
-  print(f'{tok!r} trained on {corpus.name} ({len(train)} train documents) -> {f.out}')
+  print(f'{tok!r} trained on {pl.train_src.name} ({pl.train_chars:,} training characters) -> {f.out}')
 
 
 if __name__ == '__main__':

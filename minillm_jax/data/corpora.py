@@ -18,13 +18,13 @@ import lzma
 import os
 import re
 import sysconfig
-import tempfile
 from pathlib import Path
 
+import numpy as np
 from ml_collections import ConfigDict
 
 from minillm_jax.config import UserError
-from minillm_jax.data import hub
+from minillm_jax.data import hub, stream
 
 log = logging.getLogger(__name__)
 
@@ -56,24 +56,7 @@ class Corpus:
     return sum(map(len, self.docs))
 
 
-def decode(raw: bytes) -> tuple[str, int]:
-  """UTF-8 with bad bytes replaced by U+FFFD; returns the text and how many sequences were replaced."""
-  try:
-    return raw.decode('utf-8'), 0
-  except UnicodeDecodeError:
-    text = raw.decode('utf-8', errors='replace')
-    return text, text.count('\ufffd') - raw.count('\ufffd'.encode())
-
-
-def is_binary(raw: bytes) -> bool:
-  """NUL bytes, or more than 30% undecodable sequences in the first 64 kB: not text (an image, an archive; random
-  bytes decode to about half replacement characters, Latin-1 text to a few per cent)."""
-  head = raw[:1 << 16]
-  if b'\0' in head:
-    return True
-  text = head.decode('utf-8', errors='replace')
-  bad = text.count('\ufffd') - head.count('\ufffd'.encode())
-  return bad > 0.3 * max(1, len(text))
+decode, is_binary = stream.decode, stream.is_binary
 
 
 def _sha(*parts) -> str:
@@ -217,14 +200,6 @@ def local_files(spec: str, key: str = 'data.path') -> list[str]:
   return list(dict.fromkeys(os.path.abspath(f) for f in files))
 
 
-def _read(path: str) -> bytes:
-  try:
-    with open(path, 'rb') as f:
-      return f.read()
-  except OSError as e:
-    raise UserError(f'cannot read {path}: {e.strerror}') from None
-
-
 def _file_hash(path: str) -> bytes:
   h = hashlib.sha256()
   try:
@@ -236,70 +211,57 @@ def _file_hash(path: str) -> bytes:
   return h.digest()
 
 
-def local(spec: str, field: str, key: str = 'data.path') -> Corpus:
+def local_source(spec: str, field: str, key: str = 'data.path', max_docs: int = 0) -> stream.Source:
   """.txt/.md and source code: one document per file; .jsonl/.json/.parquet: one per row (data.text_field).
-  Loaded with datasets into a throw-away cache (the HF cache is not filled with copies of the user's files).
-  Binary and empty files are skipped and counted (info and a warning); undecodable bytes are replaced and
-  counted (Corpus.n_replaced)."""
+  Streamed file by file (text files in chunks), never held whole. Binary and empty files are skipped and counted
+  (info and a warning); undecodable bytes are replaced and counted. Order: text files, then JSON, then Parquet,
+  each in path order."""
   files = local_files(spec, key)
-  n_files = len(files)
-  datasets = hub.datasets_module(offline=False)  # local builders need no network
-  docs, n_bad, skipped, empty = [], 0, [], []
-  with tempfile.TemporaryDirectory(prefix='minillm-hf-') as cache:
-    for i, f in enumerate(files):
-      if LOCAL_EXTS[Path(f).suffix] == 'parquet':
-        continue  # parquet strings are UTF-8 checked by arrow
-      # Count bad bytes here (datasets would replace them silently, or pyarrow's JSON reader would fail on them
-      # later) and hand datasets a repaired copy.
-      raw = _read(f)
-      if is_binary(raw):  # an image or archive named .txt: its bytes would become thousands of "characters"
-        skipped.append(f)
-        continue
-      if not raw.strip():  # datasets' json builder raises StopIteration on an empty file
-        empty.append(f)
-        continue
-      text, bad = decode(raw)
-      if bad:
-        n_bad += bad
-        files[i] = os.path.join(cache, f'fixed{i}{Path(f).suffix}')
-        Path(files[i]).write_text(text, encoding='utf-8')
-    files = [f for f in files if f not in skipped and f not in empty]
-    if skipped and files:  # (with nothing left, the refusal below names them)
-      log.warning('%s: skipped %d binary file(s) (NUL bytes or mostly undecodable), e.g. %s', key, len(skipped),
-                  skipped[0])
-    if not files:
-      what = (f'{len(skipped)} binary' if skipped else '') + (' and ' if skipped and empty else '') + \
-          (f'{len(empty)} empty' if empty else '')
-      raise UserError(f'the corpus is empty: {key} {spec!r} has only {what} file(s) (e.g. {(skipped or empty)[0]}); '
-                      'point it at text files')
-    for builder in ('text', 'json', 'parquet'):
-      group = [f for f in files if LOCAL_EXTS[Path(f).suffix] == builder]
-      if not group:
-        continue
-      kw = {'sample_by': 'document', 'keep_linebreaks': True} if builder == 'text' else {}
-      try:
-        ds = datasets.load_dataset(builder, data_files=group, split='train', cache_dir=cache, **kw)
-      except Exception as e:  # noqa: BLE001 - datasets wraps parse errors in several exception types
-        cause = e.__cause__ or e
-        raise UserError(f'cannot load {builder} files {group[0]}{" ..." if len(group) > 1 else ""}: '
-                        f'{type(cause).__name__}: {" ".join(str(cause).split())[:300]}') from None
-      col = 'text' if builder == 'text' else field
-      got = hub.column(ds, col, f'{builder} data {group[0]}')
-      if not got and len(ds) and col in ds.column_names:  # rows, but no strings in the field: name its type
-        kinds = sorted({type(v).__name__ for v in ds[col][:1000] if v is not None}) or ['null']
-        raise UserError(f'field {col!r} of {group[0]} holds {"/".join(kinds)} values, not text; set '
-                        f'data.text_field to a field of strings (fields: {", ".join(ds.column_names)})')
-      docs += got
-  return Corpus('local', docs, n_bad, info={'files': n_files, 'skipped_binary': len(skipped),
-                                            'skipped_empty': len(empty)})
+  kinds = {f: 'text' if LOCAL_EXTS[Path(f).suffix] == 'parquet' else stream.file_kind(f) for f in files}
+  skipped = [f for f in files if kinds[f] == 'binary']
+  empty = [f for f in files if kinds[f] == 'empty']
+  good = [f for f in files if kinds[f] == 'text']
+  if not good:
+    what = (f'{len(skipped)} binary' if skipped else '') + (' and ' if skipped and empty else '') + \
+        (f'{len(empty)} empty' if empty else '')
+    raise UserError(f'the corpus is empty: {key} {spec!r} has only {what} file(s) (e.g. {(skipped or empty)[0]}); '
+                    'point it at text files')
+  if skipped:  # an image or archive named .txt: its bytes would become thousands of "characters"
+    log.warning('%s: skipped %d binary file(s) (NUL bytes or mostly undecodable), e.g. %s', key, len(skipped),
+                skipped[0])
+  order = ('text', 'json', 'parquet')
+  good.sort(key=lambda f: order.index(LOCAL_EXTS[Path(f).suffix]))  # stable: path order within a kind
+  readers = [stream.file_reader(f, LOCAL_EXTS[Path(f).suffix], field) for f in good]
+  return stream.chained('local', readers, max_docs, info={'files': len(files), 'skipped_binary': len(skipped),
+                                                          'skipped_empty': len(empty)})
+
+
+def _docs(src: stream.Source) -> tuple[list[str], int]:
+  """A source's documents as strings (small corpora only), and how many bad byte sequences were replaced."""
+  docs, parts, before = [], [], stream.bad_count()
+  for p, end in src.read():
+    parts.append(p)
+    if end:
+      docs.append(''.join(parts))
+      parts = []
+  return docs, stream.bad_count() - before
+
+
+def local(spec: str, field: str, key: str = 'data.path') -> Corpus:
+  """local_source's documents in memory (the mixed corpus and evaluation; prepare streams instead)."""
+  src = local_source(spec, field, key)
+  docs, bad = _docs(src)
+  return Corpus('local', docs, bad, info=src.info)
 
 
 # ---- hub ----
 
-def hub_corpus(name: str, split: str, field: str, max_docs: int, config: str = '', revision: str = '') -> Corpus:
-  """A HF hub dataset (hub.dataset_docs)."""
-  return Corpus('hub', hub.dataset_docs(name, split, field, max_docs, config, revision),
-                info={'hub_name': name, 'hub_config': config, 'revision': revision, 'split': split})
+def hub_source(d: ConfigDict, split: str = '') -> stream.Source:
+  """A HF hub dataset's text rows (hub.text_reader), the first data.max_docs when set."""
+  read = hub.text_reader(d.hub_name, split or d.hub_split, d.text_field, d.hub_config, d.hub_revision,
+                         bool(d.get('hub_streaming', False)))
+  return stream.chained('hub', [read], d.max_docs, info={'hub_name': d.hub_name, 'hub_config': d.hub_config,
+                                                         'revision': d.hub_revision, 'split': split or d.hub_split})
 
 
 # ---- dispatch ----
@@ -320,8 +282,10 @@ def fingerprint(d: ConfigDict) -> str:
     return _local_sha(d.path, d.text_field)
   if d.corpus == 'hub':  # the content is not known offline: the name stands for it (hub datasets rarely change)
     # (hub_config and revision enter the key only when set, so existing caches keep their names)
+    # hub_val_split is keyed as set ('auto' too): which split it resolves to needs the network
     extra = [x for x in (d.get('hub_config', ''), d.get('hub_revision', '')) if x]
-    return _sha(VERSION, 'hub', d.hub_name, d.hub_split, d.text_field, *([extra] if extra else []))
+    return _sha(VERSION, 'hub', d.hub_name, d.hub_split, d.text_field, *([extra] if extra else []),
+                {'val_split': d.hub_val_split})
   raise UserError(f'unknown corpus {d.corpus!r}: use shakespeare, python_code, mixed, local or hub')
 
 
@@ -339,7 +303,8 @@ def load(d: ConfigDict) -> Corpus:
   elif d.corpus == 'local':
     c = local(d.path, d.text_field)
   elif d.corpus == 'hub':
-    c = hub_corpus(d.hub_name, d.hub_split, d.text_field, d.max_docs, d.hub_config, d.hub_revision)
+    src = hub_source(d)
+    c = Corpus('hub', *_docs(src), info=src.info)
   else:
     raise UserError(f'unknown corpus {d.corpus!r}: use shakespeare, python_code, mixed, local or hub')
   c.docs = [t for t in c.docs if t]
@@ -354,15 +319,41 @@ def load(d: ConfigDict) -> Corpus:
 
 # ---- train/val split ----
 
+def sources(d: ConfigDict) -> tuple[stream.Source, stream.Source | None, str]:
+  """(training source, validation source or None, how val is made) for prepare's streaming passes: local and hub
+  corpora are streamed; the embedded ones (and mixed, which interleaves by hash) are small and built in memory.
+  'val_path': data.val_path's files as they are; 'hub_split': the dataset's own validation split; 'split': val
+  is split off the training source (stream.split_mask)."""
+  if d.corpus == 'local':
+    src = local_source(d.path, d.text_field, 'data.path', d.max_docs)
+  elif d.corpus == 'hub':
+    src = hub_source(d)
+  else:
+    c = load(d)
+    src = stream.from_docs(c.name, c.docs, c.info)
+    if c.n_replaced:
+      src.info = {**src.info, 'replaced_bytes': c.n_replaced}
+  if d.get('val_path'):
+    val = local_source(d.val_path, d.text_field, 'data.val_path')
+    src.info = {**src.info, 'val_files': val.info['files']}
+    return src, val, 'val_path'
+  if d.corpus == 'hub' and d.hub_val_split != 'none':
+    name = d.hub_val_split if d.hub_val_split != 'auto' else hub.val_split(d.hub_name, d.hub_config,
+                                                                           d.hub_revision, d.hub_split)
+    if name:
+      src.info = {**src.info, 'val_split': name}
+      return src, hub_source(d, name), 'hub_split'
+  return src, None, 'split'
+
+
 def train_val(d: ConfigDict) -> tuple[Corpus, list[str], list[str], str]:
-  """(corpus, train docs, val docs, how): the corpus split by split_docs, or with data.val_path the whole corpus
-  for training and the val files' documents, as they are, for validation ('val_path')."""
-  corpus = load(d)
-  if not d.get('val_path'):
-    return (corpus, *split_docs(corpus.docs, d.val_fraction))
-  val = local(d.val_path, d.text_field, 'data.val_path')
-  corpus.info = {**corpus.info, 'val_files': val.info['files']}
-  return corpus, corpus.docs, val.docs, 'val_path'
+  """(corpus, train docs, val docs, how) in memory, as prepare splits them (evaluation of small corpora)."""
+  train_src, val_src, how = sources(d)
+  docs, bad = _docs(train_src)
+  corpus = Corpus(train_src.name, docs, bad, info=train_src.info)
+  if val_src is not None:
+    return corpus, docs, _docs(val_src)[0], how
+  return (corpus, *split_docs(docs, d.val_fraction))
 
 
 def split_docs(docs: list[str], val_fraction: float) -> tuple[list[str], list[str], str]:
@@ -374,20 +365,5 @@ def split_docs(docs: list[str], val_fraction: float) -> tuple[list[str], list[st
     cut = round(len(docs[0]) * (1 - val_fraction))
     log.info('one document: split by characters, the last %.0f%% is the validation set', 100 * val_fraction)
     return [docs[0][:cut]], [docs[0][cut:]], 'chars'
-  groups: dict[bytes, list[int]] = {}
-  for i in _hash_order(docs):
-    groups.setdefault(hashlib.sha256(docs[i].encode()).digest(), []).append(i)
-  gs = list(groups.values()) if len(groups) > 1 else [[i] for i in range(len(docs))]
-  size = [sum(len(docs[i]) for i in g) for g in gs]
-  target, val, n = val_fraction * sum(size), set(), 0
-  for g, k in zip(gs, size):
-    if n >= target:
-      break
-    if n + k <= 2 * target:  # skip a document that alone would overshoot the target twice over
-      val.update(g)
-      n += k
-  if not val:
-    val.update(gs[min(range(len(gs)), key=size.__getitem__)])
-  if len(val) == len(docs):  # only when val_fraction is near 1: keep something to train on
-    val -= set(gs[-1])
-  return [t for i, t in enumerate(docs) if i not in val], [t for i, t in enumerate(docs) if i in val], 'docs'
+  val = stream.split_mask(stream.sha256s(docs), np.array([len(t) for t in docs], np.int64), val_fraction)
+  return [t for t, v in zip(docs, val) if not v], [t for t, v in zip(docs, val) if v], 'docs'

@@ -7,8 +7,9 @@ uint16/uint32 ids, every document followed by <|endoftext|>), tokenizer.json and
 writes packed windows of block_size + 1 tokens instead (data.chat_data.pack) and train.mask, val.mask beside them
 (uint8, 1 where the token is an assistant reply's). The key hashes
 the corpus content, the data settings that change the tokens and the tokenizer spec, so a changed corpus or
-tokenizer prepares again and an unchanged one is reused at once. A cache directory only appears by an atomic
-rename of a finished temp directory: a killed prepare leaves no directory that looks complete.
+tokenizer prepares again and an unchanged one is reused at once. Text corpora are streamed (data.encode): memory
+stays bounded whatever their size. A cache directory only appears by an atomic rename of a finished temp
+directory: a killed prepare leaves no directory that looks complete, and the next prepare says it starts over.
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ import os
 import re
 import shutil
 import socket
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -29,8 +29,8 @@ import numpy as np
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from minillm_jax.config import UserError
-from minillm_jax.data import chat_data, corpora, instruct
+from minillm_jax.config import UserError, default_config
+from minillm_jax.data import chat_data, corpora, encode, instruct
 from minillm_jax.data import tokenizer as toklib
 from minillm_jax.data.template import render_ids, render_template
 
@@ -41,8 +41,6 @@ _REPO = Path(__file__).resolve().parents[2]
 # A source checkout keeps its caches in its data/cache (git-ignored); an installed wheel in the user cache dir.
 DEFAULT_CACHE = (_REPO / 'data' / 'cache' if (_REPO / 'pyproject.toml').is_file() else
                  Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'minillm_jax' / 'tokens')
-_PIECE = 1 << 16       # characters per encode piece (long documents are cut so the Rust threads share them)
-_BATCH = 1 << 23       # characters per encode_batch call (bounds memory and paces the progress bar)
 _STALE_TMP_S = 6 * 3600
 _MARKER = '.minillm-prepare'  # written first into prepare's own temp dirs: {"pid", "host"}
 _TMP_NAME = re.compile(r'\.tmp-.+-(\d+)-[0-9a-f]{8}')
@@ -89,13 +87,6 @@ def cache_root(d: ConfigDict) -> Path:
   return Path(os.path.expanduser(d.cache_dir)) if d.cache_dir else DEFAULT_CACHE
 
 
-def bpe_vocab_size(cfg: ConfigDict) -> int:
-  v = cfg.data.vocab_size or cfg.model.vocab_size
-  if v is None:
-    raise UserError('data.tokenizer=bpe needs a vocabulary size: set data.vocab_size (or model.vocab_size)')
-  return int(v)
-
-
 def _tokenizer_key(cfg: ConfigDict) -> tuple[str, dict]:
   """(short name for the directory, everything that determines the tokenizer)."""
   spec = cfg.data.tokenizer
@@ -103,11 +94,18 @@ def _tokenizer_key(cfg: ConfigDict) -> tuple[str, dict]:
   if kind == 'char':
     return 'char', {'kind': 'char', 'specials': toklib.SPECIALS + (toklib.UNK,)}
   if kind == 'bpe':
-    v = bpe_vocab_size(cfg)
-    return f'bpe{v}', {'kind': 'bpe', 'vocab_size': v, 'min_frequency': 2, 'specials': toklib.SPECIALS}
+    v = encode.bpe_vocab_size(cfg)
+    spec = {'kind': 'bpe', 'vocab_size': v, 'min_frequency': 2, 'specials': toklib.SPECIALS}
+    budget = int(cfg.data.tokenizer_train_chars)
+    # the budget binds only on big corpora: keyed for user data, or when changed (the embedded caches keep names)
+    if cfg.data.corpus in ('local', 'hub') or budget != default_config().data.tokenizer_train_chars:
+      spec['train_chars'] = budget
+    return f'bpe{v}', spec
   if kind == 'hub':
     return 'hub', {'kind': 'hub', 'name': spec[4:]}
-  path = os.path.expanduser(spec)
+  path = toklib.gpt2_path() if kind == 'gpt2' else os.path.expanduser(spec)
+  if kind == 'gpt2':
+    kind = toklib.spec_kind(path)
   names = ('vocab.json', 'merges.txt') if kind == 'gpt2_dir' else ('tokenizer.json',)
   digest = hashlib.sha256()
   for f in [os.path.join(path, n) for n in names] if os.path.isdir(path) else [path]:
@@ -116,7 +114,7 @@ def _tokenizer_key(cfg: ConfigDict) -> tuple[str, dict]:
         digest.update(fh.read())
     except OSError as e:
       raise UserError(f'cannot read tokenizer file {f}: {e.strerror}') from None
-  return 'file', {'kind': kind, 'sha256': digest.hexdigest()}
+  return ('gpt2' if spec == 'gpt2' else 'file'), {'kind': kind, 'sha256': digest.hexdigest()}
 
 
 def cache_key(cfg: ConfigDict) -> tuple[str, dict]:
@@ -133,74 +131,6 @@ def cache_key(cfg: ConfigDict) -> tuple[str, dict]:
         [{'role': r, 'content': ''} for r in ('system', 'user', 'assistant')]), pack_seed=PACK_SEED)
   key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
   return f'{d.corpus}-{tname}-{key}', parts
-
-
-def build_tokenizer(cfg: ConfigDict, corpus: corpora.Corpus, train_docs: list[str]) -> toklib.Tok:
-  spec = cfg.data.tokenizer
-  if spec == 'char':
-    return toklib.build_char(corpus.docs)  # the whole alphabet, so val characters are never <|unk|>
-  if spec == 'bpe':
-    t0 = time.time()
-    tok = toklib.train_bpe(train_docs, bpe_vocab_size(cfg), show_progress=_tty())
-    log.info('trained BPE %d in %.1fs', tok.vocab_size, time.time() - t0)
-    if tok.vocab_size < bpe_vocab_size(cfg):
-      log.warning('BPE vocabulary stopped at %d tokens (asked for %d): the corpus has no more pairs seen twice',
-                  tok.vocab_size, bpe_vocab_size(cfg))
-    return tok
-  return toklib.load(spec)
-
-
-def _tty() -> bool:
-  return sys.stderr.isatty()
-
-
-def _pieces(doc: str, exact_cuts: bool) -> list[str]:
-  """Cuts a long document so encoding the pieces gives exactly the ids of the whole. A cut sits before a
-  newline that follows a non-space character: the byte-level BPE regex never joins such a pair into one
-  pre-token, and the whitespace run after the cut starts afresh in both cases (tested)."""
-  if len(doc) <= _PIECE or not exact_cuts:
-    return [doc]
-  out, i = [], 0
-  while len(doc) - i > _PIECE:
-    k = doc.find('\n', i + _PIECE)
-    while k != -1 and doc[k - 1].isspace():
-      k = doc.find('\n', k + 1)
-    if k == -1:
-      break
-    out.append(doc[i:k])
-    i = k
-  out.append(doc[i:])
-  return out
-
-
-def encode_docs(tok: toklib.Tok, docs: list[str], path: Path, dtype: np.dtype, desc: str = '') -> int:
-  """Writes every document's ids followed by <|endoftext|> to `path`; returns the token count."""
-  exact_cuts = tok.kind in ('char', 'bpe')
-  pieces = [(p, j == len(ps) - 1) for d in docs for ps in [_pieces(d, exact_cuts)] for j, p in enumerate(ps)]
-  eot = np.array([tok.eot_id], dtype)
-  n = 0
-  with open(path, 'wb') as f, tqdm(total=sum(map(len, docs)), unit='char', unit_scale=True, desc=desc,
-                                   disable=not _tty(), leave=False) as bar:
-    i = 0
-    while i < len(pieces):
-      j, chars = i, 0
-      while j < len(pieces) and (j == i or chars + len(pieces[j][0]) <= _BATCH):
-        chars += len(pieces[j][0])
-        j += 1
-      batch = pieces[i:j]
-      out = []
-      for (_, last), ids in zip(batch, tok.encode_batch([p for p, _ in batch])):
-        out.append(np.asarray(ids, dtype))
-        if last:
-          out.append(eot)
-      arr = np.concatenate(out)
-      f.write(arr.tobytes())
-      n += arr.size
-      bar.update(chars)
-      i = j
-    f.flush()
-    os.fsync(f.fileno())
-  return n
 
 
 def file_digest(path: Path, dtype: np.dtype) -> tuple[str, int]:
@@ -259,7 +189,7 @@ def _pid_alive(pid: int) -> bool:
   return True
 
 
-def _clean_stale(root: Path):
+def _clean_stale(root: Path, name: str = ''):
   """Removes temp dirs a killed prepare left: only prepare's own (its name pattern and the marker it writes
   first), and only when the process that made it is gone (same host) or, from another host, older than 6 h.
   Anything else named .tmp-* under the cache root is the user's and stays."""
@@ -278,23 +208,10 @@ def _clean_stale(root: Path):
       elif now - p.stat().st_mtime <= _STALE_TMP_S:
         continue
       shutil.rmtree(p, ignore_errors=True)
+      if name and p.name.startswith(f'.tmp-{name}-'):
+        log.warning('an earlier prepare of %s was interrupted (pid %s); starting over', name, match.group(1))
     except (OSError, ValueError):
       pass
-
-
-def _text_files(cfg: ConfigDict, tmp: Path) -> dict:
-  """Writes train.bin, val.bin and tokenizer.json of a text corpus into tmp; returns the manifest's fields."""
-  d = cfg.data
-  corpus, train, val, mode = corpora.train_val(d)
-  # (a char alphabet covers the val files too; a BPE trains on the training text only)
-  tok = build_tokenizer(cfg, corpora.Corpus(corpus.name, train + val) if mode == 'val_path' else corpus, train)
-  dtype = toklib.dtype_for(tok.vocab_size)
-  n_train = encode_docs(tok, train, tmp / 'train.bin', dtype, 'tokenize train')
-  n_val = encode_docs(tok, val, tmp / 'val.bin', dtype, 'tokenize val')
-  tok.save(str(tmp / 'tokenizer.json'))
-  return {'corpus': corpus.name, 'corpus_info': corpus.info, 'tok': tok, 'dtype': dtype.name, 'n_train': n_train,
-          'n_val': n_val, 'n_train_docs': len(train), 'n_val_docs': len(val), 'train_chars': sum(map(len, train)),
-          'val_chars': sum(map(len, val)), 'split': mode, 'replaced_bytes': corpus.n_replaced}
 
 
 def _chat_files(cfg: ConfigDict, tmp: Path) -> dict:
@@ -304,7 +221,7 @@ def _chat_files(cfg: ConfigDict, tmp: Path) -> dict:
   train, val, info = chat_data.conversations(d)
   text = {s: [render_template(c, add_generation_prompt=False) for c in convs] for s, convs in
           (('train', train), ('val', val))}
-  tok = build_tokenizer(cfg, corpora.Corpus('chat', text['train'] + text['val']), text['train'])
+  tok = encode.build_tokenizer(cfg, text['train'] + text['val'], text['train'])
   if tok.pad_id is None:
     raise UserError(f'data.tokenizer={d.tokenizer} has no <|pad|> token to fill the packed chat windows; use a '
                     'tokenizer made by this project (char, bpe) or fine-tune from a run that has one')
@@ -313,7 +230,7 @@ def _chat_files(cfg: ConfigDict, tmp: Path) -> dict:
          'window': window, 'split': 'conversations'}
   for split, convs in (('train', train), ('val', val)):
     units = []
-    for c in tqdm(convs, desc=f'render {split}', unit='conv', disable=not _tty(), leave=False):
+    for c in tqdm(convs, desc=f'render {split}', unit='conv', disable=not encode.tty(), leave=False):
       ids, mask = render_ids(tok, c)
       units.append((ids + [tok.eot_id], mask + [0]))
     ids, mask, stats = chat_data.pack(units, window, tok.pad_id, PACK_SEED)
@@ -342,12 +259,12 @@ def _build(cfg: ConfigDict, root: Path, name: str, parts: dict) -> None:
   d = cfg.data
   t0 = time.time()
   root.mkdir(parents=True, exist_ok=True)
-  _clean_stale(root)
+  _clean_stale(root, name)
   tmp = root / f'.tmp-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}'
   tmp.mkdir()
   try:
     (tmp / _MARKER).write_text(json.dumps({'pid': os.getpid(), 'host': socket.gethostname()}))
-    got = (_chat_files if d.format == 'chat' else _text_files)(cfg, tmp)
+    got = _chat_files(cfg, tmp) if d.format == 'chat' else encode.text_files(cfg, tmp)
     tok = got.pop('tok')
     digests = {f'{split}_blake2b': file_digest(tmp / f'{split}.bin', np.dtype(got['dtype']))[0]
                for split in ('train', 'val')}

@@ -5,7 +5,8 @@
 - `build_char`: one token per character (a WordLevel model over single characters, a pre-tokenizer that
   isolates every character, a Fuse decoder that joins without spaces). A character missing from the vocabulary
   encodes to `<|unk|>` and decodes as the visible text '<|unk|>', never silently dropped.
-- `load`: a tokenizer.json path, a directory with GPT-2 style vocab.json + merges.txt, or `hub:<name>`.
+- `load`: a tokenizer.json path, a directory with GPT-2 style vocab.json + merges.txt, `hub:<name>`, or `gpt2`
+  (GPT-2's own BPE, `gpt2_path`: the HF cache, ~/.cache/minillm_jax/gpt2/, or the hub once, then kept there).
 
 Ids 0..5 are always `<|endoftext|>`, `<|pad|>` and the chat tokens reserved for fine-tuning.
 
@@ -56,6 +57,37 @@ class Tok:
   def encode_batch(self, texts: list[str]) -> list[list[int]]:
     # Rust threads (rayon) encode the texts in parallel.
     return [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
+
+  def encode_batch_np(self, texts: list[str]) -> list[np.ndarray]:
+    """encode_batch as arrays; this project's char tokenizer maps code points through a table instead of running
+    its per-character regex (same ids, much faster: data.encode's throughput in BENCHMARKS.md "Data")."""
+    lut = self._char_lut
+    if lut is None:
+      return [np.asarray(ids, np.int64) for ids in self.encode_batch(texts)]
+    out = []
+    for t in texts:
+      if '<|' in t:  # special tokens in the text are matched whole by the tokenizer: let it
+        out.append(np.asarray(self.encode(t), np.int64))
+        continue
+      cp = np.frombuffer(t.encode('utf-32-le', 'surrogatepass'), np.uint32)
+      out.append(np.where(cp < len(lut), lut[np.minimum(cp, len(lut) - 1)], self._unk_id))
+    return out
+
+  @functools.cached_property
+  def _char_lut(self) -> np.ndarray | None:
+    spec = json.loads(self.tok.to_str())
+    pre = spec.get('pre_tokenizer') or {}
+    if (self.kind != 'char' or spec.get('normalizer') or pre.get('type') != 'Split' or pre.get('behavior')
+        != 'Isolated' or pre.get('invert') or (pre.get('pattern') or {}).get('Regex') != r'[\s\S]'):
+      return None
+    vocab = self.tok.get_vocab(with_added_tokens=False)
+    self._unk_id = vocab.get(UNK, self.token_to_id(UNK))
+    if self._unk_id is None:
+      return None
+    singles = {ord(t): i for t, i in vocab.items() if len(t) == 1}
+    lut = np.full(max(singles, default=0) + 1, self._unk_id, np.int64)
+    lut[list(singles)] = list(singles.values())
+    return lut
 
   def encode_batch_offsets(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
     """(ids, character spans of the text each token came from) per text."""
@@ -204,9 +236,47 @@ def hub_tokenizer(name: str) -> Tok:
     raise UserError(f'cannot load tokenizer hub:{name}: {_short(e)}') from None
 
 
+GPT2_HUB = 'openai-community/gpt2'
+
+
+def gpt2_home() -> str:
+  return os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'minillm_jax', 'gpt2')
+
+
+def gpt2_path() -> str:
+  """Where GPT-2's tokenizer is on this machine (a tokenizer.json, or a directory with vocab.json + merges.txt),
+  fetched from the hub once (and kept in gpt2_home) when it is nowhere yet."""
+  home = gpt2_home()
+  for name in ('tokenizer.json', ''):
+    p = os.path.join(home, name)
+    if (name and os.path.isfile(p)) or (not name and all(os.path.isfile(os.path.join(home, f))
+                                                          for f in ('vocab.json', 'merges.txt'))):
+      return p
+  try:
+    from huggingface_hub import try_to_load_from_cache
+    for repo in (GPT2_HUB, 'gpt2'):
+      cached = try_to_load_from_cache(repo, 'tokenizer.json')
+      if isinstance(cached, str):
+        return cached
+  except ImportError:
+    pass
+  reason = hub.offline_reason()
+  if reason:
+    raise UserError(f'data.tokenizer=gpt2: GPT-2\'s tokenizer is not on this machine and the hub is unreachable '
+                    f'({reason}); run once with network, or put its vocab.json + merges.txt (or tokenizer.json) in '
+                    f'{home}/, or set data.tokenizer to their path')
+  try:
+    tok = Tokenizer.from_pretrained(GPT2_HUB)
+  except Exception as e:  # noqa: BLE001
+    raise UserError(f'data.tokenizer=gpt2: cannot fetch {GPT2_HUB}: {_short(e)}') from None
+  os.makedirs(home, exist_ok=True)
+  write_atomic(os.path.join(home, 'tokenizer.json'), tok.to_str())
+  return os.path.join(home, 'tokenizer.json')
+
+
 def spec_kind(spec: str) -> str:
-  """'char' | 'bpe' | 'file' | 'gpt2_dir' | 'hub'; UserError for anything else."""
-  if spec in ('char', 'bpe'):
+  """'char' | 'bpe' | 'gpt2' | 'file' | 'gpt2_dir' | 'hub'; UserError for anything else."""
+  if spec in ('char', 'bpe', 'gpt2'):
     return spec
   if spec.startswith('hub:') and len(spec) > 4:
     return 'hub'
@@ -221,8 +291,8 @@ def spec_kind(spec: str) -> str:
     raise UserError(f'tokenizer directory {spec!r} has neither tokenizer.json nor vocab.json + merges.txt')
   if spec.endswith('.json') or os.sep in spec:
     raise UserError(f'tokenizer file {spec!r} does not exist')
-  raise UserError(f'unknown tokenizer {spec!r}: use char, bpe, a tokenizer.json path, a directory with '
-                  'vocab.json + merges.txt, or hub:<name> (e.g. hub:gpt2)')
+  raise UserError(f'unknown tokenizer {spec!r}: use char, bpe, gpt2, a tokenizer.json path, a directory with '
+                  'vocab.json + merges.txt, or hub:<name>')
 
 
 def load(spec: str) -> Tok:
@@ -232,8 +302,8 @@ def load(spec: str) -> Tok:
     raise UserError(f'tokenizer {spec!r} is built from a corpus: run python -m minillm_jax.prepare --config=...')
   if kind == 'hub':
     return hub_tokenizer(spec[4:])
-  path = os.path.expanduser(spec)
-  if kind == 'gpt2_dir':
+  path = gpt2_path() if kind == 'gpt2' else os.path.expanduser(spec)
+  if os.path.isdir(path) and spec_kind(path) == 'gpt2_dir':
     return gpt2_dir(path)
   return Tok.from_file(os.path.join(path, 'tokenizer.json') if os.path.isdir(path) else path)
 

@@ -63,7 +63,9 @@ def use_cpu_devices(n: int) -> bool:
 
 
 def make_mesh(devices=None) -> Mesh:
-  devices = jax.devices() if devices is None else devices
+  # each process's devices side by side, so a process's rows of a global batch are one contiguous block
+  # (data.pipeline gives process p rows [p*B/n, (p+1)*B/n))
+  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id)) if devices is None else devices
   # Auto axes (GSPMD): jax.make_mesh defaults to Explicit axes in jax 0.10 (STACK_NOTES §7)
   return Mesh(np.array(devices), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
@@ -101,7 +103,18 @@ def batch_sharding(mesh: Mesh, lead: int = 0) -> NamedSharding:
 
 
 def global_batch(batch: dict, sharding: NamedSharding) -> dict:
-  """This process's rows -> global arrays sharded over the mesh (the per-process data shards join)."""
-  if jax.process_count() == 1:  # same result, with less host work per step
+  """This process's rows -> global arrays sharded over the mesh (the per-process data shards join). The row axis
+  is the one `sharding` splits; each process holds an equal, contiguous block of it (make_mesh's order)."""
+  n = jax.process_count()
+  if n == 1:  # same result, with less host work per step
     return jax.device_put(batch, sharding)
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+  ax = len(sharding.spec) - 1
+  return {k: jax.make_array_from_process_local_data(
+      sharding, v, (*v.shape[:ax], v.shape[ax] * n, *v.shape[ax + 1:])) for k, v in batch.items()}
+
+
+def shared_batch(batch: dict, sharding: NamedSharding) -> dict:
+  """Arrays every process holds whole (the validation batches) -> global arrays sharded over the mesh."""
+  if jax.process_count() == 1:
+    return jax.device_put(batch, sharding)
+  return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in batch.items()}

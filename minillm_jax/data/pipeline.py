@@ -2,9 +2,11 @@
 
 Training draws windows of block_size + 1 tokens on a grid with stride block_size, shuffled every epoch (grain
 MapDataset shuffle + repeat, seeded). Each epoch also shifts the whole grid by a seeded offset in
-[0, block_size), so later epochs see other cut points while windows within an epoch stay disjoint. Windows are
-sharded by process before shuffling (every process owns a fixed, disjoint set), then batched with
-drop_remainder. Optional mp_prefetch workers open the token file themselves (TokenFile pickles without data).
+[0, block_size), so later epochs see other cut points while windows within an epoch stay disjoint. The order is
+global: every process shuffles and batches all the windows alike (global batches of batch_size, drop_remainder)
+and reads only its own rows of each batch (process p of n: rows [p*B/n, (p+1)*B/n)). So the global batches, and
+the iterator state, are the same for any process count: a checkpoint resumes on another process count with the
+same data. Optional mp_prefetch workers open the token file themselves (TokenFile pickles without data).
 
 data.format=chat: the token files hold packed rows of block_size + 1 tokens (data.chat_data.pack) with a loss mask
 beside them; a training window is one whole row (no grid shift: a row starts at a conversation's first token), and
@@ -61,13 +63,13 @@ def grid(n_tokens: int, block_size: int) -> tuple[int, int]:
 
 
 class _Windows:
-  """(batch index, window ids [B]) -> one batch, read with one gather; each element's epoch (hence its grid
-  shift) follows from its global index, so a batch may straddle two epochs."""
+  """(batch index, window ids [B]) -> this process's rows of one global batch, read with one gather; each
+  element's epoch (hence its grid shift) follows from its global index, so a batch may straddle two epochs."""
 
   def __init__(self, tokens: TokenFile, block_size: int, batch_size: int, per_epoch: int, max_shift: int,
-               seed: int):
+               seed: int, rows: slice = slice(None)):
     self.tokens, self.T, self.B, self.per_epoch = tokens, block_size, batch_size, per_epoch
-    self.max_shift, self.seed = max_shift, seed
+    self.max_shift, self.seed, self.rows = max_shift, seed, rows
     self._last = (-1, 0)  # (epoch, shift): a Generator per element would cost more than the window read
 
   def shift(self, epoch: int) -> int:
@@ -78,7 +80,8 @@ class _Windows:
     return last[1]
 
   def __call__(self, index: int, w_B: np.ndarray) -> Batch:
-    epoch_B = (index * self.B + np.arange(self.B)) // self.per_epoch
+    epoch_B = ((index * self.B + np.arange(self.B)) // self.per_epoch)[self.rows]
+    w_B = w_B[self.rows]
     start_B = w_B * self.T + np.array([self.shift(int(e)) for e in epoch_B])
     x_BxT1 = self.tokens.mm[start_B[:, None] + np.arange(self.T + 1)].astype(np.int32)
     return {'inputs': x_BxT1[:, :-1], 'targets': x_BxT1[:, 1:]}
@@ -87,10 +90,11 @@ class _Windows:
 class _Rows:
   """data.format=chat: (batch index, row ids [B]) -> one batch of whole packed rows and their targets' mask."""
 
-  def __init__(self, tokens: TokenFile, masks: TokenFile, window: int):
-    self.tokens, self.masks, self.W = tokens, masks, window
+  def __init__(self, tokens: TokenFile, masks: TokenFile, window: int, rows: slice = slice(None)):
+    self.tokens, self.masks, self.W, self.rows = tokens, masks, window, rows
 
   def __call__(self, index: int, r_B: np.ndarray) -> Batch:
+    r_B = r_B[self.rows]
     at_BxW = r_B[:, None] * self.W + np.arange(self.W)
     x_BxW = self.tokens.mm[at_BxW].astype(np.int32)
     return {'inputs': x_BxW[:, :-1], 'targets': x_BxW[:, 1:], 'mask': np.asarray(self.masks.mm[at_BxW][:, 1:])}
@@ -139,24 +143,27 @@ def _flags_parsed():
 
 def train_iter(prep: Prepared, batch_size: int, block_size: int, seed: int, num_workers: int = 0,
                process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
-  """Endless iterator of {'inputs', 'targets'} int32 [batch_size, block_size] batches for this process."""
+  """Endless iterator of this process's rows of global batches of `batch_size` windows: {'inputs', 'targets'}
+  int32 [batch_size // process_count, block_size]."""
   if not 0 <= process_index < process_count:
     raise UserError(f'process_index={process_index} is not in [0, process_count={process_count})')
+  if batch_size % process_count:
+    raise UserError(f'train.batch_size={batch_size} must be divisible by the {process_count} processes')
+  local = batch_size // process_count
+  rows = slice(process_index * local, (process_index + 1) * local)
   tokens = TokenFile(prep.train_path, prep.dtype, prep.n_train)
   if prep.chat:
     n, read = _rows_of(prep, block_size), _Rows(tokens, TokenFile(prep.mask_path('train'), np.uint8, prep.n_train),
-                                                prep.window)
+                                                prep.window, rows)
   else:
     n, max_shift = grid(prep.n_train, block_size)
-  n -= n % process_count  # equal shards keep every process in the same epoch (same grid shift)
-  per_process = n // process_count
-  if per_process < batch_size:
-    raise UserError(f'the train split ({prep.n_train} tokens) gives {per_process} windows of block_size+1='
-                    f'{block_size + 1} tokens per process, fewer than batch_size={batch_size}; use more '
+  if n < batch_size:
+    raise UserError(f'the train split ({prep.n_train} tokens) gives {n} windows of block_size+1='
+                    f'{block_size + 1} tokens, fewer than batch_size={batch_size}; use more '
                     f'{"conversations" if prep.chat else "text"} or lower batch_size/block_size')
   if not prep.chat:
-    read = _Windows(tokens, block_size, batch_size, per_process, max_shift, seed)
-  ds = (grain.MapDataset.range(n)[process_index::process_count]
+    read = _Windows(tokens, block_size, batch_size, n, max_shift, seed, rows)
+  ds = (grain.MapDataset.range(n)
         .shuffle(seed=seed)
         .repeat(None)
         .batch(batch_size, drop_remainder=True, batch_fn=np.asarray)
@@ -167,8 +174,10 @@ def train_iter(prep: Prepared, batch_size: int, block_size: int, seed: int, num_
   if num_workers > 0:
     _flags_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  # no process index or count: the state is the same on every process and for any count (states saved with
+  # them, all single-process, still restore: only these keys are compared)
   tag = {'tokens': prep.dir.name, 'batch_size': batch_size, 'block_size': block_size, 'seed': seed,
-         'num_workers': num_workers, 'process_index': process_index, 'process_count': process_count}
+         'num_workers': num_workers}
   if prep.chat:  # (only here, so the states of text runs saved before this key existed still restore)
     tag['mask'] = True
   return _Tagged(iter(it_ds), tag)

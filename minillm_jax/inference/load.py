@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import jax
+
 from minillm_jax import config as config_lib
 from minillm_jax import workdir as wd
 from minillm_jax.config import UserError
@@ -80,7 +82,9 @@ def _jax_only(weights: str):
 
 
 def print_sample(workdir: str, step: str | int = 'best') -> str:
-  """Samples the run's checkpoint with its config's `sample` section; prints and appends to samples.txt."""
+  """Samples the run's checkpoint with its config's `sample` section; prints and appends to samples.txt. In a
+  multi-process run every process restores and samples (Orbax restores collectively; the same seed gives the
+  same text) and process 0 alone prints and writes."""
   _, model, tok_json, meta = checkpoint.load_for_inference(workdir, step)
   tok = Tok.from_json_str(tok_json)
   s = config_lib.from_plain(meta['config']).sample
@@ -94,6 +98,8 @@ def print_sample(workdir: str, step: str | int = 'best') -> str:
     ids = jax_backend.generate(model, tok.encode(s.prompt) or [tok.eot_id or 0], s.max_new_tokens,
                                SampleParams.from_config(s), seed=s.seed)[0].tolist()
     text = s.prompt + tok.decode(ids)
+  if jax.process_index() != 0:
+    return text
   print(f'--- sample (step {meta["step"]}, val loss {meta.get("val_loss")}) ---\n{text}\n---', flush=True)
   with open(os.path.join(workdir, 'samples.txt'), 'a') as f:
     f.write(f'--- step {meta["step"]} ---\n{text}\n')

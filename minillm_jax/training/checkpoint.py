@@ -11,6 +11,7 @@ max_to_keep, which deletes the newest steps: STACK_NOTES §4), so the latest ste
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import sys
@@ -94,14 +95,36 @@ class Checkpointer:
     return self.mngr.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=force)
 
   def restore(self, step: int, params, opt_state=None, data_iter=None) -> dict:
-    """Restores into targets shaped like `params`/`opt_state` (arrays or abstract); returns the items."""
+    """Restores into targets shaped like `params`/`opt_state` (arrays or abstract), with the targets' shardings
+    (never the saved ones: a checkpoint saved on other devices, or on a GPU, restores on these); returns the
+    items. The data iterator's state may come from another process count (see _other_count_state)."""
     args = dict(params=ocp.args.StandardRestore(_abstract(params)), meta=ocp.args.JsonRestore())
     if opt_state is not None:
       args['opt'] = ocp.args.StandardRestore(_abstract(opt_state))
-    if data_iter is not None:
+    other = self._other_count_state(step) if data_iter is not None else None
+    if data_iter is not None and other is None:
       args['data'] = grain.checkpoint.CheckpointRestore(data_iter)
     r = self.mngr.restore(step, args=ocp.args.Composite(**args))
-    return {k: r[k] for k in args}
+    got = {k: r[k] for k in args}
+    if other is not None:
+      data_iter.set_state(json.loads(other))
+      data_iter.start_prefetch()
+      got['data'] = data_iter
+    return got
+
+  def _other_count_state(self, step: int) -> str | None:
+    """The data iterator state of a checkpoint saved by another number of processes, or None when this process's
+    own file is there. Grain names the file by process (process_<i>-of-<n>.json); data.pipeline's state is the
+    same on every process and for any count (global batches), so process 0's file serves any process count."""
+    d = os.path.join(self.dir, str(step), 'data')
+    own = f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+    if not os.path.isdir(d) or os.path.exists(os.path.join(d, own)):
+      return None
+    saved = sorted(n for n in os.listdir(d) if n.startswith('process_0-of-') and n.endswith('.json'))
+    if not saved:
+      return None  # Orbax's own error follows: an unreadable checkpoint
+    with open(os.path.join(d, saved[0])) as f:
+      return f.read()
 
   def restore_latest_good(self, params, opt_state=None, data_iter=None, check_meta=None) -> tuple[int, dict] | None:
     """Newest checkpoint that restores cleanly; a corrupt newer one is set aside with a warning.
@@ -137,8 +160,9 @@ class Checkpointer:
   def _set_aside(self, step: int) -> str:
     """Moves an unreadable step out of the manager's sight (kept, not deleted: it may be recoverable)."""
     dst = os.path.join(os.path.dirname(self.dir), 'corrupt_checkpoints', f'{step}-{int(time.time())}')
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    os.replace(os.path.join(self.dir, str(step)), dst)
+    if jax.process_index() == 0:  # one mover; every process then stops seeing the step
+      os.makedirs(os.path.dirname(dst), exist_ok=True)
+      os.replace(os.path.join(self.dir, str(step)), dst)
     self.mngr.reload()
     return dst
 

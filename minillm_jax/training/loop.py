@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from minillm_jax import cli, parallel
 from minillm_jax import config as config_lib
@@ -29,24 +30,39 @@ from minillm_jax.config import ModelConfig, UserError
 from minillm_jax.data import pipeline, prepare
 from minillm_jax.data.tokenizer import Tok
 from minillm_jax.model import flops_per_token, init_model
-from minillm_jax.training import checkpoint, monitor
+from minillm_jax.training import checkpoint, distributed, monitor
+from minillm_jax.training.preflight import available_memory, check_memory  # noqa: F401 - loop.check_memory
 from minillm_jax.training.step import eval_loss, flat_dp_mesh, make_optimizer, steps_per_call, train_steps
 
 
 class Stop:
   """SIGTERM/SIGINT: finish the current call (train.steps_per_call steps), save, exit 128 + the signal (143, 130).
-  A second signal exits at once."""
+  A second signal exits at once.
+
+  Several processes must stop after the same call, or their collectives would wait for each other forever:
+  there SIGTERM is left to JAX's preemption sync manager (jax.distributed installs its handler), SIGINT is
+  turned into a SIGTERM, and `agreed(call)` (every call, on every process) says when all have reached the
+  call after which they save and stop together."""
 
   def __init__(self):
     self.reason = None
-    for s in (signal.SIGTERM, signal.SIGINT):
-      signal.signal(s, self._handle)
+    self.synced = jax.process_count() > 1
+    signal.signal(signal.SIGINT, self._handle)
+    if not self.synced:
+      signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
+    if self.synced:
+      os.kill(os.getpid(), signal.SIGTERM)
+      return
     if self.reason is not None:
       signal.signal(signum, signal.SIG_DFL)
       os.kill(os.getpid(), signum)
     self.reason = signal.Signals(signum).name
+
+  def agreed(self, call: int) -> None:
+    if self.synced and self.reason is None and multihost_utils.reached_preemption_sync_point(call):
+      self.reason = 'SIGTERM'
 
 
 # ------------------------------------------------------------------------------------------------- checks
@@ -100,51 +116,6 @@ def fit_positions(cfg, old: ModelConfig, where: str):
     m.max_positions = old.max_positions
 
 
-def available_memory() -> tuple[int, str] | None:
-  """(bytes, where) a training process can still use: on CPU the lower of /proc/meminfo MemAvailable and the
-  cgroup's room; on an accelerator device 0's memory limit. None when unknown."""
-  if jax.default_backend() != 'cpu':
-    stats = jax.local_devices()[0].memory_stats() or {}
-    return (int(stats['bytes_limit']), f'{jax.local_devices()[0].device_kind} memory') \
-        if 'bytes_limit' in stats else None
-  got = []
-  try:
-    with open('/proc/meminfo') as f:
-      got += [int(ln.split()[1]) * 1024 for ln in f if ln.startswith('MemAvailable:')]
-  except (OSError, ValueError, IndexError):
-    pass
-  try:
-    with open('/sys/fs/cgroup/memory.max') as f, open('/sys/fs/cgroup/memory.current') as g:
-      limit = f.read().strip()
-      if limit != 'max':
-        got.append(int(limit) - int(g.read().strip()))
-  except (OSError, ValueError):
-    pass
-  return (min(got), 'available memory') if got else None
-
-
-def check_memory(cfg, n_params: int, n_devices: int = 1) -> None:
-  """Refuses, before anything is built, a run that cannot fit: float32 weights, gradients and Adam's two moments
-  (16 bytes a parameter; spread over the devices with FSDP) plus activations (about 16 float32 values per layer
-  and token of a micro-batch: residual, attention and MLP intermediates kept for the backward pass). A rough
-  estimate that errs low, so a refused run would certainly not fit. MINILLM_SKIP_MEMORY_CHECK=1 skips it."""
-  if os.environ.get('MINILLM_SKIP_MEMORY_CHECK') == '1':
-    return
-  m, t = cfg.model, cfg.train
-  state = 16 * n_params
-  act = 4 * 16 * t.batch_size * m.block_size * m.d_model * m.n_layer
-  per_dev = jax.default_backend() != 'cpu'  # a CPU's devices share one memory
-  need = (state / n_devices if t.fsdp and per_dev else state) + (act / n_devices if per_dev else act)
-  got = available_memory()
-  if got is None or need <= got[0]:
-    return
-  gib = 2 ** 30
-  raise UserError(f'this run needs about {need / gib:.1f} GiB ({n_params / 1e6:,.0f}M parameters x 16 bytes for '
-                  f'weights, gradients and Adam state: {state / gib:.1f} GiB; activations: {act / gib:.1f} GiB) but '
-                  f'{got[0] / gib:.1f} GiB of {got[1]} is free; lower model.n_layer, model.d_model or '
-                  'train.batch_size (MINILLM_SKIP_MEMORY_CHECK=1 starts it anyway)')
-
-
 def prepare_data(cfg, workdir: str, tok_json: str | None) -> prepare.Prepared:
   if tok_json:  # fine-tuning: the text must be tokenized the way the weights were trained
     path = os.path.join(os.path.abspath(workdir), 'tokenizer.json')
@@ -189,7 +160,7 @@ def open_run(cfg, workdir: str) -> Run:
   t_start = time.time()
   cfg = config_lib.absolute_paths(load_run_config(workdir, cfg))
   t, o = cfg.train, cfg.optim
-  wd.check_free(workdir)
+  distributed.take_lock(workdir)  # process 0 holds it; the others wait until it does
   src, tok0 = None, None
   if t.init_from and wd.finished_steps(workdir):  # a fine-tune resumes from its own weights and tokenizer,
     own = os.path.join(workdir, 'tokenizer.json')  # so the base run may since have moved or gone
@@ -227,11 +198,10 @@ def open_run(cfg, workdir: str) -> Run:
   o_shard = parallel.opt_shardings(mesh, tx, params, p_shard)
   state = {'params': params, 'opt': jax.jit(tx.init, out_shardings=o_shard)(params)}
   b_shard = parallel.batch_sharding(mesh, 1 + (o.accum_steps > 1))  # [calls, (accum,) B, T]
-  local_B = t.batch_size // jax.process_count()
-  it = pipeline.train_iter(prep, local_B, mc.block_size, t.seed, cfg.data.num_workers, jax.process_index(),
-                           jax.process_count())
+  it = pipeline.train_iter(prep, t.batch_size, mc.block_size, t.seed, cfg.data.num_workers, jax.process_index(),
+                           jax.process_count())  # this process's rows of the global batches
   val = pipeline.val_batches(prep, t.batch_size, mc.block_size, t.eval_batches)
-  val = parallel.global_batch({k: np.stack([b[k] for b in val]) for k in val[0]}, parallel.batch_sharding(mesh, 1))
+  val = parallel.shared_batch({k: np.stack([b[k] for b in val]) for k in val[0]}, parallel.batch_sharding(mesh, 1))
 
   ck = checkpoint.Checkpointer(workdir, keep=t.keep)
   start, meta0 = 0, {}
@@ -287,7 +257,8 @@ def _fail_on_disk(r: Run, err: OSError):
       if close is not None:
         close()
   try:
-    wd.update_run(r.workdir, status='failed', reason=f'{what} while writing {where}', ended=time.time())
+    if distributed.primary():
+      wd.update_run(r.workdir, status='failed', reason=f'{what} while writing {where}', ended=time.time())
   except OSError:
     pass
   wd.release(r.workdir)
@@ -300,7 +271,8 @@ def _fail_on_disk(r: Run, err: OSError):
 
 def _loop(r: Run) -> dict:
   cfg, workdir, mc, t, accum = r.cfg, r.workdir, r.mc, r.cfg.train, r.cfg.optim.accum_steps
-  wd.claim(workdir, cfg)
+  if distributed.primary():
+    wd.claim(workdir, cfg)
   n_dev = r.mesh.shape[parallel.AXIS]
   dp_mesh = flat_dp_mesh(r.mesh, t.fsdp, mc.dropout)
   step_fn = jax.jit(functools.partial(train_steps, gdef=r.gdef, tx=r.tx, seed=t.seed, sched=r.sched,
@@ -326,7 +298,7 @@ def _loop(r: Run) -> dict:
     return parallel.global_batch({key: np.stack([x[key] for x in bs]).reshape(*lead, *v.shape)
                                   for key, v in bs[0].items()}, r.b_shard)
 
-  step, prev, row_done = r.start, None, False
+  step, prev, row_done, calls = r.start, None, False, 0
   while status == 'running' and step < t.steps:
     # `per_call` steps per call while no eval, checkpoint or the end falls inside; single steps otherwise (two
     # compiled sizes at most). A resumed run starts on a call boundary of the uninterrupted one, so it makes the
@@ -340,6 +312,8 @@ def _loop(r: Run) -> dict:
       jax.block_until_ready(prev)
     ends_row = step // t.log_every != (step + n_steps) // t.log_every
     step, prev = step + n_steps, m['loss']
+    stop.agreed(calls)
+    calls += 1
     mon.record(step, m)
     last = step == t.steps
     final = last or stop.reason or step % t.eval_every == 0 or step % t.ckpt_every == 0

@@ -1,4 +1,5 @@
-"""Run monitoring: progress bar, metrics.jsonl, TensorBoard events, run.json (liveness), early stopping, MFU."""
+"""Run monitoring: progress bar, metrics.jsonl, TensorBoard events, run.json (liveness), early stopping, MFU.
+In a multi-process run every process keeps the same counts, and process 0 alone prints and writes."""
 from __future__ import annotations
 
 import hashlib
@@ -64,6 +65,55 @@ def store_peak_flops(dtype: str, peak: float) -> float:
   return peak
 
 
+# Peak dense TFLOP/s per GPU (no structured sparsity) from NVIDIA's datasheets: (16-bit tensor core: bfloat16, or
+# float16 where the GPU has no bfloat16 units, float32 without tensor cores). H100 SXM / PCIe / NVL and H200 SXM /
+# NVL: "NVIDIA H100 Tensor Core GPU" and "NVIDIA H200 Tensor Core GPU" datasheets (the sparsity figures halved);
+# A100 40/80 GB, SXM and PCIe: "NVIDIA A100 Tensor Core GPU" datasheet; L4, L40, L40S, A10: their datasheets
+# (AWS's A10G has no NVIDIA datasheet: the A10's figures, an upper bound for it); RTX 4090 and 3090: the "NVIDIA Ada GPU Architecture" and
+# "NVIDIA Ampere GA102 GPU Architecture" whitepapers (bfloat16 with float32 accumulation, the GeForce rate);
+# V100 SXM2 / PCIe and T4 (float16; no bfloat16 units): their datasheets. Matched in this order against
+# jax.Device.device_kind (e.g. 'NVIDIA H100 80GB HBM3', 'NVIDIA A100-SXM4-40GB', 'Tesla T4'), case-insensitive.
+GPU_PEAK_TFLOPS = (
+    ('H100 PCIe', 756.0, 51.0), ('H100 NVL', 835.0, 60.0), ('H100', 989.0, 67.0),
+    ('H200 NVL', 835.0, 60.0), ('H200', 989.0, 67.0),
+    ('A100', 312.0, 19.5),
+    ('L40S', 362.0, 91.6), ('L40', 181.0, 90.5), ('L4', 121.0, 30.3),
+    ('RTX 4090', 165.2, 82.6), ('RTX 3090', 71.0, 35.6),
+    ('A10G', 125.0, 31.2), ('A10', 125.0, 31.2),
+    ('V100 PCIe', 112.0, 14.0), ('V100', 125.0, 15.7),
+    ('T4', 65.0, 8.1),
+)
+_SAID_UNKNOWN = set()
+
+
+def gpu_peak_flops(device_kind: str, dtype: str) -> float | None:
+  """Datasheet peak FLOP/s of one GPU of this kind in this compute dtype, or None for a GPU not in the table."""
+  def norm(s: str) -> str:  # 'Tesla V100-PCIE-32GB' and 'V100 PCIe' alike
+    return s.lower().replace('-', ' ').replace('_', ' ')
+  kind = norm(device_kind)
+  for name, half, single in GPU_PEAK_TFLOPS:
+    if norm(name) in kind:
+      return (single if dtype == 'float32' else half) * 1e12
+  return None
+
+
+def peak_flops(dtype: str) -> tuple[float, bool]:
+  """(the MFU denominator in FLOP/s, whether it was measured). A GPU in GPU_PEAK_TFLOPS: its datasheet peak
+  times the run's GPUs; another GPU or TPU: the measured matmul peak of one device times the devices (said once);
+  a CPU: the measured peak of device 0 (the CPU's devices share its cores)."""
+  dev = jax.devices()[0]
+  if dev.platform == 'cpu':
+    return matmul_peak_flops(dtype), True
+  known = gpu_peak_flops(dev.device_kind, dtype) if dev.platform == 'gpu' else None
+  if known is not None:
+    return known * jax.device_count(), False
+  if dev.device_kind not in _SAID_UNKNOWN and jax.process_index() == 0:
+    _SAID_UNKNOWN.add(dev.device_kind)
+    print(f'note: no datasheet peak for {dev.device_kind!r} (training.monitor.GPU_PEAK_TFLOPS); MFU is against '
+          'a measured matmul peak (or set train.peak_flops)', flush=True)
+  return matmul_peak_flops(dtype) * jax.device_count(), True
+
+
 def _summary_writer(logdir: str, purge_step: int | None):
   # tensorboardX imports torch at module level only to accept torch tensors (a slow import, for nothing here);
   # it is written floats here, so torch is hidden while it imports (a later `import torch` works as usual).
@@ -99,11 +149,14 @@ class Monitor:
   def __init__(self, workdir: str, cfg, mc, start: int, steps: int, tokens_per_step: int, flops_per_token: float,
                meta: dict):
     self.workdir, self.steps, self.tps, self.fpt = workdir, steps, tokens_per_step, flops_per_token
-    wd.truncate_metrics(workdir, start)  # rows a killed run wrote past its last checkpoint
-    self.tb = _summary_writer(os.path.join(workdir, 'tb'), purge_step=start + 1 if start else None)
-    self.wb = _wandb_run(cfg, workdir)
-    self.peak, self.peak_measured, self.dtype = cfg.train.peak_flops or matmul_peak_flops(mc.dtype), \
-        not cfg.train.peak_flops, mc.dtype
+    self.primary = jax.process_index() == 0
+    if self.primary:
+      wd.truncate_metrics(workdir, start)  # rows a killed run wrote past its last checkpoint
+    self.tb = _summary_writer(os.path.join(workdir, 'tb'), purge_step=start + 1 if start else None) \
+        if self.primary else None
+    self.wb = _wandb_run(cfg, workdir) if self.primary else None
+    self.dtype, self.cpu = mc.dtype, jax.devices()[0].platform == 'cpu'
+    self.peak, self.peak_measured = (cfg.train.peak_flops, False) if cfg.train.peak_flops else peak_flops(mc.dtype)
     self.best_val, self.best_step = meta.get('best_val_loss'), meta.get('best_step')
     self.bad_evals, self.tokens = meta.get('bad_evals', 0), meta.get('tokens_seen', 0)
     self.elapsed0 = meta.get('elapsed', 0.0)
@@ -117,9 +170,11 @@ class Monitor:
     self.t_run, self.t_flush, self.warm, self.step = time.time(), None, False, start
     self.last_row = {}
     self.bar = tqdm(total=steps, initial=start, desc='train', unit='step', dynamic_ncols=True, mininterval=0.5,
-                    disable=None)
+                    disable=None if self.primary else True)
 
   def _write(self, row: dict):
+    if not self.primary:
+      return
     row = {**row, 'wall_time': round(time.time(), 3)}  # unix seconds beside `time` (the run's elapsed seconds)
     if self.loss_over != 'all_tokens':  # (text runs' rows do not say it: theirs is over every token)
       row['loss_over'] = self.loss_over
@@ -174,8 +229,8 @@ class Monitor:
       row = {'step': step, 'train_loss': float(np.mean(losses)), 'lr': rows[j - 1][3],
              'grad_norm': rows[j - 1][2], 'tokens_seen': self.tokens}
       if rate is not None:
-        if self.peak_measured and rate * self.fpt > self.peak:  # the cached peak was timed under load: the
-          self.peak = store_peak_flops(self.dtype, rate * self.fpt)  # device did more, so MFU stays <= 1
+        if self.peak_measured and self.cpu and rate * self.fpt > self.peak:  # the cached peak was timed under
+          self.peak = store_peak_flops(self.dtype, rate * self.fpt)  # load: the CPU did more, so MFU stays <= 1
         row.update(tokens_per_s=rate, mfu=rate * self.fpt / self.peak)
       row['time'] = self.elapsed0 + now - self.t_run
       self._write(row)
@@ -188,7 +243,8 @@ class Monitor:
     if 'tokens_per_s' in row:
       post.update({'tok/s': f'{row["tokens_per_s"]:,.0f}', 'mfu': f'{100 * row["mfu"]:.1f}%'})
     self.bar.set_postfix(post, refresh=False)
-    wd.update_run(self.workdir, **{'steps': self.steps, 'heartbeat': now, **row})
+    if self.primary:
+      wd.update_run(self.workdir, **{'steps': self.steps, 'heartbeat': now, **row})
     return None
 
   def eval(self, step: int, val_loss: float, patience: int) -> bool:
@@ -205,14 +261,16 @@ class Monitor:
       msg += ('\nwarning: val loss rose while train loss fell: the model may be overfitting '
               '(more data, dropout, weight decay, or early stopping with train.patience)')
     self.prev_eval = (train, val_loss)
-    self.bar.write(msg)
+    if self.primary:
+      self.bar.write(msg)
     if self.t_flush is not None:  # the next row's tokens/s counts training time only
       self.t_flush = time.time()
     self._write({'step': step, 'val_loss': val_loss, 'val_ppl': math.exp(min(val_loss, 50)),
                  'best_val_loss': self.best_val, 'time': self.elapsed0 + time.time() - self.t_run})
     if patience and self.bad_evals >= patience:
-      self.bar.write(f'early stopping: no val improvement in {patience} evaluations (best {self.best_val:.4f} '
-                     f'at step {self.best_step})')
+      if self.primary:
+        self.bar.write(f'early stopping: no val improvement in {patience} evaluations (best '
+                       f'{self.best_val:.4f} at step {self.best_step})')
       return True
     return False
 
@@ -226,17 +284,20 @@ class Monitor:
   def abort(self):
     """Closes the bar, TensorBoard and W&B after an error (a full disk) without a summary."""
     self.bar.close()
-    self.tb.close()
+    if self.tb is not None:
+      self.tb.close()
     if self.wb is not None:
       self.wb.finish(exit_code=1)
 
   def close(self, status: str) -> dict:
     self.bar.close()
-    self.tb.close()
+    if self.tb is not None:
+      self.tb.close()
     if self.wb is not None:
       self.wb.summary['status'] = status
       self.wb.finish()
-    wd.update_run(self.workdir, status=status, ended=time.time())
+    if self.primary:
+      wd.update_run(self.workdir, status=status, ended=time.time())
     return {'steps': self.step, 'best_val_loss': self.best_val if self.best_val is not None else float('nan'),
             'best_step': self.best_step, 'last_train_loss': self.last_train,
             'tokens_per_s': self.last_row.get('tokens_per_s')}

@@ -8,20 +8,11 @@ instruction set made from the standard library), with the loss on the assistant 
 Variant `tiny_sft.py:mini` fine-tunes `runs/tiny_mini` (configs/tiny.py:mini) at block 512 where it was
 pretrained at 256: RoPE has no position weights, so the block may grow. Lower learning rate than pretraining, a
 short schedule, early stopping on the assistant-token validation loss."""
-import importlib.util
-import os
-
-
-def _tiny(variant: str):
-  # by path, so the preset loads from any working directory (config files are not an installed package)
-  spec = importlib.util.spec_from_file_location('_tiny_preset', os.path.join(os.path.dirname(__file__), 'tiny.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(variant)
+from minillm_jax.config import preset_beside
 
 
 def get_config(variant: str = ''):
-  c = _tiny(variant)
+  c = preset_beside(__file__, 'tiny', variant)
   c.data.update(corpus='python_instruct', format='chat')
   c.optim.update(lr=c.optim.lr / 3, min_lr=c.optim.min_lr / 3, warmup_steps=20)
   c.train.update(init_from='runs/tiny', steps=400, eval_every=50, ckpt_every=50, eval_batches=8, patience=3)

@@ -118,6 +118,16 @@ def no_variant(variant: str):
     raise ConfigError(f'unknown variant {variant!r}: this preset has none (drop the :{variant})')
 
 
+def preset_beside(here: str, name: str, variant: str = '') -> ConfigDict:
+  """The preset `name`'s get_config(variant), loaded by path from the folder of `here` (the calling preset's
+  __file__): a preset builds on another from any working directory, in a checkout and in an installed wheel."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(f'_preset_{name}', os.path.join(os.path.dirname(here), f'{name}.py'))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(variant)
+
+
 def validate(cfg: ConfigDict) -> ConfigDict:
   """Raises ConfigError with a one-line message; returns cfg when valid, unchanged but for one rule:
   optim.warmup_steps above train.steps becomes train.steps // 10 (a tenth of the run), with a printed note."""

@@ -211,3 +211,50 @@ def test_char_table_encodes_like_the_tokenizer():
   texts = ['abc', 'a\u00e9 \U0001F600z\r\n', 'x<|endoftext|>a', '', 'cab' * 1000]
   assert [a.tolist() for a in tok.encode_batch_np(texts)] == tok.encode_batch(texts)
   assert tok.encode_batch_np(['q'])[0].tolist() == [tok.token_to_id(toklib.UNK)]  # not in the alphabet
+
+
+# ---- recipes (configs/tinystories.py, shakespeare_gpt2.py, fineweb_edu.py), offline on local copies ----
+
+def test_tinystories_recipe_takes_the_validation_split_of_a_local_copy(tmp_path):
+  cfg = config_lib.preset_beside(str(REPO / 'configs' / 'x.py'), 'tinystories', 'char')
+  cfg.data.update(hub_name=_hub_dir(tmp_path), cache_dir=str(tmp_path / 'cache'))
+  cfg.model.block_size = 32
+  p = prepare.prepare(config_lib.validate(cfg))
+  assert p.manifest['split'] == 'hub_split' and p.manifest['n_val_docs'] == 30
+  full = config_lib.validate(config_lib.preset_beside(str(REPO / 'configs' / 'x.py'), 'tinystories'))
+  assert (full.data.tokenizer, full.model.vocab_size, full.data.hub_name) == ('gpt2', 50257, 'roneneldan/TinyStories')
+  fw = config_lib.validate(config_lib.preset_beside(str(REPO / 'configs' / 'x.py'), 'fineweb_edu'))
+  assert (fw.data.hub_config, fw.data.hub_streaming, fw.model.n_layer) == ('sample-10BT', True, 24)
+
+
+def test_shakespeare_gpt2_nanogpt_export_carries_no_dataset_so_sample_py_uses_gpt2(tmp_path):
+  from conftest import run_module
+  xdg = tmp_path / 'xdg'
+  ref = _gpt2_files(xdg / 'minillm_jax' / 'gpt2')  # stands in for GPT-2's own files (same format)
+  env = {'XDG_CACHE_HOME': str(xdg), 'HF_HOME': str(tmp_path / 'hf'), 'HF_HUB_OFFLINE': '1'}
+  small = ['--config.model.n_layer=1', '--config.model.d_model=32', '--config.model.n_head=2',
+           '--config.model.block_size=32', f'--config.model.vocab_size={ref.vocab_size}', '--config.train.steps=2',
+           '--config.train.batch_size=2', '--config.train.eval_every=2', '--config.train.ckpt_every=2',
+           '--config.train.eval_batches=1', '--config.data.max_docs=4', '--config.sample.max_new_tokens=4',
+           f'--config.data.cache_dir={tmp_path / "cache"}']
+  r = run_module('minillm_jax.train', '--config=configs/shakespeare_gpt2.py:micro', f'--workdir={tmp_path / "w"}',
+                 *small, env=env)
+  assert r.returncode == 0, r.stderr[-3000:]
+  r = run_module('torch_compat.export', f'--workdir={tmp_path / "w"}', '--format=nanogpt',
+                 f'--out={tmp_path / "ckpt.pt"}', env=env)
+  assert r.returncode == 0, r.stderr[-3000:]
+  import torch
+  ck = torch.load(tmp_path / 'ckpt.pt', map_location='cpu', weights_only=True)
+  assert 'dataset' not in ck['config']  # sample.py looks for data/<dataset>/meta.pkl, else encodes with GPT-2
+  assert ck['model_args']['vocab_size'] == ref.vocab_size and ck['model_args']['block_size'] == 32
+  assert toklib.Tok.from_json_str(ck['config']['minillm_tokenizer']).encode('ROMEO:') == ref.encode('ROMEO:')
+
+
+def test_a_corpus_empty_after_filtering_is_refused_in_one_line(tmp_path):
+  (tmp_path / 'rows.jsonl').write_text('{"text": ""}\n{"text": null}\n{"text": ""}\n')
+  with pytest.raises(UserError, match=r'^corpus local is empty \(no non-empty documents\)$'):
+    prepare.prepare(_cfg(tmp_path, corpus='local', path=str(tmp_path / 'rows.jsonl')))
+  (tmp_path / 'val.jsonl').write_text('{"text": ""}\n')
+  (tmp_path / 'ok.txt').write_text('plenty of training text here\n' * 20)
+  with pytest.raises(UserError, match=r'^the validation files of corpus local hold no non-empty documents$'):
+    prepare.prepare(_cfg(tmp_path, corpus='local', path=str(tmp_path / 'ok.txt'), val_path=str(tmp_path / 'val.jsonl')))

@@ -8,8 +8,8 @@ usage: launch/gpu_check.sh [--no-install]
        extras (pip -c constraints/py3XX-test.txt: the lock file of that Python; jax[cuda12] brings its own CUDA);
     2. prints jax.devices() and fails unless they are GPUs;
     3. runs the GPU test subset (pytest -m gpu: tests marked gpu, skipped on machines without one);
-    4. runs a short `python -m minillm_jax.bench` of tiny in bfloat16 (train step, MFU against the GPU's datasheet
-       peak) into bench_out/gpu_check/;
+    4. runs a short `python -m minillm_jax.bench` of tiny's train step (JAX float32 and bfloat16, the torch
+       mirror compiled under bf16 autocast; MFU against the GPU's datasheet peak) into bench_out/gpu_check/;
   then prints one summary: each step's result and seconds. Meant to take under 8 minutes (the install most of
   it). --no-install reuses an existing .venv. Exit status: 0 when every step passed.
 USAGE
@@ -54,6 +54,6 @@ print("jax", jax.__version__, jax.devices())
 assert jax.devices()[0].platform == "gpu", "no GPU: jax runs on " + jax.devices()[0].platform
 ' || summary
 step "gpu tests" .venv/bin/python -m pytest -q -m gpu -p no:cacheprovider tests/
-step bench .venv/bin/python -m minillm_jax.bench --config=configs/tiny.py --config.model.dtype=bfloat16 --what=train \
-  --repeats=3 --out=bench_out/gpu_check
+step bench .venv/bin/python -m minillm_jax.bench --config=configs/tiny.py --what=train \
+  --variants=jax_float32,jax_bfloat16,torch_compile_bf16 --repeats=3 --out=bench_out/gpu_check
 summary

@@ -1,32 +1,80 @@
-"""Causal self-attention kernels of the model: the dispatch per backend (accelerators: jax.nn's fused attention;
-CPU: the C++ kernel of kernels/attention.py), the pure-JAX blockwise CPU attention with a recomputing backward
-(no C++ compiler), and the attention over a KV cache for decoding. Shape letters are the legend of
-minillm_jax.model.gpt."""
+"""Causal self-attention kernels of the model: the dispatch per backend (accelerators: jax.nn's attention, on
+cuDNN's flash attention where it applies; CPU: the C++ kernel of kernels/attention.py), the pure-JAX blockwise
+CPU attention with a recomputing backward (no C++ compiler), and the attention over a KV cache for decoding.
+Shape letters are the legend of minillm_jax.model.gpt."""
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from minillm_jax.kernels import attention as cpu_attention
 
 
 def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH):
   """Causal self-attention, float32 logits and softmax. Accelerators use jax.nn.dot_product_attention
-  (GQA-aware; implementation='cudnn' can be plugged in there for flash attention). On CPU, float32 takes the
-  fused C++ kernel of cpu_attention: XLA:CPU has no fused attention, and the pure-JAX path below writes every
-  score block to memory between its dots and the softmax, where the kernel keeps it in cache (BENCHMARKS.md,
-  "Fused CPU attention"). Bfloat16 compute runs the same kernel on float32 copies of q, k, v: XLA:CPU's
+  (GQA-aware): cuDNN's fused flash attention where `accelerator_implementation` picks it (bfloat16 on an
+  NVIDIA GPU), XLA's otherwise. On CPU, float32 takes the fused C++ kernel of cpu_attention: XLA:CPU has no
+  fused attention, and the pure-JAX path below writes every score block to memory between its dots and the
+  softmax, where the kernel keeps it in cache (BENCHMARKS.md, "Fused CPU attention"). Bfloat16 compute runs the same kernel on float32 copies of q, k, v: XLA:CPU's
   bfloat16 attention (the pure-JAX path) was the slower one even on AMX hosts (BENCHMARKS.md, "bfloat16
   compute on CPU"; "CPU kernels" for why no bfloat16 kernel remains)."""
   if jax.default_backend() != 'cpu':
-    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, is_causal=True)
+    impl = accelerator_implementation(q_BxTxNxH, k_BxTxKxH)
+    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, is_causal=True, implementation=impl)
   if cpu_attention.available():
     f32 = lambda x: x.astype(jnp.float32)
     o = cpu_attention.causal_attention(f32(q_BxTxNxH), f32(k_BxTxKxH), f32(v_BxTxKxH))
     return o.astype(q_BxTxNxH.dtype)
   return blockwise_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
+
+
+def cudnn_eligible(platform: str, dtype, head_dim: int, compute_capability: str | None) -> bool:
+  """Whether cuDNN's flash attention takes this causal self-attention (the checks of
+  jax._src.cudnn.fused_attention_stablehlo for our case: no bias, no padding, causal mask): an NVIDIA GPU of
+  compute capability 8.0 or later (Ampere; cuDNN's fused kernels start there), bfloat16 or float16 inputs
+  (float32 has no cuDNN flash kernel), and a head dim that is a multiple of 8 up to 128 (256 from Hopper,
+  9.0). `platform` is the backend's platform_version or device platform: 'cuda' must be in it (ROCm is not
+  cuDNN)."""
+  if 'cuda' not in platform.lower() or compute_capability is None:
+    return False
+  cc = tuple(int(x) for x in compute_capability.split('.')[:2])
+  return (cc >= (8, 0) and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+          and head_dim % 8 == 0 and head_dim <= (256 if cc >= (9, 0) else 128))
+
+
+def accelerator_implementation(q_BxTxNxH, k_BxSxKxH) -> str | None:
+  """'cudnn' when cudnn_eligible and a standalone forward + backward of this shape traces and compiles on
+  cuDNN (probed once per shape and dtype); None (XLA's attention) otherwise. A failure is logged once: some
+  cuDNN builds refuse shapes or layouts the static checks accept, at compile time, where the train step
+  itself could not catch it."""
+  dev = jax.devices()[0]
+  platform = f'{getattr(dev.client, "platform_version", "")} {dev.platform}'
+  if not cudnn_eligible(platform, q_BxTxNxH.dtype, q_BxTxNxH.shape[-1], getattr(dev, 'compute_capability', None)):
+    return None
+  return 'cudnn' if _cudnn_compiles(tuple(q_BxTxNxH.shape), tuple(k_BxSxKxH.shape), jnp.dtype(q_BxTxNxH.dtype).name) else None
+
+
+@functools.cache
+def _cudnn_compiles(q_shape: tuple, k_shape: tuple, dtype: str) -> bool:
+  def loss(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='cudnn').astype(jnp.float32).sum()
+  args = [jax.ShapeDtypeStruct(s, dtype) for s in (q_shape, k_shape, k_shape)]
+  try:
+    jax.jit(jax.grad(loss, (0, 1, 2))).lower(*args).compile()
+    return True
+  except Exception as e:  # noqa: BLE001 - any refusal (trace, lowering, cuDNN graph build) means XLA's attention
+    if not _warned:
+      _warned.append(True)
+      logging.warning('cuDNN flash attention unavailable for q %s, k %s %s (%s: %s); using XLA\'s attention',
+                      q_shape, k_shape, dtype, type(e).__name__, ' '.join(str(e).split())[:200])
+    return False
+
+
+_warned: list = []  # cuDNN's refusal is logged once per process, not once per shape
 
 
 def blockwise_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH):

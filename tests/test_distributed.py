@@ -288,3 +288,22 @@ def test_gpu_checkpoint_restores_on_a_cpu_only_machine(tmp_path):
     platform, total = r.stdout.split()[-2:]
     got[platform] = total
   assert set(got) == {'gpu', 'cpu'} and got['gpu'] == got['cpu']
+
+
+def test_process_0_holds_the_lock_and_the_others_hear_why_it_could_not(tmp_path):
+  """A workdir locked by another run: process 0 is refused, and process 1, waiting for process 0 to take the
+  lock, exits with process 0's reason instead of waiting on (no training starts: seconds)."""
+  from filelock import FileLock
+  tmp = str(tmp_path)
+  os.makedirs(os.path.join(tmp, 'w'))
+  with FileLock(os.path.join(tmp, 'w', '.lock')):
+    r = subprocess.run(['bash', os.path.join(LAUNCH, 'local.sh'), '-d', '1', '2', *targs(tmp, 'w')], cwd=ROOT,
+                       env={**os.environ, 'MINILLM_LOCK_WAIT': '60'}, check=False, capture_output=True, text=True,
+                       timeout=120)
+  out = r.stdout + r.stderr
+  assert r.returncode == 2, out[-3000:]
+  refused = "is being trained by another process"
+  assert re.search(rf'^\[0\] error: {re.escape(repr(os.path.join(tmp, "w")))} {refused}', out, re.MULTILINE), out
+  assert re.search(rf'^\[1\] error: process 0: {re.escape(repr(os.path.join(tmp, "w")))} {refused}', out,
+                   re.MULTILINE), out
+  assert os.listdir(os.path.join(tmp, 'w')) == ['.lock']  # nothing written

@@ -25,6 +25,14 @@ comma := ,
 # What `make test` installs. The 3.12 lane leaves torch out: PyPI's torch for 3.12 on Linux is a multi-GB CUDA
 # download; the torch tests skip there. Override with make TEST_EXTRAS=torch,dev,blas,serve TORCH_CPU=1.
 TEST_EXTRAS ?= $(if $(filter 311,$(LANE)),torch$(comma))dev$(comma)blas$(comma)serve
+# Without torch, pytest leaves out the test modules that import it (or its test helpers) at the top, and the
+# tests that run torch_compat or bench in a subprocess: they need torch and do not skip themselves yet.
+TORCH_TEST_MODULES = $(shell grep -lE '^(import torch|from torch|from (test_sample|torch_fixtures) import)' tests/*.py)
+TORCH_SUBPROCESS_TESTS := tests/test_train.py::test_imported_weights_continue_training \
+  tests/test_train.py::test_damaged_checkpoint_is_one_line_naming_an_older_step \
+  tests/test_bench.py::test_quick_smoke tests/test_bench.py::test_serve_quick_smoke
+NO_TORCH_ARGS = $(if $(filter torch,$(subst $(comma), ,$(TEST_EXTRAS))),,$(addprefix --ignore=,$(TORCH_TEST_MODULES)) \
+  $(addprefix --deselect=,$(TORCH_SUBPROCESS_TESTS)))
 export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 
@@ -52,10 +60,10 @@ run: $(RUN_STAMP)
 
 test: $(TEST_STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n 2 $(ARGS)
+	$(PY) -m pytest -q -n 2 $(NO_TORCH_ARGS) $(ARGS)
 
 test-all: $(TEST_STAMP)
-	$(PY) -m pytest -q -n 2 -m '' $(ARGS)
+	$(PY) -m pytest -q -n 2 -m '' $(NO_TORCH_ARGS) $(ARGS)
 
 bench: $(TEST_STAMP)
 	$(PY) -m minillm_jax.bench $(ARGS)

@@ -41,8 +41,9 @@ class Stop:
 
   Several processes must stop after the same call, or their collectives would wait for each other forever:
   there SIGTERM is left to JAX's preemption sync manager (jax.distributed installs its handler), SIGINT is
-  turned into a SIGTERM, and `agreed(call)` (every call, on every process) says when all have reached the
-  call after which they save and stop together."""
+  turned into a SIGTERM, and `agreed(first, last)` (every call's steps, on every process) says when all have
+  reached the call after which they save and stop together. The ids are the training steps, one by one: the
+  ones Orbax also reports to the manager when it saves."""
 
   def __init__(self):
     self.reason = None
@@ -60,8 +61,13 @@ class Stop:
       os.kill(os.getpid(), signum)
     self.reason = signal.Signals(signum).name
 
-  def agreed(self, call: int) -> None:
-    if self.synced and self.reason is None and multihost_utils.reached_preemption_sync_point(call):
+  def agreed(self, first: int, last: int) -> None:
+    if not self.synced or self.reason is not None:
+      return
+    hit = False
+    for s in range(first, last + 1):  # every step reported (no short cut): the manager counts them
+      hit = multihost_utils.reached_preemption_sync_point(s) or hit
+    if hit:
       self.reason = 'SIGTERM'
 
 
@@ -298,7 +304,7 @@ def _loop(r: Run) -> dict:
     return parallel.global_batch({key: np.stack([x[key] for x in bs]).reshape(*lead, *v.shape)
                                   for key, v in bs[0].items()}, r.b_shard)
 
-  step, prev, row_done, calls = r.start, None, False, 0
+  step, prev, row_done = r.start, None, False
   while status == 'running' and step < t.steps:
     # `per_call` steps per call while no eval, checkpoint or the end falls inside; single steps otherwise (two
     # compiled sizes at most). A resumed run starts on a call boundary of the uninterrupted one, so it makes the
@@ -311,9 +317,8 @@ def _loop(r: Run) -> dict:
     if prev is not None and n_dev > 1:
       jax.block_until_ready(prev)
     ends_row = step // t.log_every != (step + n_steps) // t.log_every
+    stop.agreed(step + 1, step + n_steps)
     step, prev = step + n_steps, m['loss']
-    stop.agreed(calls)
-    calls += 1
     mon.record(step, m)
     last = step == t.steps
     final = last or stop.reason or step % t.eval_every == 0 or step % t.ckpt_every == 0

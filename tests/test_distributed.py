@@ -1,6 +1,7 @@
-"""Multi-process training on jax.distributed (launch/local.sh), a killed process, and resuming a checkpoint on
-another process count, device count or sharding (DP <-> FSDP). The multi-process runs are `slow`: each start
-of a process costs seconds of imports and compilation on a small CPU."""
+"""Multi-process training on jax.distributed (launch/local.sh), a killed process, a signal, and resuming a
+checkpoint on another process count, device count or sharding (DP <-> FSDP). The training runs are `slow` (each
+start of a process costs seconds of imports and compilation on a small CPU; together about 7 minutes on 2 busy
+cores); the default suite keeps the lock hand-off, which trains nothing."""
 import glob
 import importlib.util
 import json
@@ -307,3 +308,28 @@ def test_process_0_holds_the_lock_and_the_others_hear_why_it_could_not(tmp_path)
   assert re.search(rf'^\[1\] error: process 0: {re.escape(repr(os.path.join(tmp, "w")))} {refused}', out,
                    re.MULTILINE), out
   assert os.listdir(os.path.join(tmp, 'w')) == ['.lock']  # nothing written
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_every_process_after_the_same_step(tmp_path):
+  tmp, log = str(tmp_path), os.path.join(str(tmp_path), 'term.log')
+  with open(log, 'w') as out:
+    p = subprocess.Popen(local_sh(targs(tmp, 'w', **{'train.steps_per_call': 2})), cwd=ROOT, stdout=out,
+                         stderr=subprocess.STDOUT)
+  try:
+    path, deadline = os.path.join(tmp, 'w', 'metrics.jsonl'), time.time() + 240
+    while not (os.path.exists(path) and max(losses(tmp, 'w'), default=0) >= 4):
+      assert p.poll() is None and time.time() < deadline, read(log)[-3000:]
+      time.sleep(0.05)
+    os.kill(int(re.search(r'\[launch\] process 0: pid (\d+)', read(log))[1]), signal.SIGTERM)  # process 0 only
+    rc = p.wait(timeout=90)
+  finally:
+    if p.poll() is None:
+      p.kill()
+  text = read(log)
+  assert rc == 128 + signal.SIGTERM, text[-3000:]
+  saved = int(re.search(r'^\[0\] SIGTERM: saved step (\d+)', text, re.MULTILINE)[1])
+  assert 4 <= saved < 20 and saved % 2 == 0  # a call's end, agreed by both
+  for i in (0, 1):
+    assert re.search(rf'\[launch\] process {i} \(pid \d+\) failed: exit status 143 \(signal TERM\)', text), text
+  assert os.path.isdir(os.path.join(tmp, 'w', 'checkpoints', str(saved)))

@@ -34,7 +34,7 @@ def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH):
 
 def cudnn_eligible(platform: str, dtype, head_dim: int, compute_capability: str | None) -> bool:
   """Whether cuDNN's flash attention takes this causal self-attention (the checks of
-  jax._src.cudnn.fused_attention_stablehlo for our case: no bias, no padding, causal mask): an NVIDIA GPU of
+  JAX's cuDNN fused-attention lowering for our case: no bias, no padding, causal mask): an NVIDIA GPU of
   compute capability 8.0 or later (Ampere; cuDNN's fused kernels start there), bfloat16 or float16 inputs
   (float32 has no cuDNN flash kernel), and a head dim that is a multiple of 8 up to 128 (256 from Hopper,
   9.0). `platform` is the backend's platform_version or device platform: 'cuda' must be in it (ROCm is not

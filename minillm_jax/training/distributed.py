@@ -27,7 +27,7 @@ import jax
 
 from minillm_jax.config import UserError
 
-_LOCK_KEY = 'minillm_jax/workdir_lock'
+_MSG_BYTES = 1024  # process 0's lock outcome, broadcast to the others
 
 
 def _env_int(name: str, default: int | None) -> int | None:
@@ -94,28 +94,31 @@ def primary() -> bool:
   return jax.process_index() == 0
 
 
-def _client():
-  from jax._src import distributed  # the coordination service's key-value store (what multihost_utils uses)
-  return distributed.global_state.client
+def _broadcast_text(text: str | None) -> str:
+  """Process 0's `text` on every process: a collective (every process calls it), through the public
+  multihost_utils (a process that never arrives ends the others by the heartbeat timeout)."""
+  import numpy as np
+  from jax.experimental import multihost_utils
+  buf = np.zeros(_MSG_BYTES, np.uint8)
+  if primary():
+    raw = (text or '').encode()[:_MSG_BYTES]
+    buf[:len(raw)] = np.frombuffer(raw, np.uint8)
+  out = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+  return bytes(out).rstrip(b'\0').decode(errors='replace')
 
 
 def announce_lock(error: str | None) -> None:
   """Process 0, after trying the workdir lock: tells the others whether it holds it (`error`: why not)."""
   if jax.process_count() > 1:
-    _client().key_value_set(_LOCK_KEY, error or 'ok')
+    _broadcast_text(error or 'ok')
 
 
 def wait_for_lock(workdir: str) -> None:
-  """The other processes: waits (MINILLM_LOCK_WAIT seconds, default 120) until process 0 holds the workdir lock;
-  raises its error when it could not take it."""
-  wait = _env_int('MINILLM_LOCK_WAIT', 120)
-  try:
-    got = _client().blocking_key_value_get(_LOCK_KEY, wait * 1000)
-  except Exception:  # noqa: BLE001 - the service raises its own error types for a deadline
-    raise UserError(f'process 0 did not take the lock of {workdir!r} within {wait} s (MINILLM_LOCK_WAIT); is '
-                    'process 0 running with the same --workdir?') from None
+  """The other processes: wait until process 0 has tried the workdir lock; raise its error when it could not
+  take it."""
+  got = _broadcast_text(None)
   if got != 'ok':
-    raise UserError(f'process 0: {got}')
+    raise UserError(f'process 0: {got}' if got else f'process 0 could not take the lock of {workdir!r}')
 
 
 def take_lock(workdir: str) -> None:

@@ -31,7 +31,7 @@ from absl import flags
 from minillm_jax import cli, parallel
 from minillm_jax import config as config_lib
 from minillm_jax.data import prepare
-from minillm_jax.evals import bench_report, bench_serve
+from minillm_jax.evals import bench_memory, bench_report, bench_serve
 from minillm_jax.evals import bench_runs as br
 from minillm_jax.model import param_counts
 
@@ -39,7 +39,8 @@ ROOT = bench_report.ROOT
 TRAIN_VARIANTS = ('jax_float32', 'jax_float32_dp', 'jax_bfloat16', 'jax_bfloat16_dp', 'torch_eager_fp32',
                   'torch_compile_fp32', 'torch_compile_bf16')
 DEFAULT_CONFIGS = ('configs/tiny.py', 'configs/shakespeare_char.py')
-SECTIONS = ('train', 'decode', 'data', 'serve')
+SECTIONS = ('train', 'decode', 'data', 'serve', 'memory')
+MEMORY_CONFIG = 'configs/llm200m.py'  # --what=memory alone, without --config
 F = flags.FLAGS
 
 
@@ -47,7 +48,10 @@ def define_flags():
   flags.DEFINE_list('configs', [], 'Config files to run after --config (without overrides).')
   flags.DEFINE_string('out', 'bench_out', 'Directory for bench.json and bench.md.')
   flags.DEFINE_list('what', ['train', 'decode', 'data'], 'Sections: train, decode, data, serve (the HTTP '
-                    'server under concurrent clients; not run by default).')
+                    'server under concurrent clients; not run by default), memory (step peak memory with '
+                    'model.remat none/attention/block and the torch mirror with/without checkpointing, one '
+                    f'process each; not run by default; alone without --config: {MEMORY_CONFIG}).')
+  flags.DEFINE_integer('batch', 0, 'memory: batch rows of the measured step (0: 1).')
   flags.DEFINE_list('variants', list(TRAIN_VARIANTS), 'Train-step variants (--quick drops torch_compile_*).')
   flags.DEFINE_integer('repeats', 0, 'Interleaved repeats; 0: 5 when a round of train steps takes < 30 s, '
                        'else 3 (decode and data: 3).')
@@ -89,7 +93,8 @@ def run_config(name: str, overrides: list[str], cfg, a: dict) -> dict:
   print(f'{name}: {res["params"]:,} parameters, batch {a["batch_size"]} x {mc.block_size}', flush=True)
   for sec, fn in (('train', lambda: br.train_bench(cfg, mc, a)), ('decode', lambda: br.decode_bench(cfg, mc, a)),
                   ('data', lambda: br.data_bench(cfg, prep, mc, a, res.get('train'))),
-                  ('serve', lambda: bench_serve.serve_bench(cfg, mc, a))):
+                  ('serve', lambda: bench_serve.serve_bench(cfg, mc, a)),
+                  ('memory', lambda: bench_memory.memory_bench(cfg, mc, a))):
     if sec in a['what']:
       print(f'  {sec}', flush=True)
       res[sec] = fn()
@@ -119,7 +124,8 @@ def main(argv):
   overrides = [x for x in sys.argv[1:] if x.startswith('--config.')]
   jobs = [(F['config'].config_filename, overrides, cli.config())] if F['config'].present else []
   jobs += [(p, [], load_config_file(p)) for p in F.configs]
-  jobs = jobs or [(p, [], load_config_file(str(ROOT / p))) for p in DEFAULT_CONFIGS]
+  defaults = (MEMORY_CONFIG,) if F.what == ['memory'] else DEFAULT_CONFIGS
+  jobs = jobs or [(p, [], load_config_file(str(ROOT / p))) for p in defaults]
   rep = F.repeats or (1 if F.quick else 0)  # 0: train picks 3 or 5 from the time of one round
   a = {'what': F.what, 'quick': F.quick, 'repeats': rep, 'steps': F.steps or int(F.quick),
        'variants': [v for v in F.variants if not (F.quick and 'compile' in v and not F['variants'].present)],
@@ -127,7 +133,7 @@ def main(argv):
        'new_tokens': 16 if F.quick and not F['new_tokens'].present else F.new_tokens,
        'decode_batch': F.decode_batch, 'decode_weights': F.decode_weights, 'decode_repeats': rep or 3,
        'data_batches': 20 if F.quick else 200, 'serve_clients': F.serve_clients,
-       'requests': 1 if F.quick and not F['serve_requests'].present else F.serve_requests}
+       'requests': 1 if F.quick and not F['serve_requests'].present else F.serve_requests, 'batch': F.batch}
   if F.torch_threads:
     import torch
     torch.set_num_threads(F.torch_threads)
@@ -144,6 +150,7 @@ def main(argv):
   out.mkdir(parents=True, exist_ok=True)
   (out / 'bench.json').write_text(json.dumps(res, indent=1))
   md = bench_report.markdown(res)
+  md += ''.join('\n'.join(bench_memory.markdown(r['memory'])) + '\n' for r in runs if 'memory' in r)
   (out / 'bench.md').write_text(md + '\n')
   print(md, flush=True)
   if F.update_md:

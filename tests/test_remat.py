@@ -98,3 +98,40 @@ def test_remat_config_value_is_checked():
   cfg.model.remat = 'full'
   with pytest.raises(ConfigError, match=r"^model.remat='full' is not one of none, attention, block$"):
     validate(cfg)
+
+
+def test_torch_mirror_checkpointing_changes_no_gradient():
+  """The mirror's remat=block (torch.utils.checkpoint per block, bench --what=memory's torch_checkpoint):
+  the same loss and gradients, bitwise; eval mode and decoding never checkpoint."""
+  torch = pytest.importorskip('torch')
+  from torch_compat import model as tmodel
+
+  def grads(remat):
+    torch.manual_seed(0)
+    m = tmodel.GPT({**LLAMAISH.to_dict(), 'remat': remat, 'dropout': 0.0}).train()
+    x = torch.from_numpy(np.array(X)).long()
+    loss = torch.nn.functional.cross_entropy(m(x).flatten(0, 1), torch.from_numpy(np.array(Y)).long().flatten())
+    loss.backward()
+    return [loss.detach()] + [p.grad for p in m.parameters()]
+
+  for a, b in zip(grads('block'), grads('none')):
+    assert torch.equal(a, b)
+
+
+def test_memory_bench_ratios_and_targets():
+  from minillm_jax.evals import bench_memory
+  vs = {'jax_none': {'rss_step_mb': 1000.0, 'step_s': 2.0, 'xla_step_mb': 4000.0, 'xla_activation_mb': 800.0},
+        'jax_block': {'rss_step_mb': 500.0, 'step_s': 2.6, 'xla_step_mb': 3500.0, 'xla_activation_mb': 240.0},
+        'torch': {'rss_step_mb': 1200.0, 'step_s': 3.0}, 'torch_checkpoint': {'rss_step_mb': 600.0, 'step_s': 4.5}}
+  r = bench_memory.ratios(vs)
+  assert r == {'jax_block': {'rss': 0.5, 'time': 1.3, 'xla_step': 0.875, 'activation': 0.3},
+               'torch_checkpoint': {'rss': 0.5, 'time': 1.5}}
+  m = {'batch': [1, 1024], 'dtype': 'bfloat16', 'steps': 2, 'errors': {'jax_attention': 'exit 1: boom'},
+       'variants': {v: {**d, 'loss': 10.0} for v, d in vs.items()}, 'ratios': r,
+       'targets': {'activation_ratio_max': 0.4, 'time_ratio_max': 1.35, 'activation_met': True, 'time_met': True}}
+  md = bench_memory.markdown(m)
+  assert '| jax_block | 500 (0.50x) | 3,500 (0.88x) | 240 (0.30x) | 2.60 (1.30x) | 10.0000 |' in md
+  assert '| torch_checkpoint | 600 (0.50x) | - | - | 4.50 (1.50x) | 10.0000 |' in md
+  assert '| jax_attention | failed: exit 1: boom |  |  |  |  |' in md
+  assert md[-1] == ("Target for remat=block: activations <= 40% of the plain step's (30%: met) for <= 35% more "
+                    'time (+30%: met).')

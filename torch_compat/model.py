@@ -6,7 +6,8 @@ names (transformer.wte, transformer.h.{i}.attn.c_attn, ..., lm_head) with the fu
 c_attn rows are [q heads | k heads | v heads] and, for SwiGLU, c_fc rows are [gate | up]. A tied head has no
 lm_head entry. torch_compat.convert holds the one table from Flax names to these.
 It computes in the dtype of its parameters (float32 as loaded; `.to(torch.bfloat16)` for speed), with norms
-and RoPE in float32 and float32 logits returned; the config's `dtype` (Flax's training dtype) is unused.
+and RoPE in float32 and float32 logits returned; the config's `dtype` (Flax's training dtype) is unused, and its
+`remat` (optional) = 'block' recomputes each block in the backward while training (torch.utils.checkpoint).
 
   model, tokenizer_json, meta = load('model.pt')        # the native .pt written by torch_compat.export
   out = model.generate(torch.tensor([[1, 2, 3]]), 20)   # greedy; temperature/top_k for sampling
@@ -17,6 +18,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 CONFIG_KEYS = ('vocab_size', 'n_layer', 'n_head', 'n_kv_head', 'd_model', 'd_ff', 'block_size',
@@ -201,8 +203,14 @@ class GPT(nn.Module):
       x = x + tr.wpe(pos_T)[None]
     rope = rope_tables(pos_T, c['d_model'] // c['n_head'], c['rope_theta']) if c['pos'] == 'rope' else None
     x = tr.drop(x)
+    # model.remat=block: each block recomputed in the backward from its input (torch.utils.checkpoint), as the
+    # Flax model does; only while training with gradients, never for decoding. Off by default.
+    remat = c.get('remat', 'none') == 'block' and self.training and cache is None and torch.is_grad_enabled()
     for i, block in enumerate(tr.h):
-      x = block(x, rope, None if cache is None else cache[i], pos)
+      if remat:
+        x = torch.utils.checkpoint.checkpoint(block, x, rope, None, pos, use_reentrant=False)
+      else:
+        x = block(x, rope, None if cache is None else cache[i], pos)
     h = tr.ln_f(x)
     w_VxD = tr.wte.weight if self.lm_head is None else self.lm_head.weight
     return F.linear(h, w_VxD).float()

@@ -163,9 +163,13 @@ def test_chat_on_damaged_checkpoint_is_always_one_line(trained):
 _EXIT_NOISE = """
 import atexit, runpy, sys, threading
 msg = sys.argv.pop()
+go = threading.Event()
 def _raise():
+  go.wait()
   raise RuntimeError(msg)
-atexit.register(lambda: (t := threading.Thread(target=_raise), t.start(), t.join()))
+t = threading.Thread(target=_raise, daemon=True)  # started now: Python 3.12 starts no thread at exit
+t.start()
+atexit.register(lambda: (go.set(), t.join()))
 sys.argv = ['chat'] + sys.argv[1:]
 runpy.run_module('minillm_jax.chat', run_name='__main__')
 """

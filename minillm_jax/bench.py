@@ -31,7 +31,7 @@ from absl import flags
 from minillm_jax import cli, parallel
 from minillm_jax import config as config_lib
 from minillm_jax.data import prepare
-from minillm_jax.evals import bench_memory, bench_report, bench_serve
+from minillm_jax.evals import bench_data, bench_memory, bench_report, bench_serve
 from minillm_jax.evals import bench_runs as br
 from minillm_jax.model import param_counts
 
@@ -52,6 +52,8 @@ def define_flags():
                     'model.remat none/attention/block and the torch mirror with/without checkpointing, one '
                     f'process each; not run by default; alone without --config: {MEMORY_CONFIG}).')
   flags.DEFINE_integer('batch', 0, 'memory: batch rows of the measured step (0: 1).')
+  flags.DEFINE_list('data_gb', ['0.1'], 'data: sizes (GB) of the synthetic text prepare is timed on, char and BPE '
+                    'each in a fresh process (peak RSS); BENCHMARKS.md uses 1,2.')
   flags.DEFINE_list('variants', list(TRAIN_VARIANTS), 'Train-step variants (--quick drops torch_compile_*).')
   flags.DEFINE_integer('repeats', 0, 'Interleaved repeats; 0: 5 when a round of train steps takes < 30 s, '
                        'else 3 (decode and data: 3).')
@@ -146,11 +148,17 @@ def main(argv):
       shutil.rmtree(os.environ['TORCHINDUCTOR_CACHE_DIR'], ignore_errors=True)
   env['loadavg_end'] = os.getloadavg()
   res = {'env': env, 'settings': {**a, 'argv': sys.argv[1:]}, 'runs': runs}
+  if 'data' in F.what:  # prepare and the pipeline against their ceilings, once for the whole run
+    print('data: prepare and pipeline', flush=True)
+    gb = ['0.002'] if F.quick and not F['data_gb'].present else F.data_gb
+    res['data'] = bench_data.run([float(x) for x in gb], runs, ROOT, prepare.prepare(jobs[0][2]),
+                                 a['data_batches'])
   out = Path(F.out)
   out.mkdir(parents=True, exist_ok=True)
   (out / 'bench.json').write_text(json.dumps(res, indent=1))
   md = bench_report.markdown(res)
   md += ''.join('\n'.join(bench_memory.markdown(r['memory'])) + '\n' for r in runs if 'memory' in r)
+  md += '\n'.join(bench_data.markdown(res['data'])) + '\n' if 'data' in res else ''
   (out / 'bench.md').write_text(md + '\n')
   print(md, flush=True)
   if F.update_md:

@@ -70,6 +70,13 @@ def check(tmp, variants: set[str]) -> dict:
     md = f.read()
   assert '| variant | ms/step | best |' in md and 'median (best)' in md
   assert '| decode |' in md and 'Data pipeline' in md
+  runs = {(r['tokenizer'], r['gb']) for r in res['data']['prepare']['runs']}
+  assert runs == {('char', 0.002), ('bpe', 0.002)}
+  assert all(r['peak_rss_mb'] > 0 and r['tokens'] > 0 and r['ceiling']['mb_per_s'] > 0
+             for r in res['data']['prepare']['runs'])
+  assert set(res['data']['pipeline']) == {'tiny', 'llm200m'}
+  assert all(p['batches_per_s'] > 0 and p['headroom'] > 0 for p in res['data']['pipeline'].values())
+  assert '### Data: prepare and pipeline' in md and '| tiny | 8 x 1024 |' in md
   assert '| JAX, bfloat16 weights |' in md and '| JAX bfloat16 weights speedup vs transformers' in md
   assert '| floor, float32 weights |' in md and 'MBU' in md and 'no float32 decoder here beats' in md
   return res

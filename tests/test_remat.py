@@ -22,6 +22,7 @@ X = jax.random.randint(jax.random.key(0), (2, 16), 0, 61)
 Y = jax.random.randint(jax.random.key(1), (2, 16), 0, 61)
 KEY = jax.random.key(7)  # the trainer passes a key every step (dropout, when model.dropout > 0)
 _plain = {}
+NEW_JAX = tuple(int(x) for x in jax.__version__.split('.')[:2]) >= (0, 11)  # the 3.12 lane
 
 
 def step(c: ModelConfig):
@@ -44,14 +45,16 @@ def test_remat_step_equals_plain_step(fam, mode):
   loss0, g0, temp0 = plain(fam)
   loss, g, temp = step(dataclasses.replace(FAMILIES[fam], remat=mode))
   assert float(loss) == float(loss0)
-  if fam == 'gpt2' and mode == 'block':
+  if mode == 'block' and (fam == 'gpt2' or NEW_JAX):
     # Same values, another summation order: with the blocks recomputed inside the backward, XLA:CPU fuses the
     # row reductions of the GPT-2 family (bias and LayerNorm gradients, the position table's sum) with other
     # producers. Even the last block's mlp.proj.bias gradient, a sum of the incoming gradient that no
-    # recomputed value enters, differs in its last bits; the Llama family has none of these and is bitwise.
+    # recomputed value enters, differs in its last bits; on jax 0.10 the Llama family has none of these and is
+    # bitwise (jax 0.11's XLA fuses its gradients differently too: the last bits, up to 7.5e-9).
     for a, b in zip(g, g0):
       np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(jnp.abs(b).max()))
-    assert any(not np.array_equal(a, b) for a, b in zip(g, g0))  # if it becomes bitwise, tighten this test
+    if fam == 'gpt2' and not NEW_JAX:  # if it becomes bitwise, tighten this test
+      assert any(not np.array_equal(a, b) for a, b in zip(g, g0))
   else:
     for a, b in zip(g, g0):
       np.testing.assert_array_equal(a, b)
@@ -76,7 +79,10 @@ def test_remat_in_bfloat16_with_the_fused_cpu_kernel_and_with_dropout(mode, monk
     loss, g, _ = step(dataclasses.replace(c, remat=mode))
     assert float(loss) == float(loss0)
     for a, b in zip(g, g0):
-      np.testing.assert_array_equal(a, b)
+      if NEW_JAX and mode == 'block':  # (see test_remat_step_equals_plain_step)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(jnp.abs(b).max()))
+      else:
+        np.testing.assert_array_equal(a, b)
   monkeypatch.undo()
   cpu_attention.available.cache_clear()
 

@@ -141,3 +141,12 @@ def test_memory_bench_ratios_and_targets():
   assert '| jax_attention | failed: exit 1: boom |  |  |  |  |' in md
   assert md[-1] == ("Target for remat=block: activations <= 40% of the plain step's (30%: met) for <= 35% more "
                     'time (+30%: met).')
+
+
+def test_a_resume_may_change_remat_but_not_the_architecture():
+  from minillm_jax.config import UserError
+  from minillm_jax.training.loop import check_same_model
+  old = GPT2ISH.to_dict()
+  check_same_model(old, dataclasses.replace(GPT2ISH, remat='block'), 'runs/x')  # the same weights
+  with pytest.raises(UserError, match=r'n_layer: checkpoint 2 vs config 3'):
+    check_same_model(old, dataclasses.replace(GPT2ISH, n_layer=3, remat='block'), 'runs/x')

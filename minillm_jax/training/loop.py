@@ -99,7 +99,7 @@ def check_same_tokenizer(meta: dict, tok_json: str, where: str, data=None):
 def check_same_model(old: dict, new: ModelConfig, where: str, fine_tune: bool = False):
   """Refuses another architecture. Fine-tuning may change block_size (and with RoPE max_positions: no weights
   depend on it); fit_positions has then given a learned-position model its source's table size."""
-  free = ('dropout', 'dtype') + (('block_size', 'max_positions') if fine_tune and new.pos == 'rope' else
+  free = ('dropout', 'dtype', 'remat') + (('block_size', 'max_positions') if fine_tune and new.pos == 'rope' else
                                  ('block_size',) if fine_tune else ())
   diff = [f'{k}: checkpoint {old[k]!r} vs config {v!r}' for k, v in new.to_dict().items()
           if k in old and old[k] != v and k not in free]

@@ -23,6 +23,8 @@ from minillm_jax.data import pipeline as data
 from minillm_jax.training import distributed, monitor
 
 LAUNCH = os.path.join(ROOT, 'launch')
+# local.sh runs $PYTHON: this interpreter, not the one an outer `make test PYTHON=...` exported
+ENV = {**os.environ, 'PYTHON': sys.executable}
 SCRIPTS = ('local.sh', 'slurm.sbatch', 'tpu_vm.sh', 'gpu_check.sh')
 
 
@@ -157,7 +159,8 @@ def runs(tmp_path_factory):
   """'one': 1 process x 4 devices, 'two': launch/local.sh 2 (2 processes x 2 devices), both 20 steps."""
   tmp = str(tmp_path_factory.mktemp('dist'))
   one_process(4, targs(tmp, 'one'))
-  r = subprocess.run(local_sh(targs(tmp, 'two')), cwd=ROOT, check=False, capture_output=True, text=True, timeout=300)
+  r = subprocess.run(local_sh(targs(tmp, 'two')), cwd=ROOT, env=ENV, check=False, capture_output=True, text=True,
+                     timeout=300)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   return tmp, r
 
@@ -194,7 +197,7 @@ def test_killed_process_stops_the_others_and_the_run_resumes_exactly(runs):
   tmp, _ = runs
   argv, log = targs(tmp, 'killed'), os.path.join(tmp, 'killed.log')
   with open(log, 'w') as out:
-    p = subprocess.Popen(local_sh(argv), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    p = subprocess.Popen(local_sh(argv), cwd=ROOT, env=ENV, stdout=out, stderr=subprocess.STDOUT)
   try:
     path, deadline = os.path.join(tmp, 'killed', 'metrics.jsonl'), time.time() + 240
     ck10 = os.path.join(tmp, 'killed', 'checkpoints', '10')  # renamed there once every process committed it
@@ -218,7 +221,7 @@ def test_killed_process_stops_the_others_and_the_run_resumes_exactly(runs):
                    'coordination service ended it because another process died', text), text[-3000:]
   assert max(losses(tmp, 'killed')) < 20
   # the same command again: resumes from checkpoint 10 and makes the uninterrupted run's losses, bitwise
-  r = subprocess.run(local_sh(argv), cwd=ROOT, check=False, capture_output=True, text=True, timeout=300)
+  r = subprocess.run(local_sh(argv), cwd=ROOT, env=ENV, check=False, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   assert '[0] resuming from step 10' in r.stdout and '[1] resuming from step 10' in r.stdout
   assert losses(tmp, 'killed') == losses(tmp, 'two')
@@ -299,7 +302,7 @@ def test_process_0_holds_the_lock_and_the_others_hear_why_it_could_not(tmp_path)
   os.makedirs(os.path.join(tmp, 'w'))
   with FileLock(os.path.join(tmp, 'w', '.lock')):
     r = subprocess.run(['bash', os.path.join(LAUNCH, 'local.sh'), '-d', '1', '2', *targs(tmp, 'w')], cwd=ROOT,
-                       env={**os.environ, 'MINILLM_LOCK_WAIT': '60'}, check=False, capture_output=True, text=True,
+                       env=ENV, check=False, capture_output=True, text=True,
                        timeout=120)
   out = r.stdout + r.stderr
   assert r.returncode == 2, out[-3000:]
@@ -314,7 +317,7 @@ def test_process_0_holds_the_lock_and_the_others_hear_why_it_could_not(tmp_path)
 def test_sigterm_to_one_process_stops_every_process_after_the_same_step(tmp_path):
   tmp, log = str(tmp_path), os.path.join(str(tmp_path), 'term.log')
   with open(log, 'w') as out:
-    p = subprocess.Popen(local_sh(targs(tmp, 'w', **{'train.steps_per_call': 2})), cwd=ROOT, stdout=out,
+    p = subprocess.Popen(local_sh(targs(tmp, 'w', **{'train.steps_per_call': 2})), cwd=ROOT, env=ENV, stdout=out,
                          stderr=subprocess.STDOUT)
   try:
     path, deadline = os.path.join(tmp, 'w', 'metrics.jsonl'), time.time() + 240

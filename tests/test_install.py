@@ -11,7 +11,8 @@ from conftest import ROOT
 
 def _env() -> dict:
   # under `make test` the environment carries the outer make's MAKEFLAGS/MAKELEVEL (directory messages, -n ...)
-  return {k: v for k, v in os.environ.items() if k not in ('MAKEFLAGS', 'MAKELEVEL', 'MFLAGS')}
+  # and its command-line variables (the 3.12 lane's PYTHON=... VENV=...), which would pick the outer lane
+  return {k: v for k, v in os.environ.items() if k not in ('MAKEFLAGS', 'MAKELEVEL', 'MFLAGS', 'PYTHON', 'VENV')}
 
 
 def _make(tmp, *target) -> subprocess.CompletedProcess:

@@ -228,6 +228,7 @@ def test_tinystories_recipe_takes_the_validation_split_of_a_local_copy(tmp_path)
 
 
 def test_shakespeare_gpt2_nanogpt_export_carries_no_dataset_so_sample_py_uses_gpt2(tmp_path):
+  torch = pytest.importorskip('torch')  # the export writes a torch file (the 3.12 lane has no torch)
   from conftest import run_module
   xdg = tmp_path / 'xdg'
   ref = _gpt2_files(xdg / 'minillm_jax' / 'gpt2')  # stands in for GPT-2's own files (same format)
@@ -243,7 +244,6 @@ def test_shakespeare_gpt2_nanogpt_export_carries_no_dataset_so_sample_py_uses_gp
   r = run_module('torch_compat.export', f'--workdir={tmp_path / "w"}', '--format=nanogpt',
                  f'--out={tmp_path / "ckpt.pt"}', env=env)
   assert r.returncode == 0, r.stderr[-3000:]
-  import torch
   ck = torch.load(tmp_path / 'ckpt.pt', map_location='cpu', weights_only=True)
   assert 'dataset' not in ck['config']  # sample.py looks for data/<dataset>/meta.pkl, else encodes with GPT-2
   assert ck['model_args']['vocab_size'] == ref.vocab_size and ck['model_args']['block_size'] == 32

@@ -14,7 +14,8 @@ config=$1; workdir=$(abs "$2"); shift 2
 cd "$(dirname "$0")/.."
 make -s setup
 mkdir -p "$workdir"
-nohup .venv/bin/python -m minillm_jax.train --config="$config" --workdir="$workdir" "$@" \
+# the venv make set up: .venv, or the VENV an outer `make VENV=...` passes down (the 3.12 lane's .venv312)
+nohup "${VENV:-.venv}/bin/python" -m minillm_jax.train --config="$config" --workdir="$workdir" "$@" \
   >> "$workdir/train.log" 2>&1 < /dev/null &
 pid=$!
 for _ in $(seq 20); do  # refusals (a locked workdir, a bad config, missing data) come within seconds

@@ -126,7 +126,7 @@ def python_code() -> Corpus:
 # ---- mixed ----
 
 def _hash_order(docs: list[str]) -> list[int]:
-  return sorted(range(len(docs)), key=lambda i: hashlib.sha256(docs[i].encode()).digest())
+  return np.argsort(stream.sha256s(docs), kind='stable').tolist()  # the split's order (stream.split_mask)
 
 
 def _take(docs: list[str], chars: float) -> list[str]:

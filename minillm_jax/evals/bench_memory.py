@@ -130,10 +130,12 @@ def _child(spec: dict) -> dict:
     tx, _ = step.make_optimizer(o, spec['train_steps'])
     state = {'params': params, 'opt': jax.jit(tx.init)(params)}
     batches = {k: jnp.asarray(x[None]) for k, x in batch_np.items()}
-    fn = jax.jit(functools.partial(step.train_steps, gdef=gdef, tx=tx, seed=spec['seed']), donate_argnums=(0,))
+    opts = step.compiler_options(mc.remat)
+    fn = jax.jit(functools.partial(step.train_steps, gdef=gdef, tx=tx, seed=spec['seed']), donate_argnums=(0,),
+                 compiler_options=opts)
     compiled = fn.lower(state, batches, jnp.int32(0)).compile()
     ma = compiled.memory_analysis()
-    grad = jax.jit(jax.value_and_grad(step.loss_fn), static_argnums=1).lower(
+    grad = jax.jit(jax.value_and_grad(step.loss_fn), static_argnums=1, compiler_options=opts).lower(
         params, gdef, batches['inputs'][0], batches['targets'][0], jax.random.key(0)).compile()
     res |= {'xla_step_mb': (ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes
                             - ma.alias_size_in_bytes) / 2**20, 'xla_temp_mb': ma.temp_size_in_bytes / 2**20,

@@ -137,7 +137,7 @@ def _jax_train(cfg, mc, dtype: str, params0, batch: dict, dp: bool = False) -> t
   box = {'state': {'params': params, 'opt': opt}, 'i': 0, 'dispatch': [], 'devices': n}
   dp_mesh = step.flat_dp_mesh(mesh, False, mc.dropout)  # as the trainer
   fn = jax.jit(functools.partial(step.train_steps, gdef=gdef, tx=tx, seed=cfg.train.seed, dp_mesh=dp_mesh),
-               donate_argnums=(0,))
+               donate_argnums=(0,), compiler_options=step.compiler_options(c.remat))
   if per_call > 1:  # compile the per_call-step call now, on a copy: timed runs start warm and the first call is step 0
     jax.block_until_ready(fn(jax.tree.map(jnp.copy, box['state']), batches[per_call], jnp.int32(0)))
 

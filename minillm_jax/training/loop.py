@@ -32,7 +32,8 @@ from minillm_jax.data.tokenizer import Tok
 from minillm_jax.model import flops_per_token, init_model
 from minillm_jax.training import checkpoint, distributed, monitor
 from minillm_jax.training.preflight import available_memory, check_memory  # noqa: F401 - loop.check_memory
-from minillm_jax.training.step import eval_loss, flat_dp_mesh, make_optimizer, steps_per_call, train_steps
+from minillm_jax.training.step import (compiler_options, eval_loss, flat_dp_mesh, make_optimizer, steps_per_call,
+                                      train_steps)
 
 
 class Stop:
@@ -282,7 +283,8 @@ def _loop(r: Run) -> dict:
   n_dev = r.mesh.shape[parallel.AXIS]
   dp_mesh = flat_dp_mesh(r.mesh, t.fsdp, mc.dropout)
   step_fn = jax.jit(functools.partial(train_steps, gdef=r.gdef, tx=r.tx, seed=t.seed, sched=r.sched,
-                                      dp_mesh=dp_mesh), donate_argnums=(0,), out_shardings=(r.s_shard, None))
+                                      dp_mesh=dp_mesh), donate_argnums=(0,), out_shardings=(r.s_shard, None),
+                    compiler_options=compiler_options(mc.remat))
   eval_fn = jax.jit(functools.partial(eval_loss, gdef=r.gdef))
   tokens_per_step, fpt = accum * t.batch_size * mc.block_size, flops_per_token(mc)['train']
   per_call = steps_per_call(t, tokens_per_step * fpt)

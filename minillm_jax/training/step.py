@@ -43,6 +43,18 @@ def make_optimizer(o, steps: int) -> tuple[optax.GradientTransformation, optax.S
   return optax.chain(clip, adamw), sched
 
 
+def compiler_options(remat: str) -> dict[str, str] | None:
+  """XLA options for a jitted step of a model with `model.remat=remat`. jax.checkpoint guards each recomputation
+  with an optimization barrier, so that XLA does not merge it back into the forward; XLA:CPU's pipeline expands
+  (removes) those barriers before its late CSE pass, which then does exactly that merge, and the step keeps
+  every activation as if remat were off (BENCHMARKS.md, "Memory (remat)"). Skipping that one pass keeps the
+  barriers; the CPU runtime executes them as no-ops. jax 0.11's XLA:CPU expands them after scheduling instead
+  (the option changes nothing there); GPUs and TPUs keep theirs."""
+  if remat == 'none' or jax.default_backend() != 'cpu':
+    return None
+  return {'xla_disable_hlo_passes': 'cse_barrier_expander'}
+
+
 # ----------------------------------------------------------------------------------------------- steps
 # The loss mask. A batch may carry 'mask' [B,T] (or [accum,B,T]) beside 'targets': 1 where the target token
 # counts (assistant tokens in fine-tuning), 0 where it does not; float or int, 0/1 values. The loss is then the

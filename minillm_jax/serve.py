@@ -69,8 +69,9 @@ if __name__ == '__main__':
   flags.DEFINE_integer('max_queue', 64, 'Most requests waiting for a batch; more get HTTP 429.')
   flags.DEFINE_integer('chunk', 4, 'Decode steps between handing new text to the streams.')
   flags.DEFINE_float('batch_wait_ms', 10, 'How long a new batch waits for more requests to join it.')
-  flags.DEFINE_bool('warmup', False, 'Compile every padded batch size (1, 2, 4, ... --max_batch) before serving; '
-                    'otherwise only 1, and the first batch of each other size waits for its compile.')
+  flags.DEFINE_bool('warmup', False, 'Compile every padded batch size (1, 2, 4, ... --max_batch) in every KV '
+                    'cache length (64, 128, ... the context) before serving; otherwise only 1 row in 64, and '
+                    'the first batch of each other shape waits for its compile.')
   flags.DEFINE_enum('log_level', 'warning', ['critical', 'error', 'warning', 'info', 'debug'],
                     'uvicorn\'s log level (info logs every request).')
   cli.run(main)

@@ -57,6 +57,45 @@ def test_dispatch():
   assert 'custom_partitioning' not in str(jax.make_jaxpr(mm)(a, b))
 
 
+def test_decoding_batches_take_blas_and_decode_like_one_row():
+  """Inside cpu_matmul.decoding() (the jitted KV-cache steps), float32 products of DECODE_MIN_ROWS rows or more
+  take OpenBLAS at any size; fewer rows, or outside it (training, prefill), stay as before. A batch of 8
+  greedy rows then makes the tokens each row makes alone (one row: XLA's dots)."""
+  from flax import nnx
+
+  from minillm_jax.config import ModelConfig
+  from minillm_jax.inference import jax_backend
+  from minillm_jax.inference.backend import SampleParams, sp_arrays
+  from minillm_jax.inference.jax_backend import JaxBackend
+  from minillm_jax.model import GPT
+  f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+  rows = cpu_matmul.DECODE_MIN_ROWS
+  assert not cpu_matmul.decode_supported(f32(rows, 16), f32(16, 16))  # not decoding
+  with cpu_matmul.decoding():
+    assert cpu_matmul.decode_supported(f32(rows, 16), f32(16, 16))
+    assert not cpu_matmul.decode_supported(f32(rows - 1, 16), f32(16, 16))
+    with cpu_matmul.decoding():
+      pass
+    assert cpu_matmul.decode_supported(f32(rows, 16), f32(16, 16))  # nesting restores, not clears
+  assert not cpu_matmul.decode_supported(f32(rows, 16), f32(16, 16))
+  for pos, tied in (('learned', True), ('rope', False)):  # the tied head reads the embedding in place (tb)
+    c = ModelConfig(vocab_size=61, n_layer=2, n_head=2, n_kv_head=2, d_model=32, d_ff=64, block_size=128,
+                    max_positions=128, pos=pos, tie_embeddings=tied)
+    gdef, state = nnx.split(GPT(c, nnx.Rngs(params=0)))
+    # matrices 15x their init scale: logits far apart, so greedy has no near-ties across the two products
+    be = JaxBackend(nnx.merge(gdef, jax.tree.map(lambda x: x * 15 if x.ndim == 2 else x, state)))
+    r = np.random.default_rng(1)
+    prompts = [r.integers(0, be.vocab, n).tolist() for n in (3, 5, 7, 9, 11, 13, 17, 19)]
+    greedy = SampleParams(temperature=0.0)
+    batched = be.complete_ids(prompts, 12, greedy)
+    assert batched == [be.complete_ids([p], 12, greedy)[0] for p in prompts]
+    sp = sp_arrays(greedy, be.vocab)
+    for b, want in ((8, True), (1, False)):
+      st = jax_backend.start(be.gdef, be.params, prompts[:b], [4] * b, sp, 0, (), be.context)
+      hlo = jax_backend._run.lower(be.gdef, be.params, st, jnp.int32(4)).compile().as_text()
+      assert ('minillm_gemm' in hlo) == want, (b, tied)
+
+
 def test_split_over_devices_keeps_rows_local():
   """Rows sharded over 2 devices: forward and input gradient run on each device's rows with no collective,
   the weight gradient adds the devices' partial products (one all-reduce), the bfloat16 transpose swaps the

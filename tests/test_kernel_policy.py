@@ -29,7 +29,7 @@ def test_defaults_follow_the_measured_classes_and_switches_override(monkeypatch)
   for cls in ('x86-avx512', 'x86-avx2', 'aarch64', 'arm64'):
     monkeypatch.setattr(build, 'cpu_class', lambda cls=cls: cls)
     for switch, on in (('MINILLM_CPU_ATTENTION', attention.ATTENTION_ON), ('MINILLM_CPU_MATMUL', matmul.MATMUL_ON),
-                       ('MINILLM_CPU_BF16', matmul.BF16_ON)):
+                       ('MINILLM_CPU_BF16', matmul.BF16_ON), ('MINILLM_CPU_MATMUL', matmul.DECODE_ON)):
       monkeypatch.delenv(switch, raising=False)
       assert build.enabled(switch, on) == (cls in on)
       monkeypatch.setenv(switch, '1')
@@ -37,8 +37,9 @@ def test_defaults_follow_the_measured_classes_and_switches_override(monkeypatch)
       monkeypatch.setenv(switch, '0')
       assert not build.enabled(switch, on)
   # never measured: ARM and Apple silicon run XLA alone unless asked
-  for on in (attention.ATTENTION_ON, matmul.MATMUL_ON, matmul.BF16_ON):
+  for on in (attention.ATTENTION_ON, matmul.MATMUL_ON, matmul.BF16_ON, matmul.DECODE_ON):
     assert not {'aarch64', 'arm64'} & set(on)
+  assert matmul.DECODE_ON == ('x86-avx2',)  # batched decoding on OpenBLAS: measured on AVX2 only
 
 
 def test_a_bad_switch_value_warns_and_keeps_the_default(monkeypatch):

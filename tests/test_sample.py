@@ -14,7 +14,7 @@ from minillm_jax.config import ModelConfig
 from minillm_jax.data import tokenizer as toklib
 from minillm_jax.inference import jax_backend as sample
 from minillm_jax.inference import text as gen
-from minillm_jax.inference.backend import SampleParams
+from minillm_jax.inference.backend import SampleParams, cache_len
 from minillm_jax.inference.jax_backend import JaxBackend
 from minillm_jax.inference.torch_backend import TorchBackend, torch_process_logits
 from minillm_jax.training import checkpoint
@@ -88,6 +88,25 @@ def test_greedy_cache_equals_full_forward_argmax(pair):
     for t in range(len(p), len(p) + 14):
       buf[0, t] = int(jnp.argmax(forward(jnp.asarray(buf))[0, t - 1]))
     assert o == buf[0, len(p):len(p) + 14].tolist()
+
+
+def test_the_kv_cache_is_sized_to_the_batch():
+  """A batch decodes in the smallest power-of-two cache (>= 64) that holds its longest prompt plus budget, and
+  makes the tokens a full-context cache makes, on either backend."""
+  tok = char_tok()
+  c = config(tok.vocab_size, 'rope', block=256)
+  flat = random_flat(c)
+  m = tmodel.GPT(c.to_dict())
+  m.load_state_dict(convert.flax_to_torch(c, flat, 'pt'))
+  jb, tb = JaxBackend(convert.load_into_flax(c, flat), tok), TorchBackend(m.eval(), tok)
+  ps = prompts(jb.vocab)  # 3, 11 and 30 tokens
+  assert [cache_len(ps, [b] * 3, 256) for b in (0, 14, 34, 35, 98, 99, 10**6)] == [64, 64, 64, 128, 128, 256, 256]
+  for be in (jb, tb):
+    st = be.prefill(ps, [14] * 3, GREEDY, 0, [])
+    assert tuple(st['seq'].shape) == (3, 64)
+    full = be.decode(be.prefill(ps, [200] * 3, GREEDY, 0, []), 60)  # a 256-position cache, 60 steps
+    assert tuple(full['seq'].shape) == (3, 256)
+    assert [n[:14] for n in be.poll(full)[0]] == be.complete_ids(ps, 14, GREEDY)
 
 
 def test_nothing_recompiles_per_prompt_length_or_setting(pair):

@@ -4,12 +4,13 @@ inference.torch_backend) implement it; `inference.load.load()` builds either fro
 Hugging Face directory.
 
 Decoding contract, shared by both backends so that their greedy outputs agree token for token:
-- a batch of prompts of different lengths runs in one preallocated KV cache of `context` positions with one
-  scalar position for all rows. The prefill covers the shortest prompt; after it each step feeds, per row,
+- a batch of prompts of different lengths runs in one preallocated KV cache with one scalar position for all
+  rows. The cache holds cache_len(longest prompt + budget) positions: a power of two from 64 up to `context`. The prefill covers the shortest prompt; after it each step feeds, per row,
   its own prompt token while the row is still inside its prompt and the sampled token afterwards (what the
   Llama reference `generate` does). Every row then sees exactly its unpadded context: no padding mask, no
   per-row positions, and learned absolute positions stay right.
-- per-row budgets and stop token ids end rows; the batch ends when all rows are done or the cache is full.
+- per-row budgets and stop token ids end rows; the batch ends when all rows are done or the cache is full
+  (only a cache of `context` positions fills before its rows' budgets end).
   `generate_ids` then keeps the newest half of each row and prefills again (learned positions cannot run
   past the table).
 - sampling: repetition penalty over the last `repetition_window` tokens (prompt included), then temperature,
@@ -145,6 +146,21 @@ class Backend(abc.ABC):
     keep = max(1, self.context - max(1, reserve))
     ids = list(ids)
     return ids[-keep:], max(0, len(ids) - keep)
+
+
+MIN_CACHE = 64
+
+
+def cache_len(prompts: Sequence[Sequence[int]], budgets: Sequence[int], context: int) -> int:
+  """The KV cache a batch decodes in: the next power of two (at least MIN_CACHE) holding every row's prompt and
+  budget, at most `context`. Each decode step reads every row's whole cache, so at a large batch a short
+  request in a full-context cache would read mostly empty positions (BENCHMARKS.md, "Serving"); powers of two
+  keep the compiled shapes few."""
+  need = max(len(p) + max(0, int(b)) for p, b in zip(prompts, budgets))
+  n = MIN_CACHE
+  while n < need:
+    n *= 2
+  return min(n, context)
 
 
 def sp_arrays(sp: SampleParams, vocab: int) -> dict:

@@ -1,7 +1,8 @@
 """The JAX side of the backend interface: `JaxBackend`, jitted sampling with the model's KV cache (the decoding
 contract is in inference.backend's docstring).
 
-Two compiled functions per (batch, context) shape and nothing per prompt length or per sampling setting:
+Two compiled functions per (batch, cache length) shape (backend.cache_len: a few powers of two) and nothing per
+prompt length or per sampling setting:
 `_prefill` runs the shortest prompt through the cache in fixed chunks of CHUNK tokens (a while_loop over
 chunks at a traced position), `_run` samples and feeds one token per iteration of a lax.while_loop until a
 step limit, every row done, or a full cache. Sampling parameters are traced values, so chat's /temp does not
@@ -21,7 +22,8 @@ import numpy as np
 from flax import nnx
 
 from minillm_jax.data.tokenizer import Tok
-from minillm_jax.inference.backend import Backend, SampleParams, check_weights, sp_arrays
+from minillm_jax.inference.backend import Backend, SampleParams, cache_len, check_weights, sp_arrays
+from minillm_jax.kernels import matmul as cpu_matmul
 from minillm_jax.model import GPT
 
 CHUNK = 64        # prefill chunk (tokens); positions past the prompt in the last chunk are rewritten later
@@ -125,7 +127,8 @@ def _run(gdef, params, st: dict, n_steps):
     st['budget'] = st['budget'] - new
     hit = jnp.any(tok[:, None] == st['stop'][None, :], axis=-1)
     st['done'] = st['done'] | (new & (hit | (st['budget'] <= 0)))
-    logits, st['cache'] = model.decode(tok[:, None], st['cache'], pos)
+    with cpu_matmul.decoding():
+      logits, st['cache'] = model.decode(tok[:, None], st['cache'], pos)
     st['logits'], st['pos'], st['key'] = logits[:, 0], pos + 1, key
     return st
 
@@ -134,8 +137,8 @@ def _run(gdef, params, st: dict, n_steps):
 
 def start(gdef, params, prompts: Sequence[Sequence[int]], budgets: Sequence[int], sp: dict, seed: int,
           stop_ids: Sequence[int], context: int) -> dict:
-  """Decoding state after the prefill (see backend.Backend.prefill)."""
-  B, S = len(prompts), context
+  """Decoding state after the prefill (see backend.Backend.prefill), in a cache of cache_len positions."""
+  B, S = len(prompts), cache_len(prompts, budgets, context)
   seq = np.zeros((B, S), np.int32)
   for b, p in enumerate(prompts):
     seq[b, :len(p)] = p

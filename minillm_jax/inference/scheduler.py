@@ -26,7 +26,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from minillm_jax.inference.backend import Backend, SampleParams
+from minillm_jax.inference.backend import MIN_CACHE, Backend, SampleParams
 from minillm_jax.inference.text import TextStream
 
 # events a Job's emit receives, from the scheduler thread:
@@ -202,12 +202,16 @@ class Scheduler:
              + (f', {gone} cancelled' if gone else ''))
 
   def warmup(self, all_sizes: bool = False) -> None:
-    """Compiles the decoding of one row (or of every padded batch size) now, before a request pays for it. Two
-    decode calls: the jitted step compiles again for the state a first call returns."""
-    sizes = [1]
+    """Compiles the decoding of one row in the smallest cache (or of every padded batch size in every cache
+    length, backend.cache_len) now, before a request pays for it. Two decode calls: the jitted step compiles
+    again for the state a first call returns."""
+    sizes, lengths = [1], [min(MIN_CACHE, self.be.context)]
     while all_sizes and sizes[-1] < self.max_batch:
       sizes.append(bucket(sizes[-1] + 1, self.max_batch))
+    while all_sizes and lengths[-1] < self.be.context:
+      lengths.append(min(2 * lengths[-1], self.be.context))
     greedy = SampleParams(temperature=0.0)
     for b in sizes:
-      st = self.be.prefill([[self.be.tok.eot_id]] * b, [2] * b, greedy, 0, [])
-      self.be.poll(self.be.decode(self.be.decode(st, 1), 1))
+      for n in lengths:  # a one-token prompt with a budget of n - 1 decodes in a cache of n
+        st = self.be.prefill([[self.be.tok.eot_id]] * b, [n - 1] * b, greedy, 0, [])
+        self.be.poll(self.be.decode(self.be.decode(st, 1), 1))

@@ -8,7 +8,7 @@ import torch
 
 from minillm_jax.config import UserError
 from minillm_jax.data.tokenizer import Tok
-from minillm_jax.inference.backend import Backend, sp_arrays
+from minillm_jax.inference.backend import Backend, cache_len, sp_arrays
 from torch_compat import model as tmodel
 
 
@@ -22,7 +22,7 @@ class TorchBackend(Backend):
     self.vocab = model.cfg['vocab_size']
 
   def prefill(self, prompts, budgets, sp, seed, stop_ids):
-    dev, B, S = self.model.device, len(prompts), self.context
+    dev, B, S = self.model.device, len(prompts), cache_len(prompts, budgets, self.context)
     seq = torch.zeros((B, S), dtype=torch.long)
     for b, p in enumerate(prompts):
       seq[b, :len(p)] = torch.as_tensor(list(p), dtype=torch.long)
@@ -40,7 +40,7 @@ class TorchBackend(Backend):
             'sp': sp_arrays(sp, self.vocab)}
 
   def decode(self, st, n_steps):
-    S = self.context
+    S = st['seq'].shape[1]
     with torch.no_grad():
       for _ in range(n_steps):
         pos = st['pos']
@@ -62,7 +62,7 @@ class TorchBackend(Backend):
   def poll(self, st):
     seq, plen, n = st['seq'].cpu().tolist(), st['plen'].tolist(), st['n'].tolist()
     new = [row[p:p + k] for row, p, k in zip(seq, plen, n)]
-    return new, st['done'].tolist(), st['pos'] >= self.context
+    return new, st['done'].tolist(), st['pos'] >= st['seq'].shape[1]
 
   def nll(self, tokens_BxT):
     x = torch.as_tensor(np.asarray(tokens_BxT), dtype=torch.long, device=self.model.device)

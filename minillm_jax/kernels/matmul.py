@@ -2,7 +2,8 @@
 - `matmul`: float32 products through OpenBLAS (cpu_matmul.cc, linked to the scipy-openblas32 wheel of the
   `blas` extra), the model's `mm` forward and backward. Products under MIN_MACS multiply-adds stay on XLA, whose
   per-call cost is lower; MINILLM_CPU_MATMUL_MIN_MACS moves that threshold (0: every float32 product, as the
-  tests use it). Switch: MINILLM_CPU_MATMUL.
+  tests use it). Switch: MINILLM_CPU_MATMUL. Decoding batches (traced inside `decoding()`) of DECODE_MIN_ROWS
+  rows or more take it at any size, where DECODE_ON says so (the same switch overrides).
 - `gemv_bf16` (cpu_bf16.cc): decoding's products with weights stored in bfloat16 (the samplers'
   `weights='bfloat16'`): float32 activations and accumulation, half the bytes of weights read per token, which
   is what bounds batch-1 decoding.
@@ -14,10 +15,12 @@ use XLA's dots, which compute the same function.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import pathlib
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +38,8 @@ SRC_BF16 = pathlib.Path(__file__).with_name('cpu_bf16.cc')
 # CPU classes where the kernels made a whole step at least 15% faster than XLA alone (BENCHMARKS.md, "CPU kernels")
 MATMUL_ON = ('x86-avx512',)
 BF16_ON = ('x86-avx512', 'x86-avx2')
+DECODE_ON = ('x86-avx2',)  # OpenBLAS for the KV-cache decode step of a batch of DECODE_MIN_ROWS rows or more
+DECODE_MIN_ROWS = 8  # fewer rows read each weight too few times: XLA's matrix-vector dots are as fast
 
 
 def _min_macs(default: int = 2 ** 28) -> int:
@@ -59,14 +64,45 @@ def _blas_flags() -> tuple[str, ...]:
 @functools.cache
 def available() -> bool:
   """True when the OpenBLAS matmul is on for this CPU, built and registered (once per process)."""
-  if not cpu_kernels.enabled('MINILLM_CPU_MATMUL', MATMUL_ON):
-    return False
+  return cpu_kernels.enabled('MINILLM_CPU_MATMUL', MATMUL_ON) and _loaded()
+
+
+@functools.cache
+def decode_available() -> bool:
+  """True when decoding batches take the OpenBLAS matmul on this CPU (DECODE_ON), built and registered."""
+  return cpu_kernels.enabled('MINILLM_CPU_MATMUL', DECODE_ON) and _loaded()
+
+
+@functools.cache
+def _loaded() -> bool:
   try:
     flags = _blas_flags()
   except ImportError:
     logging.warning("%s: OpenBLAS is not installed; pip install 'minillm-jax[blas]' (scipy-openblas32)", FALLBACK)
     return False
   return cpu_kernels.load(SRC, {'minillm_gemm': 'MinillmGemm'}, FALLBACK, flags) is not None
+
+
+_tracing = threading.local()
+
+
+@contextlib.contextmanager
+def decoding():
+  """Marks the model calls traced inside it as KV-cache decode steps (inference.jax_backend's jitted steps, not
+  its prefill, whose 64-token chunks were slower on OpenBLAS): mm then takes OpenBLAS for batches of
+  DECODE_MIN_ROWS rows or more where DECODE_ON says so (BENCHMARKS.md, "CPU kernels"). Training never enters
+  it, so its programs do not change."""
+  before = getattr(_tracing, 'decoding', False)
+  _tracing.decoding = True
+  try:
+    yield
+  finally:
+    _tracing.decoding = before
+
+
+def decode_supported(a_RxD: jax.Array, b_DxF: jax.Array) -> bool:
+  return (getattr(_tracing, 'decoding', False) and a_RxD.dtype == b_DxF.dtype == jnp.float32
+          and a_RxD.shape[0] >= DECODE_MIN_ROWS and jax.default_backend() == 'cpu' and decode_available())
 
 
 @functools.cache
@@ -133,7 +169,7 @@ def _shard_map_mesh() -> jax.sharding.AbstractMesh | None:
 
 def matmul(a: jax.Array, b: jax.Array, ta: bool = False, tb: bool = False) -> jax.Array:
   """op(a) @ op(b) in float32, op transposing when ta / tb: a [M, D] (ta: [D, M]), b [D, N] (tb: [N, D])."""
-  _require(available())
+  _require(available() or decode_available())
   if (mesh := _shard_map_mesh()) is not None:
     return _call(a, b, ta, tb, mesh.size)
   return _partitioned(ta, tb)(a, b)

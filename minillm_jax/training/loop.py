@@ -32,8 +32,14 @@ from minillm_jax.data.tokenizer import Tok
 from minillm_jax.model import flops_per_token, init_model
 from minillm_jax.training import checkpoint, distributed, monitor
 from minillm_jax.training.preflight import available_memory, check_memory  # noqa: F401 - loop.check_memory
-from minillm_jax.training.step import (compiler_options, eval_loss, flat_dp_mesh, make_optimizer, steps_per_call,
-                                      train_steps)
+from minillm_jax.training.step import (
+  compiler_options,
+  eval_loss,
+  flat_dp_mesh,
+  make_optimizer,
+  steps_per_call,
+  train_steps,
+)
 
 
 class Stop:

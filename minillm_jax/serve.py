@@ -70,8 +70,9 @@ if __name__ == '__main__':
   flags.DEFINE_integer('chunk', 4, 'Decode steps between handing new text to the streams.')
   flags.DEFINE_float('batch_wait_ms', 10, 'How long a new batch waits for more requests to join it.')
   flags.DEFINE_bool('warmup', False, 'Compile every padded batch size (1, 2, 4, ... --max_batch) in every KV '
-                    'cache length (64, 128, ... the context) before serving; otherwise only 1 row in 64, and '
-                    'the first batch of each other shape waits for its compile.')
+                    'cache length (64, 128, ... the context) with every prefill chunk (16, 32, 64) before '
+                    'serving; otherwise only 1 row in 64, and the first batch of each other shape waits for '
+                    'its compile.')
   flags.DEFINE_enum('log_level', 'warning', ['critical', 'error', 'warning', 'info', 'debug'],
                     'uvicorn\'s log level (info logs every request).')
   cli.run(main)

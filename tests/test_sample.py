@@ -110,11 +110,17 @@ def test_the_kv_cache_is_sized_to_the_batch():
 
 
 def test_nothing_recompiles_per_prompt_length_or_setting(pair):
+  """Once each prefill chunk (16, 32, and the 48-token context for 64) has run, other prompt lengths and
+  sampling settings compile nothing."""
   jb, _ = pair
-  jb.complete_ids(prompts(jb.vocab, (5, 9)), 4, GREEDY)
+  assert [sample.prefill_chunk(n, 48) for n in (1, 16, 17, 32, 33, 47)] == [16, 16, 32, 32, 48, 48]
+  assert [sample.prefill_chunk(n, 1024) for n in (15, 31, 63, 64, 700)] == [16, 32, 64, 64, 64]
+  for n in (5, 20, 40):
+    jb.complete_ids(prompts(jb.vocab, (n, n + 1)), 4, GREEDY)
   sizes = sample._prefill._cache_size(), sample._run._cache_size()
   jb.complete_ids(prompts(jb.vocab, (2, 33), seed=1), 9, SampleParams(0.7, 5, 0.9, 1.3, 8), seed=3)
   jb.complete_ids(prompts(jb.vocab, (17, 1), seed=2), 70, SampleParams(1.0))  # slides past the context
+  jb.complete_ids(prompts(jb.vocab, (30, 31), seed=4), 5, GREEDY)
   assert (sample._prefill._cache_size(), sample._run._cache_size()) == sizes
 
 

@@ -1,12 +1,12 @@
 """The JAX side of the backend interface: `JaxBackend`, jitted sampling with the model's KV cache (the decoding
 contract is in inference.backend's docstring).
 
-Two compiled functions per (batch, cache length) shape (backend.cache_len: a few powers of two) and nothing per
-prompt length or per sampling setting:
-`_prefill` runs the shortest prompt through the cache in fixed chunks of CHUNK tokens (a while_loop over
-chunks at a traced position), `_run` samples and feeds one token per iteration of a lax.while_loop until a
-step limit, every row done, or a full cache. Sampling parameters are traced values, so chat's /temp does not
-recompile, and streaming (step limit 1) runs the very computation a full decode runs.
+Compiled functions per (batch, cache length) shape (backend.cache_len: a few powers of two), and nothing per
+sampling setting: `_prefill` runs the shortest prompt through the cache in chunks of 16, 32 or CHUNK tokens
+(prefill_chunk: three shapes, not one per prompt length; a while_loop over chunks at a traced position), `_run`
+samples and feeds one token per iteration of a lax.while_loop until a step limit, every row done, or a full
+cache. Sampling parameters are traced values, so chat's /temp does not recompile, and streaming (step limit 1)
+runs the very computation a full decode runs.
 
 Also here: `generate` (a batch of samples of one prompt) and `measure_decode` / `measure_naive` for bench.
 """
@@ -26,7 +26,7 @@ from minillm_jax.inference.backend import Backend, SampleParams, cache_len, chec
 from minillm_jax.kernels import matmul as cpu_matmul
 from minillm_jax.model import GPT
 
-CHUNK = 64        # prefill chunk (tokens); positions past the prompt in the last chunk are rewritten later
+CHUNK = 64        # largest prefill chunk (tokens); positions past the prompt in the last chunk are rewritten later
 MAX_STOP_IDS = 8  # stop ids are padded to this many, so their count never changes a shape
 
 
@@ -81,12 +81,22 @@ def pick(logits_BxV, seq_BxS, pos, sp: dict, key):
                       lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), x)
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _prefill(gdef, params, seq_BxS, n_pre):
-  """Runs positions [0, n_pre) in CHUNK-token chunks; returns the logits at n_pre - 1 and the cache."""
+def prefill_chunk(n_pre: int, S: int) -> int:
+  """The prefill's chunk: the smallest of 16, 32, CHUNK tokens covering the shortest prompt (CHUNK for longer
+  ones), at most the cache. A whole chunk is computed however little of it the prompt fills, so a 32-token
+  prompt in a 64-token chunk would cost twice its tokens (BENCHMARKS.md, "Serving"); three sizes keep the
+  compiled shapes few."""
+  c = 16
+  while c < min(n_pre, CHUNK):
+    c *= 2
+  return min(c, S)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _prefill(gdef, params, seq_BxS, n_pre, chunk_len: int):
+  """Runs positions [0, n_pre) in chunk_len-token chunks; returns the logits at n_pre - 1 and the cache."""
   model = nnx.merge(gdef, params)
   B, S = seq_BxS.shape
-  chunk_len = min(CHUNK, S)
   cache = model.init_cache(B, S)
   logits0 = jnp.zeros((B, model.c.vocab_size), jnp.float32)
 
@@ -148,7 +158,7 @@ def start(gdef, params, prompts: Sequence[Sequence[int]], budgets: Sequence[int]
   stop[:len(stop_ids)] = stop_ids
   seq_j = jnp.asarray(seq)
   n_pre = int(plen.min())
-  logits, cache = _prefill(gdef, params, seq_j, jnp.int32(n_pre))
+  logits, cache = _prefill(gdef, params, seq_j, jnp.int32(n_pre), prefill_chunk(n_pre, S))
   budget = jnp.asarray(np.asarray(budgets, np.int32))
   return {'cache': cache, 'seq': seq_j, 'plen': jnp.asarray(plen), 'pos': jnp.int32(n_pre), 'logits': logits,
           'n': jnp.zeros((B,), jnp.int32), 'budget': budget, 'done': budget <= 0, 'stop': jnp.asarray(stop),

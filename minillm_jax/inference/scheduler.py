@@ -203,15 +203,17 @@ class Scheduler:
 
   def warmup(self, all_sizes: bool = False) -> None:
     """Compiles the decoding of one row in the smallest cache (or of every padded batch size in every cache
-    length, backend.cache_len) now, before a request pays for it. Two decode calls: the jitted step compiles
-    again for the state a first call returns."""
+    length, backend.cache_len, with every prefill chunk, jax_backend.prefill_chunk) now, before a request pays
+    for it. Two decode calls: the jitted step compiles again for the state a first call returns."""
     sizes, lengths = [1], [min(MIN_CACHE, self.be.context)]
     while all_sizes and sizes[-1] < self.max_batch:
       sizes.append(bucket(sizes[-1] + 1, self.max_batch))
     while all_sizes and lengths[-1] < self.be.context:
       lengths.append(min(2 * lengths[-1], self.be.context))
+    prompts = [1, 17, 33] if all_sizes else [1]  # one prompt length per prefill chunk (16, 32, 64)
     greedy = SampleParams(temperature=0.0)
     for b in sizes:
-      for n in lengths:  # a one-token prompt with a budget of n - 1 decodes in a cache of n
-        st = self.be.prefill([[self.be.tok.eot_id]] * b, [n - 1] * b, greedy, 0, [])
-        self.be.poll(self.be.decode(self.be.decode(st, 1), 1))
+      for n in lengths:  # a prompt of p tokens with a budget of n - p decodes in a cache of n
+        for p in (p for p in prompts if p < n):
+          st = self.be.prefill([[self.be.tok.eot_id] * p] * b, [n - p] * b, greedy, 0, [])
+          self.be.poll(self.be.decode(self.be.decode(st, 1), 1))

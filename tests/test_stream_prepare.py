@@ -258,3 +258,23 @@ def test_a_corpus_empty_after_filtering_is_refused_in_one_line(tmp_path):
   (tmp_path / 'ok.txt').write_text('plenty of training text here\n' * 20)
   with pytest.raises(UserError, match=r'^the validation files of corpus local hold no non-empty documents$'):
     prepare.prepare(_cfg(tmp_path, corpus='local', path=str(tmp_path / 'ok.txt'), val_path=str(tmp_path / 'val.jsonl')))
+
+
+def test_evaluate_reads_the_validation_split_prepare_wrote(tmp_path):
+  """evaluate's perplexity text (encode.val_docs, streamed, then tokens_and_bytes up to a limit) is the start of
+  the cache's val.bin, for a split by documents, a dataset's own validation split and a one-document corpus."""
+  from minillm_jax.data import encode
+  from minillm_jax.evals import suites
+  rng = random.Random(3)
+  (tmp_path / 'd').mkdir()
+  (tmp_path / 'd' / 'r.jsonl').write_text(''.join(json.dumps({'text': _story(rng, i)}) + '\n' for i in range(60)))
+  (tmp_path / 'one.txt').write_text(''.join(_story(rng, i) for i in range(40)))
+  for k, data in enumerate([{'corpus': 'local', 'path': str(tmp_path / 'd')},
+                            {'corpus': 'hub', 'hub_name': _hub_dir(tmp_path)},
+                            {'corpus': 'local', 'path': str(tmp_path / 'one.txt')}]):
+    cfg = _cfg(tmp_path / str(k), tokenizer='bpe', vocab_size=300, **data)
+    p = prepare.prepare(cfg)
+    want, tok = _ids(p, 'val'), p.tokenizer()
+    assert len(want) > 50
+    assert suites.tokens_and_bytes(tok, encode.val_docs(cfg), eot=True)[0] == want, data
+    assert suites.tokens_and_bytes(tok, encode.val_docs(cfg), eot=True, limit=50)[0] == want[:50]

@@ -346,16 +346,6 @@ def sources(d: ConfigDict) -> tuple[stream.Source, stream.Source | None, str]:
   return src, None, 'split'
 
 
-def train_val(d: ConfigDict) -> tuple[Corpus, list[str], list[str], str]:
-  """(corpus, train docs, val docs, how) in memory, as prepare splits them (evaluation of small corpora)."""
-  train_src, val_src, how = sources(d)
-  docs, bad = _docs(train_src)
-  corpus = Corpus(train_src.name, docs, bad, info=train_src.info)
-  if val_src is not None:
-    return corpus, docs, _docs(val_src)[0], how
-  return (corpus, *split_docs(docs, d.val_fraction))
-
-
 def split_docs(docs: list[str], val_fraction: float) -> tuple[list[str], list[str], str]:
   """Whole documents, chosen by content hash (stable when documents are added or reordered) until val holds
   val_fraction of the characters; at least one val document when there are two or more, and identical

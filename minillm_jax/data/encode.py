@@ -181,6 +181,22 @@ def plan(cfg: ConfigDict) -> Plan:
   return Plan(train_src, val_src, sc, vsc, is_val, cut_at, how, replaced)
 
 
+def val_docs(cfg: ConfigDict) -> Iterator[str]:
+  """cfg.data's validation documents as prepare splits them, streamed: the first pass (plan) hashes the whole
+  corpus in bounded memory, then documents are read only as far as the caller takes them (evaluate's
+  perplexity scores the first --max_eval_tokens)."""
+  p = plan(cfg)
+  pieces = p.val_src.read() if p.val_src is not None else ((t, end) for s, t, end in p.route() if s == 'val')
+  buf: list[str] = []
+  for t, end in pieces:
+    buf.append(t)
+    if end:
+      yield ''.join(buf)
+      buf = []
+  if buf:
+    yield ''.join(buf)
+
+
 def text_files(cfg: ConfigDict, tmp: Path) -> dict:
   """Writes train.bin, val.bin and tokenizer.json of a text corpus into tmp, streaming it (memory stays bounded
   whatever its size). Returns the manifest's fields."""

@@ -3,14 +3,16 @@ comparison table and plot of several runs. `python -m minillm_jax.evaluate` is t
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
+from collections.abc import Iterable
 
 import numpy as np
 
 from minillm_jax import config as config_lib
 from minillm_jax.config import UserError
-from minillm_jax.data import corpora
+from minillm_jax.data import encode
 from minillm_jax.data.template import render_template
 from minillm_jax.evals import chat_eval, code_eval
 from minillm_jax.evals.figures import save_figure
@@ -54,7 +56,8 @@ def text_suite(be: Backend, max_new: int = 128, seed: int = 0) -> dict:
 # ------------------------------------------------------------------------------------------- perplexity
 
 def val_tokens(be: Backend, limit: int | None = None) -> tuple[list[int], list[int]]:
-  """The run's validation split, rebuilt from its config as prepare builds it (each document + end-of-text)."""
+  """The run's validation split, rebuilt from its config as prepare builds it (each document + end-of-text),
+  read only as far as `limit` tokens (a corpus of many GB is hashed in one streaming pass, never held)."""
   plain = be.meta.get('config')
   if not plain:
     raise UserError(f'{be.source} carries no run config, so its validation split is unknown; pass --text=FILE')
@@ -62,19 +65,20 @@ def val_tokens(be: Backend, limit: int | None = None) -> tuple[list[int], list[i
   if cfg.data.format == 'chat':  # the held-out conversations as the template renders them (every token counts)
     val = [render_template(c, add_generation_prompt=False) for c in chat_eval.held_out(plain)[1]]
   else:
-    _, _, val, _ = corpora.train_val(cfg.data)
+    val = encode.val_docs(cfg)
   return tokens_and_bytes(be.tok, val, eot=True, limit=limit)
 
 
-def tokens_and_bytes(tok, docs: list[str], eot: bool = False, limit: int | None = None
+def tokens_and_bytes(tok, docs: Iterable[str], eot: bool = False, limit: int | None = None
                      ) -> tuple[list[int], list[int]]:
   """Token ids of the documents (each followed by end-of-text when `eot`, 0 bytes) and the UTF-8 bytes of the
   original text each token ends (from the tokenizer's offsets; every byte counted once). Decoding the tokens
   instead would count '<|unk|>' or a U+FFFD for what the text held. Stops after the first `limit` tokens."""
   limit = limit or float('inf')
   ids, nbytes = [], []
-  for a in range(0, len(docs), 256):  # in batches, so a long split is encoded only as far as it is used
-    for doc, (doc_ids, spans) in zip(docs[a:a + 256], tok.encode_batch_offsets(docs[a:a + 256])):
+  docs = iter(docs)
+  while group := list(itertools.islice(docs, 256)):  # in batches: a long split is read only as far as it is used
+    for doc, (doc_ids, spans) in zip(group, tok.encode_batch_offsets(group)):
       end = 0
       for i, (_, b) in zip(doc_ids, spans):
         if len(ids) == limit:

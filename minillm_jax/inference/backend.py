@@ -5,9 +5,10 @@ Hugging Face directory.
 
 Decoding contract, shared by both backends so that their greedy outputs agree token for token:
 - a batch of prompts of different lengths runs in one preallocated KV cache with one scalar position for all
-  rows. The cache holds cache_len(longest prompt + budget) positions: a power of two from 64 up to `context`. The prefill covers the shortest prompt; after it each step feeds, per row,
-  its own prompt token while the row is still inside its prompt and the sampled token afterwards (what the
-  Llama reference `generate` does). Every row then sees exactly its unpadded context: no padding mask, no
+  rows; the cache holds cache_len positions (a power of two from 64 up to `context` that fits the longest
+  prompt plus budget). The prefill covers the shortest prompt; after it each step feeds, per row, its own
+  prompt token while the row is still inside its prompt and the sampled token afterwards (what the Llama
+  reference `generate` does). Every row then sees exactly its unpadded context: no padding mask, no
   per-row positions, and learned absolute positions stay right.
 - per-row budgets and stop token ids end rows; the batch ends when all rows are done or the cache is full
   (only a cache of `context` positions fills before its rows' budgets end).

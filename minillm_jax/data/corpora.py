@@ -238,12 +238,8 @@ def local_source(spec: str, field: str, key: str = 'data.path', max_docs: int = 
 
 def _docs(src: stream.Source) -> tuple[list[str], int]:
   """A source's documents as strings (small corpora only), and how many bad byte sequences were replaced."""
-  docs, parts, before = [], [], stream.bad_count()
-  for p, end in src.read():
-    parts.append(p)
-    if end:
-      docs.append(''.join(parts))
-      parts = []
+  before = stream.bad_count()
+  docs = list(stream.docs(src.read()))
   return docs, stream.bad_count() - before
 
 

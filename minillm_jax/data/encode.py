@@ -186,15 +186,9 @@ def val_docs(cfg: ConfigDict) -> Iterator[str]:
   corpus in bounded memory, then documents are read only as far as the caller takes them (evaluate's
   perplexity scores the first --max_eval_tokens)."""
   p = plan(cfg)
-  pieces = p.val_src.read() if p.val_src is not None else ((t, end) for s, t, end in p.route() if s == 'val')
-  buf: list[str] = []
-  for t, end in pieces:
-    buf.append(t)
-    if end:
-      yield ''.join(buf)
-      buf = []
-  if buf:
-    yield ''.join(buf)
+  if p.val_src is not None:
+    return stream.docs(p.val_src.read())
+  return stream.docs((t, end) for s, t, end in p.route() if s == 'val')
 
 
 def text_files(cfg: ConfigDict, tmp: Path) -> dict:

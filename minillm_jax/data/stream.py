@@ -112,6 +112,16 @@ def doc_pieces(doc: str) -> Pieces:
   return pieces((doc,))
 
 
+def docs(pieces_: Iterable[tuple[str, bool]]) -> Iterator[str]:
+  """The documents of a stream of pieces, each whole, one at a time (every document's last piece ends it)."""
+  parts: list[str] = []
+  for p, end in pieces_:
+    parts.append(p)
+    if end:
+      yield ''.join(parts)
+      parts = []
+
+
 # ---- sources ----
 
 @dataclasses.dataclass

@@ -152,16 +152,21 @@ class Backend(abc.ABC):
 MIN_CACHE = 64
 
 
+def pow2_at_least(n: int, lo: int = 1) -> int:
+  """The smallest power of two (times lo, itself one) that is >= n: the padded sizes decoding compiles."""
+  c = lo
+  while c < n:
+    c *= 2
+  return c
+
+
 def cache_len(prompts: Sequence[Sequence[int]], budgets: Sequence[int], context: int) -> int:
   """The KV cache a batch decodes in: the next power of two (at least MIN_CACHE) holding every row's prompt and
   budget, at most `context`. Each decode step reads every row's whole cache, so at a large batch a short
   request in a full-context cache would read mostly empty positions (BENCHMARKS.md, "Serving"); powers of two
   keep the compiled shapes few."""
   need = max(len(p) + max(0, int(b)) for p, b in zip(prompts, budgets))
-  n = MIN_CACHE
-  while n < need:
-    n *= 2
-  return min(n, context)
+  return min(pow2_at_least(need, MIN_CACHE), context)
 
 
 def sp_arrays(sp: SampleParams, vocab: int) -> dict:

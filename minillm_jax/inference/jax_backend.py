@@ -22,7 +22,14 @@ import numpy as np
 from flax import nnx
 
 from minillm_jax.data.tokenizer import Tok
-from minillm_jax.inference.backend import Backend, SampleParams, cache_len, check_weights, sp_arrays
+from minillm_jax.inference.backend import (
+  Backend,
+  SampleParams,
+  cache_len,
+  check_weights,
+  pow2_at_least,
+  sp_arrays,
+)
 from minillm_jax.kernels import matmul as cpu_matmul
 from minillm_jax.model import GPT
 
@@ -86,10 +93,7 @@ def prefill_chunk(n_pre: int, S: int) -> int:
   ones), at most the cache. A whole chunk is computed however little of it the prompt fills, so a 32-token
   prompt in a 64-token chunk would cost twice its tokens (BENCHMARKS.md, "Serving"); three sizes keep the
   compiled shapes few."""
-  c = 16
-  while c < min(n_pre, CHUNK):
-    c *= 2
-  return min(c, S)
+  return min(pow2_at_least(min(n_pre, CHUNK), 16), S)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))

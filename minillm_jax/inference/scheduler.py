@@ -26,7 +26,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from minillm_jax.inference.backend import MIN_CACHE, Backend, SampleParams
+from minillm_jax.inference.backend import MIN_CACHE, Backend, SampleParams, pow2_at_least
 from minillm_jax.inference.text import TextStream
 
 # events a Job's emit receives, from the scheduler thread:
@@ -63,10 +63,7 @@ class Job:
 
 def bucket(rows: int, max_batch: int) -> int:
   """The batch size a number of rows is padded to: the next power of two, at most max_batch."""
-  b = 1
-  while b < rows:
-    b *= 2
-  return min(b, max(rows, max_batch))
+  return min(pow2_at_least(rows), max(rows, max_batch))
 
 
 class Scheduler:

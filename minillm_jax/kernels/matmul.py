@@ -116,8 +116,11 @@ def bf16_available() -> bool:
 
 
 def supported(a_RxD: jax.Array, b_DxF: jax.Array) -> bool:
-  return (a_RxD.dtype == b_DxF.dtype == jnp.float32 and math.prod(a_RxD.shape) * b_DxF.shape[1] >= MIN_MACS
-          and jax.default_backend() == 'cpu' and available())
+  """Whether mm takes OpenBLAS for a @ b: float32 on CPU, of MIN_MACS multiply-adds or more where MATMUL_ON
+  says so, or a decode step's batch (decode_supported)."""
+  big = (a_RxD.dtype == b_DxF.dtype == jnp.float32 and math.prod(a_RxD.shape) * b_DxF.shape[1] >= MIN_MACS
+         and jax.default_backend() == 'cpu' and available())
+  return big or decode_supported(a_RxD, b_DxF)
 
 
 def _call(a, b, ta: bool, tb: bool, devices: int):

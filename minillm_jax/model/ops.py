@@ -25,8 +25,7 @@ def mm(a_RxD: jax.Array, b_DxF: jax.Array) -> jax.Array:
 
 
 def _mm_fwd(a, b):
-  fast = cpu_matmul.supported(a, b) or cpu_matmul.decode_supported(a, b)
-  return (cpu_matmul.matmul(a, b) if fast else _dot(a, b)), (a, b)
+  return (cpu_matmul.matmul(a, b) if cpu_matmul.supported(a, b) else _dot(a, b)), (a, b)
 
 
 def _mm_bwd(res, g_RxF):
@@ -52,12 +51,12 @@ def project(x_RxD: jax.Array, w: jax.Array, dt, transposed: bool = False) -> jax
   (cpu_matmul.gemv_bf16, half the bytes per token), otherwise they are widened for the dot."""
   if w.dtype == jnp.bfloat16 and dt == jnp.float32 and cpu_matmul.gemv_supported(x_RxD, w):
     return cpu_matmul.gemv_bf16(x_RxD.astype(dt), w, tb=transposed)
-  w = w.astype(dt)
-  if transposed and cpu_matmul.decode_supported(x_RxD.astype(dt), w):  # read in place, no transposed copy
-    return cpu_matmul.matmul(x_RxD.astype(dt), w, tb=True)
+  x_RxD, w = x_RxD.astype(dt), w.astype(dt)
+  if transposed and cpu_matmul.decode_supported(x_RxD, w):  # read in place, no transposed copy (no gradient)
+    return cpu_matmul.matmul(x_RxD, w, tb=True)
   if transposed:  # (the tied head) as in mm's backward: an opaque transpose keeps a bfloat16 dot bfloat16
     w = cpu_matmul.transposed(w) if cpu_matmul.transpose_supported(w) else w.T
-  return mm(x_RxD.astype(dt), w)
+  return mm(x_RxD, w)
 
 
 def dropout(x, rate: float, key):

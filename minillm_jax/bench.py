@@ -117,6 +117,9 @@ def main(argv):
                                f'--new_tokens={F.new_tokens} --serve_clients={",".join(F.serve_clients)} '
                                f'--serve_requests={F.serve_requests}: batch sizes and counts must be positive '
                                'integers, e.g. --decode_batch=1,8')
+  if F.batch < 0 or F.steps < 0 or F.repeats < 0:
+    raise config_lib.UserError(f'--batch={F.batch} --steps={F.steps} --repeats={F.repeats}: use 0 (the default) '
+                               'or a positive count')
   # one JAX device per core for the jax_*_dp variants (what `train` does on a CPU-only machine); the other JAX
   # variants and decoding run on the first device, which keeps every thread for its ops
   parallel.use_cpu_devices(min(parallel.host_cores(), 8))

@@ -117,6 +117,9 @@ def test_bad_variant_is_one_line(tmp_path):
   for bad in ('--decode_batch=0', '--decode_batch=1,x', '--new_tokens=0'):
     p = run_module('minillm_jax.bench', '--config=configs/shakespeare_char.py', '--what=decode', bad, timeout=120)
     assert p.returncode == 2 and 'must be positive integers' in p.stderr and 'Traceback' not in p.stderr, bad
+  p = run_module('minillm_jax.bench', '--what=memory', '--batch=-3', timeout=120)  # before any process starts
+  assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+      'error: --batch=-3 --steps=0 --repeats=0: use 0 (the default) or a positive count'], p.stderr
 
 
 @pytest.mark.slow
